@@ -1,0 +1,266 @@
+//! KME configuration: a TOML file plus `KMS_`-prefixed environment overrides.
+//!
+//! Nested keys use `__` in the environment: `KMS_LIMITS__KEY_SIZE=512` overrides
+//! `[limits] key_size`, `KMS_LISTEN=127.0.0.1:9443` overrides `listen`. Relative file paths
+//! in `[tls]` are resolved against the folder of the configuration file.
+//!
+//! Every limit of the 014 Status format is configurable under `[limits]`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration error; the message names the offending field.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Which certificate field carries the SAE ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SaeIdField {
+    /// The subject common name (default).
+    #[default]
+    Cn,
+    /// The first DNS entry of the subject alternative name.
+    SanDns,
+    /// The first URI entry of the subject alternative name; a `urn:qkd:sae:` prefix is removed.
+    SanUri,
+    /// The certificate serial number, upper-case hex.
+    Serial,
+}
+
+/// TLS material of the KME.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// CA certificate (PEM) that SAE and peer KME certificates must chain to.
+    pub ca: PathBuf,
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// Client certificate used towards peer KMEs (PEM).
+    pub peer_cert: PathBuf,
+    /// Client key used towards peer KMEs (PEM).
+    pub peer_key: PathBuf,
+}
+
+/// The limits reported in Status. Sizes in bits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub key_size: u64,
+    pub min_key_size: u64,
+    pub max_key_size: u64,
+    pub max_key_per_request: u64,
+    /// Capacity of each pool, in keys of `key_size` bits.
+    pub max_key_count: u64,
+    /// Additional slave SAEs allowed in one request (0 = no multicast).
+    pub max_sae_id_count: u64,
+    /// Largest accepted request body, bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            key_size: 256,
+            min_key_size: 64,
+            max_key_size: 65_536,
+            max_key_per_request: 1024,
+            max_key_count: 100_000,
+            max_sae_id_count: 2,
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// How a link (or the local pool) produces key material.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkParams {
+    /// Secure key rate in bytes per second; 0 = bulk (as fast as the machine goes).
+    pub rate_bytes_per_sec: u64,
+    /// Size of one block of key material moved at a time.
+    pub block_bytes: usize,
+}
+
+impl Default for LinkParams {
+    fn default() -> Self {
+        LinkParams {
+            // 10 Mbit/s: the order of a commercial link at ~10 km.
+            rate_bytes_per_sec: 1_250_000,
+            block_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// A peer KME with which this KME shares a QKD link.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub kme_id: String,
+    /// Base URL of the peer, e.g. `https://127.0.0.1:9443`.
+    pub url: String,
+    /// SAEs attached to the peer.
+    #[serde(default)]
+    pub saes: Vec<String>,
+    #[serde(default)]
+    pub link: LinkParams,
+}
+
+/// The whole configuration of one KME.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// This KME's ID (also the CN of its certificates).
+    pub kme_id: String,
+    /// Listen address of the 014 HTTPS interface.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// HTTP worker threads (0 = one per core).
+    #[serde(default)]
+    pub workers: usize,
+    #[serde(default)]
+    pub sae_id_field: SaeIdField,
+    pub tls: Tls,
+    #[serde(default)]
+    pub limits: Limits,
+    /// SAEs attached to this KME.
+    #[serde(default)]
+    pub saes: Vec<String>,
+    /// Key source for exchanges between SAEs of this KME.
+    #[serde(default)]
+    pub local: LinkParams,
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+
+impl Settings {
+    /// Loads `path` (TOML) and applies `KMS_*` environment overrides, then validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let raw = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("KMS")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("saes"),
+            )
+            .build()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        let mut s: Settings = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        if let Some(base) = path.parent() {
+            for p in [
+                &mut s.tls.ca,
+                &mut s.tls.cert,
+                &mut s.tls.key,
+                &mut s.tls.peer_cert,
+                &mut s.tls.peer_key,
+            ] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks the cross-field rules; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let err = |m: String| Err(ConfigError(m));
+        if self.kme_id.is_empty() {
+            return err("kme_id: must not be empty".into());
+        }
+        if l.min_key_size == 0 || l.min_key_size % 8 != 0 {
+            return err("limits.min_key_size: must be a positive multiple of 8".into());
+        }
+        if l.max_key_size % 8 != 0 || l.max_key_size < l.min_key_size {
+            return err("limits.max_key_size: must be a multiple of 8 and >= min_key_size".into());
+        }
+        if l.key_size % 8 != 0 || l.key_size < l.min_key_size || l.key_size > l.max_key_size {
+            return err(
+                "limits.key_size: must be a multiple of 8 within min_key_size..=max_key_size"
+                    .into(),
+            );
+        }
+        if l.max_key_per_request == 0 || l.max_key_per_request > 1_000_000 {
+            return err("limits.max_key_per_request: must be within 1..=1000000".into());
+        }
+        if l.max_key_count == 0 {
+            return err("limits.max_key_count: must be positive".into());
+        }
+        if l.max_key_size / 8 * l.max_key_per_request > 1 << 30 {
+            return err(
+                "limits.max_key_per_request: with max_key_size, one reply would exceed 1 GiB"
+                    .into(),
+            );
+        }
+        let mut seen = HashSet::new();
+        let mut kmes = HashSet::new();
+        kmes.insert(self.kme_id.as_str());
+        for (i, p) in self.peers.iter().enumerate() {
+            if !kmes.insert(p.kme_id.as_str()) {
+                return err(format!(
+                    "peers[{i}].kme_id: duplicate KME ID {:?}",
+                    p.kme_id
+                ));
+            }
+            if !(p.url.starts_with("https://")) {
+                return err(format!("peers[{i}].url: must be an https:// URL"));
+            }
+            if p.link.block_bytes == 0 || p.link.block_bytes > 16 << 20 {
+                return err(format!(
+                    "peers[{i}].link.block_bytes: must be within 1..=16777216"
+                ));
+            }
+        }
+        if self.local.block_bytes == 0 || self.local.block_bytes > 16 << 20 {
+            return err("local.block_bytes: must be within 1..=16777216".into());
+        }
+        let all = self.saes.iter().map(|s| ("saes", s)).chain(
+            self.peers
+                .iter()
+                .flat_map(|p| p.saes.iter().map(|s| ("peers.saes", s))),
+        );
+        for (field, sae) in all {
+            if sae.is_empty() {
+                return err(format!("{field}: empty SAE ID"));
+            }
+            if kmes.contains(sae.as_str()) {
+                return err(format!("{field}: SAE ID {sae:?} is also a KME ID"));
+            }
+            if !seen.insert(sae.as_str()) {
+                return err(format!("{field}: SAE ID {sae:?} is listed twice"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Map from every known SAE ID to the KME it is attached to.
+    pub fn sae_homes(&self) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        for s in &self.saes {
+            m.insert(s.clone(), self.kme_id.clone());
+        }
+        for p in &self.peers {
+            for s in &p.saes {
+                m.insert(s.clone(), p.kme_id.clone());
+            }
+        }
+        m
+    }
+}

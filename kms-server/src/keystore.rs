@@ -1,0 +1,395 @@
+//! Key material held by the KME: streams of link key, and keys awaiting their slaves.
+//!
+//! Invariants (each enforced here, not by callers):
+//! - A byte of a [`Stream`] is handed out at most once: [`Stream::take`] refuses any range that
+//!   overlaps bytes already taken, and wipes the bytes it hands out from the stream.
+//! - A [`KeyRecord`] is delivered at most once to each of its slaves, only to them, and is
+//!   erased (zeroized) when the last slave has it.
+//! - Batches are all or nothing: a request that names one bad range or key changes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+
+use uuid::Uuid;
+use zeroize::{Zeroize, Zeroizing};
+
+/// Why a range could not be taken from a stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TakeError {
+    #[error("range {offset}+{len} is not (or no longer) held in the key stream")]
+    NotHeld { offset: u64, len: u64 },
+    #[error("range {offset}+{len} overlaps key material already used")]
+    AlreadyUsed { offset: u64, len: u64 },
+    #[error("ranges in one request overlap")]
+    Overlap,
+}
+
+/// Why a block could not be appended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("block at offset {got} does not follow the stream end {expected}")]
+pub struct GapError {
+    pub expected: u64,
+    pub got: u64,
+}
+
+struct Block {
+    data: Zeroizing<Vec<u8>>,
+    /// Sorted, disjoint, non-adjacent ranges (relative to the block) already taken.
+    taken: Vec<(usize, usize)>,
+    remaining: usize,
+}
+
+impl Block {
+    fn overlaps(&self, start: usize, end: usize) -> bool {
+        self.taken.iter().any(|&(s, e)| s < end && start < e)
+    }
+
+    fn mark(&mut self, start: usize, end: usize) {
+        self.data[start..end].zeroize();
+        self.remaining -= end - start;
+        let pos = self.taken.partition_point(|&(s, _)| s < start);
+        self.taken.insert(pos, (start, end));
+        // merge neighbours
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(self.taken.len());
+        for &(s, e) in &self.taken {
+            match merged.last_mut() {
+                Some(last) if last.1 >= s => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        self.taken = merged;
+    }
+}
+
+/// One direction of a QKD link's key stream (or the local pool), addressed by byte offset.
+///
+/// Blocks are appended contiguously; bytes are taken by range, either sequentially by the
+/// owner of the direction ([`Stream::allocate`]) or at any offset when the peer registers
+/// keys it allocated ([`Stream::take_many`]).
+#[derive(Default)]
+pub struct Stream {
+    blocks: BTreeMap<u64, Block>,
+    /// Next byte the owner allocates.
+    cursor: u64,
+    /// Offset just past the last appended byte.
+    end: u64,
+    /// Bytes held and not yet taken.
+    unconsumed: u64,
+}
+
+impl Stream {
+    /// Offset just past the last appended byte.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Bytes the owner can still allocate.
+    pub fn available(&self) -> u64 {
+        self.end - self.cursor
+    }
+
+    /// Bytes held and not yet taken (by either allocation or registration).
+    pub fn unconsumed(&self) -> u64 {
+        self.unconsumed
+    }
+
+    /// Appends a block at `offset`, which must be the current end.
+    pub fn append(&mut self, offset: u64, data: Zeroizing<Vec<u8>>) -> Result<(), GapError> {
+        if offset != self.end {
+            return Err(GapError {
+                expected: self.end,
+                got: offset,
+            });
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.end += data.len() as u64;
+        self.unconsumed += data.len() as u64;
+        let remaining = data.len();
+        self.blocks.insert(
+            offset,
+            Block {
+                data,
+                taken: Vec::new(),
+                remaining,
+            },
+        );
+        Ok(())
+    }
+
+    /// Owner side: takes the next `len` bytes for each entry of `lens`, all or nothing.
+    /// Returns `None` if the stream holds fewer bytes than asked.
+    pub fn allocate(&mut self, lens: &[u64]) -> Option<Vec<(u64, Zeroizing<Vec<u8>>)>> {
+        let total: u64 = lens.iter().sum();
+        if total > self.available() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(lens.len());
+        for &len in lens {
+            let off = self.cursor;
+            // The owner never takes below the cursor, so this cannot overlap.
+            let bytes = self.take_checked(off, len).ok()?;
+            self.cursor += len;
+            out.push((off, bytes));
+        }
+        Some(out)
+    }
+
+    /// Peer side: takes every `(offset, len)` range, all or nothing.
+    pub fn take_many(
+        &mut self,
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<Zeroizing<Vec<u8>>>, TakeError> {
+        let mut sorted: Vec<(u64, u64)> = ranges.to_vec();
+        sorted.sort_unstable();
+        for w in sorted.windows(2) {
+            if w[0].0 + w[0].1 > w[1].0 {
+                return Err(TakeError::Overlap);
+            }
+        }
+        for &(off, len) in ranges {
+            self.check(off, len)?;
+        }
+        ranges
+            .iter()
+            .map(|&(off, len)| self.take_checked(off, len))
+            .collect()
+    }
+
+    /// Checks that `[offset, offset+len)` is held and untaken.
+    fn check(&self, offset: u64, len: u64) -> Result<(), TakeError> {
+        let not_held = TakeError::NotHeld { offset, len };
+        let end = offset.checked_add(len).ok_or(not_held.clone())?;
+        if len == 0 || end > self.end {
+            return Err(not_held);
+        }
+        let mut pos = offset;
+        while pos < end {
+            let (&start, block) = self
+                .blocks
+                .range(..=pos)
+                .next_back()
+                .ok_or(not_held.clone())?;
+            let bend = start + block.data.len() as u64;
+            if pos >= bend {
+                return Err(not_held);
+            }
+            let seg_end = end.min(bend);
+            if block.overlaps((pos - start) as usize, (seg_end - start) as usize) {
+                return Err(TakeError::AlreadyUsed { offset, len });
+            }
+            pos = seg_end;
+        }
+        Ok(())
+    }
+
+    fn take_checked(&mut self, offset: u64, len: u64) -> Result<Zeroizing<Vec<u8>>, TakeError> {
+        self.check(offset, len)?;
+        let end = offset + len;
+        let mut out = Zeroizing::new(Vec::with_capacity(len as usize));
+        let mut pos = offset;
+        while pos < end {
+            let start = match self.blocks.range(..=pos).next_back() {
+                Some((&s, _)) => s,
+                None => return Err(TakeError::NotHeld { offset, len }),
+            };
+            let Some(block) = self.blocks.get_mut(&start) else {
+                return Err(TakeError::NotHeld { offset, len });
+            };
+            let bend = start + block.data.len() as u64;
+            let seg_end = end.min(bend);
+            let (s, e) = ((pos - start) as usize, (seg_end - start) as usize);
+            out.extend_from_slice(&block.data[s..e]);
+            block.mark(s, e);
+            if block.remaining == 0 {
+                self.blocks.remove(&start);
+            }
+            pos = seg_end;
+        }
+        self.unconsumed -= len;
+        Ok(out)
+    }
+
+    /// Wipes everything and starts a new, empty stream.
+    pub fn reset(&mut self) {
+        // Dropping the blocks zeroizes their data (Zeroizing).
+        *self = Stream::default();
+    }
+}
+
+/// A key that has been given to its master and awaits some of its slaves at this KME.
+pub struct KeyRecord {
+    /// The master SAE that obtained the key.
+    pub master: String,
+    /// Slaves at this KME that have not fetched it yet.
+    pub pending: Vec<String>,
+    pub bytes: Zeroizing<Vec<u8>>,
+}
+
+/// Why a key could not be delivered to a slave.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliverError {
+    #[error("key_ID {0} is unknown, was issued for another SAE, or was already retrieved")]
+    NotDeliverable(String),
+    #[error("key_ID {0} is not a UUID")]
+    Malformed(String),
+    #[error("key_ID {0} is named twice")]
+    Duplicate(String),
+    #[error("no key_ID given")]
+    Empty,
+}
+
+/// Keys awaiting their slaves, by ID.
+#[derive(Default)]
+pub struct Records {
+    map: HashMap<Uuid, KeyRecord>,
+}
+
+impl Records {
+    /// Number of keys awaiting at least one slave.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn contains(&self, id: &Uuid) -> bool {
+        self.map.contains_key(id)
+    }
+
+    /// Stores a key for its pending slaves; a record without pending slaves is dropped (wiped).
+    pub fn insert(&mut self, id: Uuid, record: KeyRecord) {
+        if !record.pending.is_empty() {
+            self.map.insert(id, record);
+        }
+    }
+
+    /// Delivers the named keys to `slave` for `master`, all or nothing.
+    ///
+    /// Every ID must name a key obtained by `master` that `slave` has not fetched yet. The
+    /// delivered copy is removed from the slave's pending list; the record is erased when no
+    /// slave is left.
+    pub fn deliver(
+        &mut self,
+        master: &str,
+        slave: &str,
+        ids: &[String],
+    ) -> Result<Vec<(Uuid, Zeroizing<Vec<u8>>)>, Vec<DeliverError>> {
+        if ids.is_empty() {
+            return Err(vec![DeliverError::Empty]);
+        }
+        let mut errors = Vec::new();
+        let mut parsed = Vec::with_capacity(ids.len());
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        for raw in ids {
+            let Ok(id) = Uuid::try_parse(raw) else {
+                errors.push(DeliverError::Malformed(raw.clone()));
+                continue;
+            };
+            if !seen.insert(id) {
+                errors.push(DeliverError::Duplicate(raw.clone()));
+                continue;
+            }
+            match self.map.get(&id) {
+                Some(r) if r.master == master && r.pending.iter().any(|s| s == slave) => {
+                    parsed.push(id)
+                }
+                _ => errors.push(DeliverError::NotDeliverable(raw.clone())),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut out = Vec::with_capacity(parsed.len());
+        for id in parsed {
+            let Some(rec) = self.map.get_mut(&id) else {
+                continue; // checked above under the same lock
+            };
+            rec.pending.retain(|s| s != slave);
+            if rec.pending.is_empty() {
+                if let Some(rec) = self.map.remove(&id) {
+                    out.push((id, rec.bytes));
+                }
+            } else {
+                out.push((id, Zeroizing::new(rec.bytes.to_vec())));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream_with(blocks: &[&[u8]]) -> Stream {
+        let mut s = Stream::default();
+        for b in blocks {
+            s.append(s.end(), Zeroizing::new(b.to_vec())).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn allocate_is_sequential_and_spans_blocks() {
+        let mut s = stream_with(&[&[1, 2, 3], &[4, 5, 6]]);
+        let got = s.allocate(&[2, 3]).unwrap();
+        assert_eq!(got[0].0, 0);
+        assert_eq!(&got[0].1[..], &[1, 2]);
+        assert_eq!(&got[1].1[..], &[3, 4, 5]);
+        assert_eq!(s.available(), 1);
+        assert!(s.allocate(&[2]).is_none());
+        assert_eq!(s.available(), 1, "failed allocation changes nothing");
+    }
+
+    #[test]
+    fn take_refuses_reuse_and_is_all_or_nothing() {
+        let mut s = stream_with(&[&[1, 2, 3, 4], &[5, 6, 7, 8]]);
+        assert_eq!(&s.take_many(&[(3, 2)]).unwrap()[0][..], &[4, 5]);
+        assert_eq!(
+            s.take_many(&[(0, 1), (4, 1)]),
+            Err(TakeError::AlreadyUsed { offset: 4, len: 1 })
+        );
+        assert_eq!(s.unconsumed(), 6, "nothing taken by the failed batch");
+        assert_eq!(s.take_many(&[(0, 2), (1, 1)]), Err(TakeError::Overlap));
+        assert!(matches!(
+            s.take_many(&[(7, 2)]),
+            Err(TakeError::NotHeld { .. })
+        ));
+        let all = s.take_many(&[(0, 3), (5, 3)]).unwrap();
+        assert_eq!(&all[0][..], &[1, 2, 3]);
+        assert_eq!(&all[1][..], &[6, 7, 8]);
+        assert_eq!(s.unconsumed(), 0);
+        assert!(s.blocks.is_empty(), "fully used blocks are dropped");
+    }
+
+    #[test]
+    fn append_must_be_contiguous() {
+        let mut s = stream_with(&[&[1]]);
+        assert!(s.append(5, Zeroizing::new(vec![1])).is_err());
+    }
+
+    #[test]
+    fn records_deliver_once_per_slave() {
+        let mut r = Records::default();
+        let id = Uuid::new_v4();
+        r.insert(
+            id,
+            KeyRecord {
+                master: "M".into(),
+                pending: vec!["S1".into(), "S2".into()],
+                bytes: Zeroizing::new(vec![9; 4]),
+            },
+        );
+        let ids = [id.to_string()];
+        assert!(r.deliver("X", "S1", &ids).is_err(), "wrong master");
+        assert!(r.deliver("M", "S3", &ids).is_err(), "not a slave");
+        assert_eq!(&r.deliver("M", "S1", &ids).unwrap()[0].1[..], &[9; 4]);
+        assert!(r.deliver("M", "S1", &ids).is_err(), "second fetch");
+        assert_eq!(r.len(), 1);
+        r.deliver("M", "S2", &ids).unwrap();
+        assert!(r.is_empty(), "erased after the last slave");
+    }
+}

@@ -1,0 +1,411 @@
+//! The KME's state and the operations of the 014 interface, independent of HTTP.
+//!
+//! Key material comes from one [`Stream`] per direction of each QKD link: the KME that
+//! *owns* a direction allocates from it for its masters, and the far end takes the same
+//! ranges when the owner registers the keys there. Directions are disjoint, so both KMEs can
+//! serve masters at once without coordination and never hand out the same byte twice.
+//! Exchanges between SAEs of the same KME draw on a local pool.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use etsi_spec::{KeyRequest, Status};
+use tokio::sync::Notify;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::config::Settings;
+use crate::error::ApiError;
+use crate::keystore::{DeliverError, KeyRecord, Records, Stream};
+use crate::peer::{PeerClient, PeerError, RegisteredKey, Registration};
+
+/// One QKD link as seen from this KME.
+#[derive(Default)]
+pub struct LinkState {
+    /// Identifies the current run of the link; offsets are only meaningful within it.
+    pub session: Uuid,
+    /// The direction this KME allocates from (for its masters).
+    pub own: Stream,
+    /// The direction the peer allocates from (taken here when the peer registers keys).
+    pub theirs: Stream,
+}
+
+impl LinkState {
+    /// Starts a new session, wiping all key material of the old one.
+    pub fn reset(&mut self, session: Uuid) {
+        self.session = session;
+        self.own.reset();
+        self.theirs.reset();
+    }
+}
+
+/// Mutable state under one lock; critical sections never await.
+#[derive(Default)]
+pub struct State {
+    pub local: Stream,
+    pub links: HashMap<String, LinkState>,
+    pub records: Records,
+}
+
+/// Keys handed to a master: ID and bytes (wiped on drop).
+pub type IssuedKeys = Vec<(Uuid, Zeroizing<Vec<u8>>)>;
+
+/// One KME.
+pub struct Kme {
+    pub settings: Settings,
+    /// SAE ID → KME ID it is attached to.
+    homes: HashMap<String, String>,
+    peers: HashMap<String, PeerClient>,
+    state: Mutex<State>,
+    /// Signalled whenever key material is consumed, so link producers refill promptly.
+    pub consumed: Notify,
+}
+
+impl Kme {
+    pub fn new(settings: Settings) -> Result<Self, PeerError> {
+        let mut peers = HashMap::new();
+        let mut state = State::default();
+        for p in &settings.peers {
+            peers.insert(
+                p.kme_id.clone(),
+                PeerClient::new(&settings, &p.kme_id, &p.url)?,
+            );
+            state.links.insert(p.kme_id.clone(), LinkState::default());
+        }
+        Ok(Kme {
+            homes: settings.sae_homes(),
+            settings,
+            peers,
+            state: Mutex::new(state),
+            consumed: Notify::new(),
+        })
+    }
+
+    pub fn kme_id(&self) -> &str {
+        &self.settings.kme_id
+    }
+
+    pub fn peer(&self, kme_id: &str) -> Option<&PeerClient> {
+        self.peers.get(kme_id)
+    }
+
+    /// Locks the state. A poisoned lock means a panic interrupted a mutation, so the state
+    /// can no longer be trusted: refuse service rather than risk handing out a byte twice.
+    pub fn lock(&self) -> Result<MutexGuard<'_, State>, ApiError> {
+        self.state
+            .lock()
+            .map_err(|_| ApiError::unavailable("internal key store is unusable; restart the KME"))
+    }
+
+    /// Pool capacity of one stream, bytes.
+    pub fn capacity_bytes(&self) -> u64 {
+        let l = &self.settings.limits;
+        l.max_key_count.saturating_mul(l.key_size / 8)
+    }
+
+    /// The caller must be an SAE attached to this KME.
+    pub fn check_local_sae(&self, caller: &str) -> Result<(), ApiError> {
+        if self.homes.get(caller).map(String::as_str) == Some(self.kme_id()) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized(format!(
+                "SAE {caller:?} (from the client certificate) is not attached to KME {}",
+                self.kme_id()
+            )))
+        }
+    }
+
+    /// The KME an SAE is attached to, or 400 for an unknown SAE.
+    fn home_of(&self, sae: &str, role: &str) -> Result<&str, ApiError> {
+        self.homes.get(sae).map(String::as_str).ok_or_else(|| {
+            ApiError::bad_request(format!("unknown {role} SAE ID {sae:?}")).detail(role, sae)
+        })
+    }
+
+    /// The KME whose link serves keys between this KME and `target` (None = local pool).
+    fn route<'a>(&'a self, target_kme: &'a str) -> Result<Option<&'a str>, ApiError> {
+        if target_kme == self.kme_id() {
+            Ok(None)
+        } else if self.peers.contains_key(target_kme) {
+            Ok(Some(target_kme))
+        } else {
+            Err(ApiError::bad_request(format!(
+                "no QKD link from KME {} to KME {target_kme}",
+                self.kme_id()
+            )))
+        }
+    }
+
+    /// Get status for master `caller` and `slave`.
+    pub fn status(&self, caller: &str, slave: &str) -> Result<Status, ApiError> {
+        self.check_local_sae(caller)?;
+        let target = self.home_of(slave, "slave")?.to_owned();
+        let route = self.route(&target)?;
+        let l = &self.settings.limits;
+        let available = {
+            let st = self.lock()?;
+            match route {
+                None => st.local.available(),
+                Some(peer) => st.links.get(peer).map_or(0, |link| link.own.available()),
+            }
+        };
+        Ok(Status {
+            source_KME_ID: self.kme_id().to_owned(),
+            target_KME_ID: target,
+            master_SAE_ID: caller.to_owned(),
+            slave_SAE_ID: slave.to_owned(),
+            key_size: l.key_size,
+            stored_key_count: (available / (l.key_size / 8)).min(l.max_key_count),
+            max_key_count: l.max_key_count,
+            max_key_per_request: l.max_key_per_request,
+            max_key_size: l.max_key_size,
+            min_key_size: l.min_key_size,
+            max_SAE_ID_count: l.max_sae_id_count,
+            status_extension: None,
+        })
+    }
+
+    /// Get key: master `caller` asks for keys shared with `slave` (and additional slaves).
+    ///
+    /// When a slave is attached to a peer KME, the keys are registered there before this
+    /// returns; if that fails, the allocated bytes are wiped, never reused, and 503 returned.
+    pub async fn enc_keys(
+        &self,
+        caller: &str,
+        slave: &str,
+        req: &KeyRequest,
+    ) -> Result<IssuedKeys, ApiError> {
+        self.check_local_sae(caller)?;
+        let l = &self.settings.limits;
+        if let Some(ext) = req.extension_mandatory.as_ref().filter(|e| !e.is_empty()) {
+            let names: Vec<String> = ext.iter().flat_map(|m| m.keys().cloned()).collect();
+            let mut e = ApiError::bad_request(format!(
+                "unsupported mandatory extension(s): {}",
+                names.join(", ")
+            ));
+            for n in &names {
+                e = e.detail("unsupported_extension", n.as_str());
+            }
+            return Err(e);
+        }
+        let number = req.number.unwrap_or(1);
+        if number == 0 || number > l.max_key_per_request {
+            return Err(ApiError::bad_request(format!(
+                "number must be within 1..={} (max_key_per_request), got {number}",
+                l.max_key_per_request
+            ))
+            .detail("number", number));
+        }
+        let size = req.size.unwrap_or(l.key_size);
+        if size % 8 != 0 || size < l.min_key_size || size > l.max_key_size {
+            return Err(ApiError::bad_request(format!(
+                "size must be a multiple of 8 bits within {}..={}, got {size}",
+                l.min_key_size, l.max_key_size
+            ))
+            .detail("size", size));
+        }
+        let extra = req.additional_slave_SAE_IDs.as_deref().unwrap_or(&[]);
+        if extra.len() as u64 > l.max_sae_id_count {
+            return Err(ApiError::bad_request(format!(
+                "additional_slave_SAE_IDs names {} SAEs; at most {} (max_SAE_ID_count)",
+                extra.len(),
+                l.max_sae_id_count
+            )));
+        }
+        let mut slaves: Vec<&str> = Vec::with_capacity(1 + extra.len());
+        for s in std::iter::once(slave).chain(extra.iter().map(String::as_str)) {
+            if s == caller {
+                return Err(ApiError::bad_request(format!(
+                    "SAE {s:?} cannot be a slave of itself"
+                )));
+            }
+            if slaves.contains(&s) {
+                return Err(ApiError::bad_request(format!(
+                    "slave SAE {s:?} named twice"
+                )));
+            }
+            slaves.push(s);
+        }
+        // Slaves may sit at this KME and/or at one linked KME.
+        let mut remote: Option<&str> = None;
+        let mut local_slaves = Vec::new();
+        let mut remote_slaves = Vec::new();
+        for s in &slaves {
+            let home = self.home_of(s, "slave")?;
+            match self.route(home)? {
+                None => local_slaves.push((*s).to_owned()),
+                Some(peer) => {
+                    if remote.is_some_and(|r| r != peer) {
+                        return Err(ApiError::bad_request(
+                            "all slaves must be attached to this KME or to one linked KME",
+                        ));
+                    }
+                    remote = Some(peer);
+                    remote_slaves.push((*s).to_owned());
+                }
+            }
+        }
+        let key_bytes = size / 8;
+        let lens = vec![key_bytes; number as usize];
+        let (session, allocated) = {
+            let mut st = self.lock()?;
+            let (session, stream) = match remote {
+                None => (Uuid::nil(), &mut st.local),
+                Some(peer) => {
+                    let Some(link) = st.links.get_mut(peer) else {
+                        return Err(ApiError::unavailable("link state missing"));
+                    };
+                    (link.session, &mut link.own)
+                }
+            };
+            let have = stream.available() / key_bytes;
+            match stream.allocate(&lens) {
+                Some(a) => (session, a),
+                None => {
+                    return Err(ApiError::unavailable(format!(
+                        "not enough key material: {number} keys of {size} bits asked, {have} available; retry later"
+                    ))
+                    .detail("stored_key_count", have))
+                }
+            }
+        };
+        self.consumed.notify_waiters();
+        let mut keys: IssuedKeys = Vec::with_capacity(allocated.len());
+        let mut registered = Vec::with_capacity(allocated.len());
+        for (offset, bytes) in allocated {
+            let key_id = Uuid::new_v4();
+            registered.push(RegisteredKey {
+                key_id,
+                offset,
+                len: bytes.len() as u64,
+            });
+            keys.push((key_id, bytes));
+        }
+        if let Some(peer) = remote {
+            let reg = Registration {
+                session,
+                master: caller.to_owned(),
+                slaves: remote_slaves,
+                keys: registered,
+            };
+            let client = self
+                .peers
+                .get(peer)
+                .ok_or_else(|| ApiError::unavailable("peer client missing"))?;
+            if let Err(e) = client.register(&reg).await {
+                // `keys` is dropped here: the bytes are wiped and never handed out.
+                tracing::warn!(peer, error = %e, "key registration failed; allocated key material discarded");
+                return Err(ApiError::unavailable(format!(
+                    "the slave's KME {peer} could not be reached to register the keys; retry later"
+                )));
+            }
+        }
+        if !local_slaves.is_empty() {
+            let mut st = self.lock()?;
+            for (id, bytes) in &keys {
+                st.records.insert(
+                    *id,
+                    KeyRecord {
+                        master: caller.to_owned(),
+                        pending: local_slaves.clone(),
+                        bytes: Zeroizing::new(bytes.to_vec()),
+                    },
+                );
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Get key with key IDs: slave `caller` fetches keys that `master` obtained for it.
+    pub fn dec_keys(
+        &self,
+        caller: &str,
+        master: &str,
+        ids: &[String],
+    ) -> Result<IssuedKeys, ApiError> {
+        self.check_local_sae(caller)?;
+        self.home_of(master, "master")?;
+        let max = self.settings.limits.max_key_per_request;
+        if ids.len() as u64 > max {
+            return Err(ApiError::bad_request(format!(
+                "{} key IDs named; at most {max} (max_key_per_request)",
+                ids.len()
+            )));
+        }
+        let mut st = self.lock()?;
+        st.records.deliver(master, caller, ids).map_err(|errors| {
+            let first = errors.first().map(ToString::to_string).unwrap_or_default();
+            let mut e = ApiError::bad_request(format!(
+                "{first}{}; nothing was delivered",
+                if errors.len() > 1 {
+                    format!(" (and {} more)", errors.len() - 1)
+                } else {
+                    String::new()
+                }
+            ));
+            for err in &errors {
+                let id = match err {
+                    DeliverError::NotDeliverable(id)
+                    | DeliverError::Malformed(id)
+                    | DeliverError::Duplicate(id) => id.as_str(),
+                    DeliverError::Empty => "",
+                };
+                e = e.detail("key_ID", id).detail("reason", err.to_string());
+            }
+            e
+        })
+    }
+
+    /// A peer registers keys it handed to one of its masters, for slaves attached here.
+    pub fn register(&self, from_kme: &str, reg: Registration) -> Result<(), ApiError> {
+        if self.homes.get(&reg.master).map(String::as_str) != Some(from_kme) {
+            return Err(ApiError::bad_request(format!(
+                "master SAE {:?} is not attached to KME {from_kme}",
+                reg.master
+            )));
+        }
+        if reg.slaves.is_empty() {
+            return Err(ApiError::bad_request("registration names no slave"));
+        }
+        for s in &reg.slaves {
+            if self.homes.get(s).map(String::as_str) != Some(self.kme_id()) {
+                return Err(ApiError::bad_request(format!(
+                    "slave SAE {s:?} is not attached to KME {}",
+                    self.kme_id()
+                )));
+            }
+        }
+        let mut st = self.lock()?;
+        if reg.keys.iter().any(|k| st.records.contains(&k.key_id)) {
+            return Err(ApiError::bad_request("a registered key ID already exists"));
+        }
+        let link = st
+            .links
+            .get_mut(from_kme)
+            .ok_or_else(|| ApiError::unauthorized(format!("no link with KME {from_kme}")))?;
+        if link.session != reg.session {
+            return Err(ApiError::bad_request(format!(
+                "link session {} is not the current one",
+                reg.session
+            )));
+        }
+        let ranges: Vec<(u64, u64)> = reg.keys.iter().map(|k| (k.offset, k.len)).collect();
+        let taken = link
+            .theirs
+            .take_many(&ranges)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        for (k, bytes) in reg.keys.iter().zip(taken) {
+            st.records.insert(
+                k.key_id,
+                KeyRecord {
+                    master: reg.master.clone(),
+                    pending: reg.slaves.clone(),
+                    bytes,
+                },
+            );
+        }
+        drop(st);
+        self.consumed.notify_waiters();
+        Ok(())
+    }
+}

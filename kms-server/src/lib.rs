@@ -1,0 +1,60 @@
+//! `kms-server`: an ETSI GS QKD 014 v1.1.1 key management entity (KME).
+//!
+//! It serves the 014 REST interface (status, enc_keys, dec_keys; GET and POST) over HTTPS
+//! with mutual TLS, identifies the calling SAE by its client certificate, and shares key
+//! material with linked KMEs through a simulated QKD link. A key handed to a master SAE is
+//! registered at the slave's KME before the reply, delivered at most once to each named
+//! slave, then erased.
+//!
+//! Modules: [`config`] (TOML + env), [`tls`] (acceptor, certificate identity), [`api`]
+//! (HTTP handlers), [`kme`] (the operations), [`keystore`] (streams and key records),
+//! [`link`] (the simulated link and local pool), [`peer`] (KME-to-KME channel).
+//!
+//! Dependencies: actix-web with OpenSSL for the mTLS server (OpenSSL exposes the verified
+//! peer certificate per connection); reqwest (native-tls, i.e. the same OpenSSL) for the
+//! KME-to-KME client; `config` for layered TOML/env settings; `zeroize` to wipe key material;
+//! `uuid` for key IDs; `tracing` for logs, which never contain key material.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod keystore;
+pub mod kme;
+pub mod link;
+pub mod peer;
+pub mod tls;
+
+use std::sync::Arc;
+
+use actix_web::{web, App, HttpServer};
+
+/// Runs a KME until the process is stopped.
+pub async fn run(settings: config::Settings) -> anyhow::Result<()> {
+    let acceptor = tls::acceptor(&settings).map_err(anyhow::Error::msg)?;
+    let kme = Arc::new(kme::Kme::new(settings.clone())?);
+    let listen = settings.listen;
+    let workers = if settings.workers == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        settings.workers
+    };
+    tokio::spawn(link::run_local(kme.clone(), settings.local.clone()));
+    for p in &settings.peers {
+        if settings.kme_id < p.kme_id {
+            tokio::spawn(link::run_producer(
+                kme.clone(),
+                p.kme_id.clone(),
+                p.link.clone(),
+            ));
+        }
+    }
+    let data = web::Data::new(kme.clone());
+    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(api::routes))
+        .workers(workers)
+        .on_connect(tls::on_connect)
+        .bind_openssl(listen, acceptor)
+        .map_err(|e| anyhow::anyhow!("listen {listen}: {e}"))?;
+    tracing::info!(kme = %settings.kme_id, %listen, "KME serving ETSI GS QKD 014");
+    server.run().await?;
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! `kms-server` binary: load the configuration and serve.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// ETSI GS QKD 014 v1.1.1 key management entity (KME) over HTTPS with mutual TLS.
+///
+/// Serves /api/v1/keys/{SAE}/status, enc_keys and dec_keys (GET and POST) to SAEs whose
+/// client certificates chain to the configured CA, and shares key material with the peer
+/// KMEs listed in the configuration over a simulated QKD link.
+///
+/// Configuration (TOML):
+///
+///   kme_id = "KME_A"                 # this KME (CN of its certificates)
+///   listen = "127.0.0.1:8443"
+///   sae_id_field = "cn"              # cn | san-dns | san-uri | serial
+///   saes = ["SAE_A1"]                # SAEs attached here
+///   [tls]   ca, cert, key, peer_cert, peer_key  (PEM paths, relative to the file)
+///   [limits] key_size=256 min_key_size=64 max_key_size=65536 max_key_per_request=1024
+///            max_key_count=100000 max_sae_id_count=2 max_body_bytes=262144  (sizes in bits)
+///   [local]  rate_bytes_per_sec=1250000 block_bytes=65536   (0 = bulk)
+///   [[peers]] kme_id="KME_B" url="https://127.0.0.1:9443" saes=["SAE_B1"]
+///             link = { rate_bytes_per_sec = 1250000, block_bytes = 65536 }
+///
+/// Every key can be overridden from the environment with the KMS_ prefix and __ between
+/// levels, e.g. KMS_LISTEN=127.0.0.1:9000 or KMS_LIMITS__MAX_KEY_COUNT=5000.
+/// Logging: RUST_LOG (default info). Key material is never logged.
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let settings = match kms_server::config::Settings::load(&args.config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kms-server: {}: {e}", args.config.display());
+            std::process::exit(2);
+        }
+    };
+    let rt = actix_web::rt::System::new();
+    if let Err(e) = rt.block_on(kms_server::run(settings)) {
+        eprintln!("kms-server: {e:#}");
+        std::process::exit(1);
+    }
+}

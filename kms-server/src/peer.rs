@@ -1,0 +1,154 @@
+//! The KME-to-KME channel: wire types and a client, over mutual TLS with KME certificates.
+//!
+//! Two messages cross it:
+//! - `POST /internal/v1/link/blocks`: the simulated QKD link delivers one block of key
+//!   material to the far end (headers name the session, the owning direction and the offset).
+//!   This stands in for the quantum channel plus post-processing of real hardware.
+//! - `POST /internal/v1/keys/register`: a KME that handed keys to a master registers their
+//!   IDs and stream ranges at the slaves' KME. Only offsets cross the wire, never key bytes.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::config::Settings;
+
+pub const BLOCKS_PATH: &str = "/internal/v1/link/blocks";
+pub const REGISTER_PATH: &str = "/internal/v1/keys/register";
+pub const HDR_SESSION: &str = "x-qkd-session";
+pub const HDR_OWNER: &str = "x-qkd-owner";
+pub const HDR_OFFSET: &str = "x-qkd-offset";
+
+/// One key registered at the slaves' KME: its ID and where its bytes sit in the stream
+/// owned by the registering KME.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisteredKey {
+    pub key_id: Uuid,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Body of a registration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// Link session the offsets refer to.
+    pub session: Uuid,
+    pub master: String,
+    /// Slaves attached to the receiving KME.
+    pub slaves: Vec<String>,
+    pub keys: Vec<RegisteredKey>,
+}
+
+/// Failure on the KME-to-KME channel.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer KME {kme}: {source}")]
+    Transport { kme: String, source: reqwest::Error },
+    #[error("peer KME {kme} refused: {status} {message}")]
+    Refused {
+        kme: String,
+        status: u16,
+        message: String,
+    },
+    #[error("peer channel configuration: {0}")]
+    Config(String),
+}
+
+/// A client of one peer KME.
+#[derive(Clone)]
+pub struct PeerClient {
+    pub kme_id: String,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl PeerClient {
+    pub fn new(settings: &Settings, kme_id: &str, url: &str) -> Result<Self, PeerError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| PeerError::Config(format!("{}: {e}", p.display())))
+        };
+        let ca = reqwest::Certificate::from_pem(&read(&settings.tls.ca)?)
+            .map_err(|e| PeerError::Config(format!("tls.ca: {e}")))?;
+        let ident = reqwest::Identity::from_pkcs8_pem(
+            &read(&settings.tls.peer_cert)?,
+            &read(&settings.tls.peer_key)?,
+        )
+        .map_err(|e| PeerError::Config(format!("tls.peer_cert/peer_key: {e}")))?;
+        let http = reqwest::Client::builder()
+            .use_native_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .identity(ident)
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| PeerError::Config(e.to_string()))?;
+        Ok(PeerClient {
+            kme_id: kme_id.to_owned(),
+            url: url.trim_end_matches('/').to_owned(),
+            http,
+        })
+    }
+
+    fn transport(&self, source: reqwest::Error) -> PeerError {
+        PeerError::Transport {
+            kme: self.kme_id.clone(),
+            source,
+        }
+    }
+
+    async fn check(&self, resp: reqwest::Response) -> Result<(), PeerError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        let message = serde_json::from_slice::<etsi_spec::Error>(&body)
+            .map(|e| e.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        Err(PeerError::Refused {
+            kme: self.kme_id.clone(),
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    /// Registers keys at the peer; returns only once the peer holds them.
+    pub async fn register(&self, reg: &Registration) -> Result<(), PeerError> {
+        let resp = self
+            .http
+            .post(format!("{}{REGISTER_PATH}", self.url))
+            .json(reg)
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        self.check(resp).await
+    }
+
+    /// Delivers one block of link key material to the peer.
+    pub async fn push_block(
+        &self,
+        session: Uuid,
+        owner: &str,
+        offset: u64,
+        data: &Zeroizing<Vec<u8>>,
+    ) -> Result<(), PeerError> {
+        // The body is copied into the request; the copy inside reqwest is not zeroized,
+        // which is acceptable only because this channel simulates the quantum link.
+        let resp = self
+            .http
+            .post(format!("{}{BLOCKS_PATH}", self.url))
+            .header(HDR_SESSION, session.to_string())
+            .header(HDR_OWNER, owner)
+            .header(HDR_OFFSET, offset.to_string())
+            .body(data.to_vec())
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        self.check(resp).await
+    }
+}

@@ -1,0 +1,109 @@
+//! TLS set-up of the 014 listener and the identity of the peer certificate.
+//!
+//! A client certificate is requested and, when presented, must chain to the configured CA or
+//! the handshake fails. A connection without a certificate is accepted at the TLS level so
+//! that its requests get a proper 401 in the spec's Error format.
+
+use std::any::Any;
+
+use actix_tls::accept::openssl::TlsStream;
+use actix_web::dev::Extensions;
+use actix_web::rt::net::TcpStream;
+use openssl::nid::Nid;
+use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod, SslVerifyMode};
+use openssl::x509::X509;
+
+use crate::config::{SaeIdField, Settings};
+
+/// The identity fields of a verified client certificate.
+#[derive(Debug, Clone, Default)]
+pub struct PeerCert {
+    pub cn: Option<String>,
+    pub san_dns: Vec<String>,
+    pub san_uri: Vec<String>,
+    pub serial_hex: String,
+}
+
+impl PeerCert {
+    fn from_x509(cert: &X509) -> Self {
+        let cn = cert
+            .subject_name()
+            .entries_by_nid(Nid::COMMONNAME)
+            .next()
+            .and_then(|e| e.data().to_string().ok());
+        let mut san_dns = Vec::new();
+        let mut san_uri = Vec::new();
+        if let Some(names) = cert.subject_alt_names() {
+            for n in names.iter() {
+                if let Some(d) = n.dnsname() {
+                    san_dns.push(d.to_owned());
+                }
+                if let Some(u) = n.uri() {
+                    san_uri.push(u.to_owned());
+                }
+            }
+        }
+        let serial_hex = cert
+            .serial_number()
+            .to_bn()
+            .ok()
+            .and_then(|bn| bn.to_hex_str().ok())
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        PeerCert {
+            cn,
+            san_dns,
+            san_uri,
+            serial_hex,
+        }
+    }
+
+    /// The SAE ID carried in the configured field.
+    pub fn sae_id(&self, field: SaeIdField) -> Option<String> {
+        match field {
+            SaeIdField::Cn => self.cn.clone(),
+            SaeIdField::SanDns => self.san_dns.first().cloned(),
+            SaeIdField::SanUri => self.san_uri.first().map(|u| {
+                u.strip_prefix("urn:qkd:sae:")
+                    .unwrap_or(u.as_str())
+                    .to_owned()
+            }),
+            SaeIdField::Serial => Some(self.serial_hex.clone()).filter(|s| !s.is_empty()),
+        }
+    }
+}
+
+/// Builds the OpenSSL acceptor: server certificate, CA for client certificates.
+pub fn acceptor(settings: &Settings) -> Result<SslAcceptorBuilder, String> {
+    let t = &settings.tls;
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())
+        .map_err(|e| format!("TLS: {e}"))?;
+    b.set_private_key_file(&t.key, SslFiletype::PEM)
+        .map_err(|e| format!("tls.key {}: {e}", t.key.display()))?;
+    b.set_certificate_chain_file(&t.cert)
+        .map_err(|e| format!("tls.cert {}: {e}", t.cert.display()))?;
+    b.check_private_key()
+        .map_err(|e| format!("tls.key does not match tls.cert: {e}"))?;
+    b.set_ca_file(&t.ca)
+        .map_err(|e| format!("tls.ca {}: {e}", t.ca.display()))?;
+    let ca_pem = std::fs::read(&t.ca).map_err(|e| format!("tls.ca {}: {e}", t.ca.display()))?;
+    let ca = X509::from_pem(&ca_pem).map_err(|e| format!("tls.ca: {e}"))?;
+    b.add_client_ca(&ca).map_err(|e| format!("tls.ca: {e}"))?;
+    b.set_verify(SslVerifyMode::PEER);
+    // HTTP/1.1 only (what 014 clients use).
+    b.set_alpn_select_callback(|_, client| {
+        openssl::ssl::select_next_proto(b"\x08http/1.1", client)
+            .ok_or(openssl::ssl::AlpnError::NOACK)
+    });
+    Ok(b)
+}
+
+/// `on_connect` hook: sets TCP_NODELAY and records the verified client certificate.
+pub fn on_connect(conn: &dyn Any, ext: &mut Extensions) {
+    if let Some(tls) = conn.downcast_ref::<TlsStream<TcpStream>>() {
+        let _ = tls.get_ref().set_nodelay(true);
+        if let Some(cert) = tls.ssl().peer_certificate() {
+            ext.insert(PeerCert::from_x509(&cert));
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! A QKD network on loopback: PKI, one KME process per site, links, and `devnet.json`.
+//!
+//! Used by the `devnet` command and by the end-to-end tests, which start real `kms-server`
+//! processes with real certificates on 127.0.0.1.
+//!
+//! Sites are named `A`, `B`, `C`, ...; site `X` runs KME `KME_X` with SAEs `SAE_X1`,
+//! `SAE_X2`, ... The default topology is the seed's: A linked to B and to C.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// How to build the network.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub sites: usize,
+    /// Links as pairs of site indices; `None` = the seed's star around site 0.
+    pub links: Option<Vec<(usize, usize)>>,
+    pub saes_per_site: usize,
+    /// Link key rate, bytes/s (0 = bulk).
+    pub rate_bytes_per_sec: u64,
+    pub max_key_count: u64,
+    pub max_key_per_request: u64,
+    /// Extra `[limits]` lines or other TOML appended to every KME config.
+    pub extra_toml: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            sites: 3,
+            links: None,
+            saes_per_site: 2,
+            rate_bytes_per_sec: 1_250_000,
+            max_key_count: 100_000,
+            max_key_per_request: 1024,
+            extra_toml: String::new(),
+        }
+    }
+}
+
+/// One SAE identity in `devnet.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SaeInfo {
+    pub id: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One site in `devnet.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiteInfo {
+    pub name: String,
+    pub kme_id: String,
+    pub kme_url: String,
+    pub saes: Vec<SaeInfo>,
+    pub kme_config: PathBuf,
+    pub kme_log: PathBuf,
+    pub kme_pid: u32,
+}
+
+/// The contents of `devnet.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevnetInfo {
+    pub ca_cert: PathBuf,
+    pub sites: Vec<SiteInfo>,
+    pub links: Vec<[String; 2]>,
+}
+
+impl DevnetInfo {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let p = dir.join("devnet.json");
+        let text = std::fs::read_to_string(&p)
+            .with_context(|| format!("{}: no devnet here (run `devnet up` first)", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: not a devnet.json", p.display()))
+    }
+
+    /// A 014 client for SAE `sae` at its site's KME.
+    pub fn client(&self, sae: &str) -> Result<etsi_spec::Client> {
+        let site = self
+            .sites
+            .iter()
+            .find(|s| s.saes.iter().any(|x| x.id == sae))
+            .with_context(|| format!("no SAE {sae} in the devnet"))?;
+        let id = site.saes.iter().find(|x| x.id == sae).context("SAE")?;
+        let ca = std::fs::read(&self.ca_cert)?;
+        let ident = etsi_spec::Identity::from_files(&id.cert, &id.key)?;
+        Ok(etsi_spec::Client::new(&site.kme_url, &ca, Some(&ident))?)
+    }
+}
+
+/// A running network. Dropping it stops the KMEs unless [`Devnet::detach`] was called.
+pub struct Devnet {
+    pub dir: PathBuf,
+    pub info: DevnetInfo,
+    children: Vec<Option<Child>>,
+    detached: bool,
+}
+
+/// Letter name of site `i`.
+pub fn site_name(i: usize) -> String {
+    ((b'A' + (i % 26) as u8) as char).to_string()
+}
+
+/// Parses a topology like `A-B,A-C,B-C` into site index pairs.
+pub fn parse_links(spec: &str, sites: usize) -> Result<Vec<(usize, usize)>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((a, b)) = part.split_once('-') else {
+            bail!("link {part:?}: expected two site names joined by '-', e.g. A-B");
+        };
+        let idx = |n: &str| -> Result<usize> {
+            let n = n.trim();
+            (0..sites)
+                .find(|&i| site_name(i).eq_ignore_ascii_case(n))
+                .with_context(|| format!("link {part:?}: no site {n:?} among {sites} sites"))
+        };
+        let (a, b) = (idx(a)?, idx(b)?);
+        if a == b {
+            bail!("link {part:?}: a site cannot link to itself");
+        }
+        if !out.contains(&(a.min(b), a.max(b))) {
+            out.push((a.min(b), a.max(b)));
+        }
+    }
+    Ok(out)
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Finds a workspace binary next to the running executable (or in its parent, for tests).
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let env = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Some(p) = std::env::var_os(&env) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        let cand = d.join(name);
+        if cand.is_file() {
+            return Ok(cand);
+        }
+        if d.file_name().is_some_and(|n| n == "target") {
+            break;
+        }
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    bail!("cannot find the `{name}` binary next to {}; build the workspace first (`cargo build --release`) or set {env}", exe.display())
+}
+
+impl Devnet {
+    /// Generates a PKI and configs in `dir`, starts one KME per site, and waits until every
+    /// link delivers key.
+    pub fn start(dir: &Path, opts: &Options) -> Result<Self> {
+        if opts.sites == 0 || opts.sites > 26 {
+            bail!("--sites must be within 1..=26");
+        }
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let links = match &opts.links {
+            Some(l) => l.clone(),
+            None => (1..opts.sites).map(|i| (0, i)).collect(),
+        };
+        let names: Vec<String> = (0..opts.sites).map(site_name).collect();
+        let kme_ids: Vec<String> = names.iter().map(|n| format!("KME_{n}")).collect();
+        let sae_ids = |i: usize| -> Vec<String> {
+            (1..=opts.saes_per_site)
+                .map(|j| format!("SAE_{}{j}", names[i]))
+                .collect()
+        };
+        let all_saes: Vec<String> = (0..opts.sites).flat_map(sae_ids).collect();
+        let pki_dir = dir.join("pki");
+        let pki = certs::DevPki::generate(&pki_dir, &kme_ids, &all_saes)?;
+        let ports: Vec<u16> = (0..opts.sites)
+            .map(|_| free_port())
+            .collect::<Result<_>>()?;
+        let url = |i: usize| format!("https://127.0.0.1:{}", ports[i]);
+        let kme_bin = sibling_binary("kms-server")?;
+        std::fs::create_dir_all(dir.join("logs"))?;
+
+        let mut sites = Vec::new();
+        let mut children = Vec::new();
+        for i in 0..opts.sites {
+            let mut toml = format!(
+                "kme_id = \"{kme}\"\nlisten = \"127.0.0.1:{port}\"\nsaes = {saes:?}\n\n\
+                 [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\npeer_cert = \"{pc}\"\npeer_key = \"{pk}\"\n\n\
+                 [limits]\nmax_key_count = {mkc}\nmax_key_per_request = {mkr}\n\n\
+                 [local]\nrate_bytes_per_sec = {rate}\n",
+                kme = kme_ids[i],
+                port = ports[i],
+                saes = sae_ids(i),
+                ca = pki.ca.cert.display(),
+                cert = pki.kme_servers[i].cert.display(),
+                key = pki.kme_servers[i].key.display(),
+                pc = pki.kme_peers[i].cert.display(),
+                pk = pki.kme_peers[i].key.display(),
+                mkc = opts.max_key_count,
+                mkr = opts.max_key_per_request,
+                rate = opts.rate_bytes_per_sec,
+            );
+            for &(a, b) in &links {
+                let j = if a == i {
+                    b
+                } else if b == i {
+                    a
+                } else {
+                    continue;
+                };
+                toml.push_str(&format!(
+                    "\n[[peers]]\nkme_id = \"{}\"\nurl = \"{}\"\nsaes = {:?}\nlink = {{ rate_bytes_per_sec = {} }}\n",
+                    kme_ids[j],
+                    url(j),
+                    sae_ids(j),
+                    opts.rate_bytes_per_sec
+                ));
+            }
+            toml.push_str(&opts.extra_toml);
+            let cfg = dir.join(format!("kme-{}.toml", names[i]));
+            std::fs::write(&cfg, toml)?;
+            let log = dir.join("logs").join(format!("kme-{}.log", names[i]));
+            let child = spawn_kme(&kme_bin, &cfg, &log)?;
+            sites.push(SiteInfo {
+                name: names[i].clone(),
+                kme_id: kme_ids[i].clone(),
+                kme_url: url(i),
+                saes: sae_ids(i)
+                    .into_iter()
+                    .map(|id| {
+                        let f = pki.saes.iter().find(|s| s.id == id);
+                        SaeInfo {
+                            cert: f.map(|f| f.cert.clone()).unwrap_or_default(),
+                            key: f.map(|f| f.key.clone()).unwrap_or_default(),
+                            id,
+                        }
+                    })
+                    .collect(),
+                kme_config: cfg,
+                kme_log: log,
+                kme_pid: child.id(),
+            });
+            children.push(Some(child));
+        }
+        let info = DevnetInfo {
+            ca_cert: pki.ca.cert.clone(),
+            sites,
+            links: links
+                .iter()
+                .map(|&(a, b)| [kme_ids[a].clone(), kme_ids[b].clone()])
+                .collect(),
+        };
+        std::fs::write(
+            dir.join("devnet.json"),
+            serde_json::to_string_pretty(&info)?,
+        )?;
+        let mut net = Devnet {
+            dir,
+            info,
+            children,
+            detached: false,
+        };
+        net.wait_ready(Duration::from_secs(60))?;
+        Ok(net)
+    }
+
+    /// Waits until every KME answers and every link (and local pool) holds key.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let deadline = Instant::now() + timeout;
+        let mut pairs = Vec::new();
+        for s in &self.info.sites {
+            pairs.push((
+                s.saes[0].id.clone(),
+                s.saes.get(1).unwrap_or(&s.saes[0]).id.clone(),
+            ));
+        }
+        for [a, b] in &self.info.links {
+            let sa = self.site_by_kme(a)?;
+            let sb = self.site_by_kme(b)?;
+            pairs.push((sa.saes[0].id.clone(), sb.saes[0].id.clone()));
+            pairs.push((sb.saes[0].id.clone(), sa.saes[0].id.clone()));
+        }
+        for (master, slave) in pairs {
+            if master == slave {
+                continue;
+            }
+            let client = self.info.client(&master)?;
+            loop {
+                for (i, c) in self.children.iter_mut().enumerate() {
+                    if let Some(c) = c {
+                        if let Some(status) = c.try_wait()? {
+                            bail!(
+                                "KME of site {} exited ({status}); see {}",
+                                self.info.sites[i].name,
+                                self.info.sites[i].kme_log.display()
+                            );
+                        }
+                    }
+                }
+                let ready = rt
+                    .block_on(client.status(&slave))
+                    .map(|s| s.stored_key_count > 0)
+                    .unwrap_or(false);
+                if ready {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("devnet not ready after {timeout:?}: no key between {master} and {slave}; logs in {}", self.dir.join("logs").display());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn site_by_kme(&self, kme: &str) -> Result<&SiteInfo> {
+        self.info
+            .sites
+            .iter()
+            .find(|s| s.kme_id == kme)
+            .with_context(|| format!("no KME {kme}"))
+    }
+
+    /// Leaves the KMEs running when this value is dropped (for `devnet up`).
+    pub fn detach(mut self) {
+        self.detached = true;
+    }
+
+    /// Kills the KME of site `i` with SIGKILL.
+    pub fn kill_site(&mut self, i: usize) {
+        if let Some(mut c) = self.children.get_mut(i).and_then(Option::take) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Devnet {
+    fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        for c in self.children.iter_mut().filter_map(Option::take) {
+            let mut c = c;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_kme(bin: &Path, cfg: &Path, log: &Path) -> Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::File::create(log)?;
+    let err = out.try_clone()?;
+    Command::new(bin)
+        .arg("--config")
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
+}
+
+/// Stops the KMEs listed in `DIR/devnet.json` (SIGTERM, then SIGKILL after 5 s).
+pub fn down(dir: &Path) -> Result<usize> {
+    let info = DevnetInfo::load(dir)?;
+    let mut stopped = 0;
+    for s in &info.sites {
+        let pid = s.kme_pid as libc::pid_t;
+        // SAFETY: kill(2) with a pid read from our own devnet.json; no memory is touched.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
+            stopped += 1;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            // SAFETY: as above; signal 0 only checks that the process exists.
+            while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    Ok(stopped)
+}
