@@ -86,6 +86,8 @@ pub struct LinkParams {
     pub rate_bytes_per_sec: u64,
     /// Size of one block of key material moved at a time.
     pub block_bytes: usize,
+    /// Start with full pools (as if the link had been running), then produce at the rate.
+    pub prefill: bool,
 }
 
 impl Default for LinkParams {
@@ -94,6 +96,7 @@ impl Default for LinkParams {
             // 10 Mbit/s: the order of a commercial link at ~10 km.
             rate_bytes_per_sec: 1_250_000,
             block_bytes: 64 * 1024,
+            prefill: true,
         }
     }
 }
@@ -185,13 +188,16 @@ impl Settings {
         if self.kme_id.is_empty() {
             return err("kme_id: must not be empty".into());
         }
-        if l.min_key_size == 0 || l.min_key_size % 8 != 0 {
+        if l.min_key_size == 0 || !l.min_key_size.is_multiple_of(8) {
             return err("limits.min_key_size: must be a positive multiple of 8".into());
         }
-        if l.max_key_size % 8 != 0 || l.max_key_size < l.min_key_size {
+        if !l.max_key_size.is_multiple_of(8) || l.max_key_size < l.min_key_size {
             return err("limits.max_key_size: must be a multiple of 8 and >= min_key_size".into());
         }
-        if l.key_size % 8 != 0 || l.key_size < l.min_key_size || l.key_size > l.max_key_size {
+        if !l.key_size.is_multiple_of(8)
+            || l.key_size < l.min_key_size
+            || l.key_size > l.max_key_size
+        {
             return err(
                 "limits.key_size: must be a multiple of 8 within min_key_size..=max_key_size"
                     .into(),

@@ -239,6 +239,9 @@ pub enum DeliverError {
     Empty,
 }
 
+/// Keys delivered by one call: ID and bytes (wiped on drop).
+pub type Delivered = Vec<(Uuid, Zeroizing<Vec<u8>>)>;
+
 /// Keys awaiting their slaves, by ID.
 #[derive(Default)]
 pub struct Records {
@@ -276,7 +279,7 @@ impl Records {
         master: &str,
         slave: &str,
         ids: &[String],
-    ) -> Result<Vec<(Uuid, Zeroizing<Vec<u8>>)>, Vec<DeliverError>> {
+    ) -> Result<Delivered, Vec<DeliverError>> {
         if ids.is_empty() {
             return Err(vec![DeliverError::Empty]);
         }

@@ -47,8 +47,8 @@ pub struct State {
     pub records: Records,
 }
 
-/// Keys handed to a master: ID and bytes (wiped on drop).
-pub type IssuedKeys = Vec<(Uuid, Zeroizing<Vec<u8>>)>;
+/// Keys handed to an SAE: ID and bytes (wiped on drop).
+pub type IssuedKeys = crate::keystore::Delivered;
 
 /// One KME.
 pub struct Kme {
@@ -197,7 +197,7 @@ impl Kme {
             .detail("number", number));
         }
         let size = req.size.unwrap_or(l.key_size);
-        if size % 8 != 0 || size < l.min_key_size || size > l.max_key_size {
+        if !size.is_multiple_of(8) || size < l.min_key_size || size > l.max_key_size {
             return Err(ApiError::bad_request(format!(
                 "size must be a multiple of 8 bits within {}..={}, got {size}",
                 l.min_key_size, l.max_key_size

@@ -28,36 +28,47 @@ fn random_block(len: usize) -> Result<Zeroizing<Vec<u8>>, rand::rand_core::OsErr
     Ok(data)
 }
 
-/// Paces a producer to `rate` bytes per second (0 = unlimited).
+/// Paces a producer to `rate` bytes per second (0 = unlimited): a block becomes available
+/// only after the time the link needs to produce it.
 struct Pacer {
     rate: u64,
-    start: tokio::time::Instant,
-    sent: u64,
+    /// Bytes that may still be produced without waiting (the prefill).
+    burst: u64,
+    /// When the link finishes producing what was asked so far.
+    next: tokio::time::Instant,
 }
 
 impl Pacer {
-    fn new(rate: u64) -> Self {
+    fn new(params: &LinkParams, prefill_bytes: u64) -> Self {
         Pacer {
-            rate,
-            start: tokio::time::Instant::now(),
-            sent: 0,
+            rate: params.rate_bytes_per_sec,
+            burst: if params.prefill { prefill_bytes } else { 0 },
+            next: tokio::time::Instant::now(),
         }
     }
 
-    async fn pace(&mut self, bytes: usize) {
-        self.sent += bytes as u64;
+    /// Waits until the link has produced `bytes` more. Returns true if they came out of
+    /// the prefill (so a failed delivery can give them back with [`Pacer::refund`]).
+    async fn produce(&mut self, bytes: usize) -> bool {
+        let bytes = bytes as u64;
+        if self.burst >= bytes {
+            self.burst -= bytes;
+            return true;
+        }
+        self.burst = 0;
         if self.rate == 0 {
-            return;
+            return false;
         }
-        let due = self.start + Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
         let now = tokio::time::Instant::now();
-        if due > now {
-            tokio::time::sleep_until(due).await;
-        } else if now - due > Duration::from_secs(1) {
-            // Do not burst to catch up after a long pause (a full pool).
-            self.start = now;
-            self.sent = 0;
-        }
+        // Production does not accumulate while the pool is full.
+        self.next = self.next.max(now) + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+        tokio::time::sleep_until(self.next).await;
+        false
+    }
+
+    /// Returns prefill bytes whose block could not be delivered.
+    fn refund(&mut self, bytes: usize) {
+        self.burst += bytes as u64;
     }
 }
 
@@ -68,17 +79,19 @@ async fn wait_for_room(kme: &Kme) {
 /// Fills the local pool (keys between SAEs of this KME) forever.
 pub async fn run_local(kme: Arc<Kme>, params: LinkParams) {
     let cap = kme.capacity_bytes();
-    let mut pacer = Pacer::new(params.rate_bytes_per_sec);
+    let mut pacer = Pacer::new(&params, cap);
     loop {
         let room = match kme.lock() {
-            Ok(st) => st.local.unconsumed() < cap,
+            Ok(st) => cap.saturating_sub(st.local.unconsumed()),
             Err(_) => return,
         };
-        if !room {
+        if room == 0 {
             wait_for_room(&kme).await;
             continue;
         }
-        let block = match random_block(params.block_bytes) {
+        let len = params.block_bytes.min(room as usize);
+        let _ = pacer.produce(len).await;
+        let block = match random_block(len) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "random generator failed");
@@ -86,13 +99,9 @@ pub async fn run_local(kme: Arc<Kme>, params: LinkParams) {
                 continue;
             }
         };
-        let len = block.len();
-        {
-            let Ok(mut st) = kme.lock() else { return };
-            let end = st.local.end();
-            let _ = st.local.append(end, block);
-        }
-        pacer.pace(len).await;
+        let Ok(mut st) = kme.lock() else { return };
+        let end = st.local.end();
+        let _ = st.local.append(end, block);
     }
 }
 
@@ -103,7 +112,7 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
     };
     let cap = kme.capacity_bytes();
     let me = kme.kme_id().to_owned();
-    let mut pacer = Pacer::new(params.rate_bytes_per_sec);
+    let mut pacer = Pacer::new(&params, 2 * cap);
     let mut session = new_session(&kme, &peer);
     let mut announced = false;
     loop {
@@ -116,15 +125,18 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                 } else {
                     (false, l.theirs.end())
                 };
-                (own.min(theirs) < cap).then_some((mine, off))
+                let room = cap.saturating_sub(own.min(theirs));
+                (room > 0).then_some((mine, off, room))
             }),
             Err(_) => return,
         };
-        let Some((mine, offset)) = pick else {
+        let Some((mine, offset, room)) = pick else {
             wait_for_room(&kme).await;
             continue;
         };
-        let block = match random_block(params.block_bytes) {
+        let len = params.block_bytes.min(room as usize);
+        let prefill = pacer.produce(len).await;
+        let block = match random_block(len) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "random generator failed");
@@ -139,7 +151,6 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                     tracing::info!(peer = %peer, %session, "QKD link up");
                     announced = true;
                 }
-                let len = block.len();
                 let appended = {
                     let Ok(mut st) = kme.lock() else { return };
                     match st.links.get_mut(&peer) {
@@ -156,9 +167,7 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                 };
                 if !appended {
                     session = new_session(&kme, &peer);
-                    continue;
                 }
-                pacer.pace(len).await;
             }
             Err(e) => {
                 if announced {
@@ -168,6 +177,9 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                 }
                 announced = false;
                 drop(block);
+                if prefill {
+                    pacer.refund(len);
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 session = new_session(&kme, &peer);
             }

@@ -19,9 +19,9 @@ use clap::Parser;
 ///   [tls]   ca, cert, key, peer_cert, peer_key  (PEM paths, relative to the file)
 ///   [limits] key_size=256 min_key_size=64 max_key_size=65536 max_key_per_request=1024
 ///            max_key_count=100000 max_sae_id_count=2 max_body_bytes=262144  (sizes in bits)
-///   [local]  rate_bytes_per_sec=1250000 block_bytes=65536   (0 = bulk)
+///   [local]  rate_bytes_per_sec=1250000 block_bytes=65536 prefill=true  (rate 0 = bulk)
 ///   [[peers]] kme_id="KME_B" url="https://127.0.0.1:9443" saes=["SAE_B1"]
-///             link = { rate_bytes_per_sec = 1250000, block_bytes = 65536 }
+///             link = { rate_bytes_per_sec = 1250000, block_bytes = 65536, prefill = true }
 ///
 /// Every key can be overridden from the environment with the KMS_ prefix and __ between
 /// levels, e.g. KMS_LISTEN=127.0.0.1:9000 or KMS_LIMITS__MAX_KEY_COUNT=5000.
@@ -42,6 +42,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let settings = match kms_server::config::Settings::load(&args.config) {
         Ok(s) => s,

@@ -272,6 +272,16 @@ impl Devnet {
 
     /// Waits until every KME answers and every link (and local pool) holds key.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        // Polls from a thread of its own, so callers may be inside an async runtime.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| self.wait_ready_blocking(timeout))
+                .join()
+                .unwrap_or_else(|_| bail!("readiness check panicked"))
+        })
+    }
+
+    fn wait_ready_blocking(&mut self, timeout: Duration) -> Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -377,6 +387,11 @@ pub fn down(dir: &Path) -> Result<usize> {
     let info = DevnetInfo::load(dir)?;
     let mut stopped = 0;
     for s in &info.sites {
+        // Only signal a process that is still one of our KMEs (pids get reused).
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", s.kme_pid)).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains("kms-server") {
+            continue;
+        }
         let pid = s.kme_pid as libc::pid_t;
         // SAFETY: kill(2) with a pid read from our own devnet.json; no memory is touched.
         if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {

@@ -1,0 +1,173 @@
+//! Shared helpers of the end-to-end tests: networks in temporary folders, raw HTTPS calls,
+//! and validation of every response against `etsi-spec/openapi.yaml`.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use devnet::{Devnet, DevnetInfo, Options};
+use serde_json::Value;
+
+/// A running devnet in its own temporary folder (removed with it).
+pub struct Net {
+    pub net: Devnet,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Net {
+    type Target = Devnet;
+    fn deref(&self) -> &Devnet {
+        &self.net
+    }
+}
+
+impl std::ops::DerefMut for Net {
+    fn deref_mut(&mut self) -> &mut Devnet {
+        &mut self.net
+    }
+}
+
+/// A network whose pools are filled once and then practically frozen (1 byte/s), so that
+/// pool figures only change when keys are taken.
+pub fn frozen_net(max_key_count: u64) -> Net {
+    start(Options {
+        rate_bytes_per_sec: 1,
+        max_key_count,
+        ..Options::default()
+    })
+}
+
+pub fn start(opts: Options) -> Net {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Devnet::start(dir.path(), &opts).expect("devnet starts");
+    Net { net, _dir: dir }
+}
+
+pub fn info(net: &Net) -> &DevnetInfo {
+    &net.net.info
+}
+
+/// A raw reqwest client presenting `sae`'s certificate (or none) to its site's KME.
+pub fn raw(info: &DevnetInfo, sae: Option<&str>, site: usize) -> (reqwest::Client, String) {
+    let ca = std::fs::read(&info.ca_cert).expect("ca");
+    let ident = sae.map(|id| {
+        let s = info
+            .sites
+            .iter()
+            .flat_map(|s| &s.saes)
+            .find(|x| x.id == id)
+            .expect("sae");
+        etsi_spec::Identity::from_files(&s.cert, &s.key).expect("identity")
+    });
+    let url = info.sites[site].kme_url.clone();
+    let c = etsi_spec::Client::new(&url, &ca, ident.as_ref()).expect("client");
+    (c.http().clone(), format!("{url}/api/v1/keys"))
+}
+
+/// A reply: status and body.
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+/// Sends a request and checks the reply against the OpenAPI document for `template`.
+pub async fn call(
+    http: &reqwest::Client,
+    method: &str,
+    url: &str,
+    template: &str,
+    body: Option<&str>,
+) -> Reply {
+    let mut rb = match method {
+        "get" => http.get(url),
+        "post" => http.post(url),
+        "put" => http.put(url),
+        "delete" => http.delete(url),
+        m => panic!("method {m}"),
+    };
+    if let Some(b) = body {
+        rb = rb
+            .header("content-type", "application/json")
+            .body(b.to_owned());
+    }
+    let resp = rb.send().await.expect("request sent");
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.expect("body");
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        panic!(
+            "{method} {url} -> {status}: body is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(&bytes)
+        )
+    });
+    spec_check(method, template, status, &body);
+    Reply { status, body }
+}
+
+fn openapi() -> &'static Value {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../etsi-spec/openapi.yaml");
+        let text = std::fs::read_to_string(&p).expect("openapi.yaml");
+        serde_norway::from_str(&text).expect("openapi.yaml parses")
+    })
+}
+
+fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let ptr = r.trim_start_matches('#');
+            doc.pointer(ptr)
+                .unwrap_or_else(|| panic!("dangling $ref {r}"))
+        }
+        None => v,
+    }
+}
+
+/// Validates `body` against the schema the OpenAPI document gives for this operation and
+/// status. Paths outside the document (404/405) must still carry the Error format.
+pub fn spec_check(method: &str, template: &str, status: u16, body: &Value) {
+    let doc = openapi();
+    let schema_ref = match doc.pointer(&format!(
+        "/paths/{}/{method}",
+        template.replace('~', "~0").replace('/', "~1")
+    )) {
+        Some(op) if status != 404 && status != 405 => {
+            let resp = op
+                .pointer(&format!("/responses/{status}"))
+                .unwrap_or_else(|| {
+                    panic!("openapi.yaml has no {status} response for {method} {template}")
+                });
+            let resp = resolve(doc, resp);
+            resp.pointer("/content/application~1json/schema")
+                .unwrap_or_else(|| panic!("no JSON schema for {method} {template} {status}"))
+                .clone()
+        }
+        _ => serde_json::json!({"$ref": "#/components/schemas/Error"}),
+    };
+    let mut root = serde_json::Map::new();
+    root.insert("allOf".into(), Value::Array(vec![schema_ref]));
+    root.insert("components".into(), doc["components"].clone());
+    let root = Value::Object(root);
+    let validator = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&root)
+        .expect("schema compiles");
+    let errors: Vec<String> = validator
+        .iter_errors(body)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {template} -> {status}: body does not match openapi.yaml: {errors:?}\nbody: {body}"
+    );
+}
+
+/// `stored_key_count` of master → slave.
+pub async fn stored(info: &DevnetInfo, master: &str, slave: &str) -> u64 {
+    info.client(master)
+        .expect("client")
+        .status(slave)
+        .await
+        .expect("status")
+        .stored_key_count
+}
