@@ -38,16 +38,28 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+#[allow(missing_docs)]
+pub mod agent;
 pub mod auth;
+#[allow(missing_docs)]
+pub mod config;
 pub mod format;
 pub mod gf256;
+#[allow(missing_docs)]
+pub mod keys;
 mod kurihara;
 pub mod otp;
 pub mod rng;
 pub mod scheme;
+#[allow(missing_docs)]
+pub mod seal;
 mod shamir;
 pub mod sharing;
 pub mod stream;
+#[allow(missing_docs)]
+pub mod transfer;
+#[allow(missing_docs)]
+pub mod wire;
 pub mod xor;
 
 pub use rng::{ChaChaRounds, ChaChaSource, DeviceSource, OsSource, RandomSource, RngChoice};

@@ -224,6 +224,24 @@ impl Default for RngChoice {
     }
 }
 
+impl std::str::FromStr for RngChoice {
+    type Err = String;
+
+    /// `chacha8`, `chacha12`, `chacha20`, `os`, or a device path (starting with `/`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "chacha8" => Ok(RngChoice::ChaCha(ChaChaRounds::R8)),
+            "chacha12" | "chacha" | "" => Ok(RngChoice::ChaCha(ChaChaRounds::R12)),
+            "chacha20" => Ok(RngChoice::ChaCha(ChaChaRounds::R20)),
+            "os" => Ok(RngChoice::Os),
+            p if p.starts_with('/') => Ok(RngChoice::Device(PathBuf::from(p))),
+            other => Err(format!(
+                "unknown randomness source {other:?}: use chacha8, chacha12, chacha20, os or a device path like /dev/hwrng"
+            )),
+        }
+    }
+}
+
 impl RngChoice {
     /// Opens the chosen source.
     ///

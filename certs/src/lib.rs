@@ -7,7 +7,9 @@
 //!   `::1` and `localhost`, EKU serverAuth;
 //! - per KME `kme-<ID>-peer.pem/.key`: KME-to-KME client certificate, CN = KME ID, EKU clientAuth;
 //! - per SAE `sae-<ID>.pem/.key`: SAE client certificate, CN = SAE ID, SAN `DNS:<ID>` (when
-//!   the ID is a valid DNS label) and `URI:urn:qkd:sae:<ID>`, EKU clientAuth.
+//!   the ID is a valid DNS label) and `URI:urn:qkd:sae:<ID>`, EKU clientAuth;
+//! - per site agent `sae-<ID>.pem/.key`: as an SAE, plus serverAuth and SAN `127.0.0.1`,
+//!   `::1`, `localhost` (the agent serves HTTPS and is an SAE of its KME).
 //!
 //! Private keys are PKCS#8 PEM with mode 0600. The `openssl` crate is used because the KME
 //! itself is built on OpenSSL, so certificates are produced by the library that checks them.
@@ -71,6 +73,9 @@ pub enum Purpose {
     KmePeer,
     /// SAE client.
     Sae,
+    /// An SAE that also serves HTTPS (a backup site agent): client and server certificate,
+    /// CN = SAE ID, SAN `127.0.0.1`, `::1`, `localhost` and `URI:urn:qkd:sae:<ID>`.
+    Agent,
 }
 
 /// Identity names double as file names and URL path segments, so they are kept plain.
@@ -177,6 +182,7 @@ impl Ca {
         match purpose {
             Purpose::KmeServer => eku.server_auth(),
             Purpose::KmePeer | Purpose::Sae => eku.client_auth(),
+            Purpose::Agent => eku.server_auth().client_auth(),
         };
         b.append_extension(eku.build()?)?;
         let san = {
@@ -188,6 +194,10 @@ impl Ca {
                 }
                 Purpose::KmePeer => {
                     san.uri(&format!("urn:qkd:kme:{id}"));
+                }
+                Purpose::Agent => {
+                    san.ip("127.0.0.1").ip("::1").dns("localhost");
+                    san.uri(&format!("urn:qkd:sae:{id}"));
                 }
                 Purpose::Sae => {
                     if id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
@@ -222,7 +232,7 @@ impl Ca {
         let stem = match purpose {
             Purpose::KmeServer => format!("kme-{id}"),
             Purpose::KmePeer => format!("kme-{id}-peer"),
-            Purpose::Sae => format!("sae-{id}"),
+            Purpose::Sae | Purpose::Agent => format!("sae-{id}"),
         };
         write_issued(dir, id, &stem, &issued)
     }
@@ -281,11 +291,23 @@ pub struct DevPki {
     /// KME-to-KME client certificate of each KME.
     pub kme_peers: Vec<IdentityFiles>,
     pub saes: Vec<IdentityFiles>,
+    /// Site agents: SAEs with a server certificate too.
+    pub agents: Vec<IdentityFiles>,
 }
 
 impl DevPki {
     /// Generates a fresh CA and certificates for the given KME and SAE IDs into `dir`.
     pub fn generate(dir: &Path, kme_ids: &[String], sae_ids: &[String]) -> Result<Self, PkiError> {
+        Self::generate_with_agents(dir, kme_ids, sae_ids, &[])
+    }
+
+    /// As [`DevPki::generate`], plus site agents (SAEs that also serve HTTPS).
+    pub fn generate_with_agents(
+        dir: &Path,
+        kme_ids: &[String],
+        sae_ids: &[String],
+        agent_ids: &[String],
+    ) -> Result<Self, PkiError> {
         let ca = Ca::new("QKD devnet CA")?;
         let ca_files = ca.write(dir)?;
         let mut pki = DevPki {
@@ -294,6 +316,7 @@ impl DevPki {
             kme_servers: Vec::new(),
             kme_peers: Vec::new(),
             saes: Vec::new(),
+            agents: Vec::new(),
         };
         for id in kme_ids {
             pki.kme_servers
@@ -302,6 +325,9 @@ impl DevPki {
         }
         for id in sae_ids {
             pki.saes.push(ca.issue_to(dir, id, Purpose::Sae)?);
+        }
+        for id in agent_ids {
+            pki.agents.push(ca.issue_to(dir, id, Purpose::Agent)?);
         }
         Ok(pki)
     }

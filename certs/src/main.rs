@@ -22,11 +22,14 @@ struct Args {
     /// SAE IDs, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "SAE_A1,SAE_B1,SAE_C1")]
     saes: Vec<String>,
+    /// Site agent IDs (SAEs that also serve HTTPS), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "AGENT_A,AGENT_B,AGENT_C")]
+    agents: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let pki = certs::DevPki::generate(&args.dir, &args.kmes, &args.saes)?;
+    let pki = certs::DevPki::generate_with_agents(&args.dir, &args.kmes, &args.saes, &args.agents)?;
     println!("CA:   {}", pki.ca.cert.display());
     for f in pki
         .kme_servers

@@ -73,20 +73,30 @@ impl PeerCert {
     }
 }
 
-/// Builds the OpenSSL acceptor: server certificate, CA for client certificates.
+/// Builds the OpenSSL acceptor of a KME: server certificate, CA for client certificates.
 pub fn acceptor(settings: &Settings) -> Result<SslAcceptorBuilder, String> {
     let t = &settings.tls;
+    server_acceptor(&t.ca, &t.cert, &t.key)
+}
+
+/// An mTLS acceptor from PEM files (also used by the backup site agent): the server
+/// certificate chain and key, and the CA that client certificates must chain to.
+pub fn server_acceptor(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<SslAcceptorBuilder, String> {
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())
         .map_err(|e| format!("TLS: {e}"))?;
-    b.set_private_key_file(&t.key, SslFiletype::PEM)
-        .map_err(|e| format!("tls.key {}: {e}", t.key.display()))?;
-    b.set_certificate_chain_file(&t.cert)
-        .map_err(|e| format!("tls.cert {}: {e}", t.cert.display()))?;
+    b.set_private_key_file(key, SslFiletype::PEM)
+        .map_err(|e| format!("tls.key {}: {e}", key.display()))?;
+    b.set_certificate_chain_file(cert)
+        .map_err(|e| format!("tls.cert {}: {e}", cert.display()))?;
     b.check_private_key()
         .map_err(|e| format!("tls.key does not match tls.cert: {e}"))?;
-    b.set_ca_file(&t.ca)
-        .map_err(|e| format!("tls.ca {}: {e}", t.ca.display()))?;
-    let ca_pem = std::fs::read(&t.ca).map_err(|e| format!("tls.ca {}: {e}", t.ca.display()))?;
+    b.set_ca_file(ca)
+        .map_err(|e| format!("tls.ca {}: {e}", ca.display()))?;
+    let ca_pem = std::fs::read(ca).map_err(|e| format!("tls.ca {}: {e}", ca.display()))?;
     let ca = X509::from_pem(&ca_pem).map_err(|e| format!("tls.ca: {e}"))?;
     b.add_client_ca(&ca).map_err(|e| format!("tls.ca: {e}"))?;
     b.set_verify(SslVerifyMode::PEER);

@@ -25,7 +25,13 @@ pub struct Options {
     pub rate_bytes_per_sec: u64,
     pub max_key_count: u64,
     pub max_key_per_request: u64,
-    /// Extra `[limits]` lines or other TOML appended to every KME config.
+    /// Largest key a KME hands out, bits.
+    pub max_key_size: u64,
+    /// Size of the blocks the links move, bytes.
+    pub block_bytes: usize,
+    /// Start a backup site agent per site (and write client configurations).
+    pub agents: bool,
+    /// TOML appended to every KME config (after the `[[peers]]` tables).
     pub extra_toml: String,
 }
 
@@ -38,6 +44,9 @@ impl Default for Options {
             rate_bytes_per_sec: 1_250_000,
             max_key_count: 100_000,
             max_key_per_request: 1024,
+            max_key_size: 1_048_576,
+            block_bytes: 256 * 1024,
+            agents: true,
             extra_toml: String::new(),
         }
     }
@@ -61,6 +70,24 @@ pub struct SiteInfo {
     pub kme_config: PathBuf,
     pub kme_log: PathBuf,
     pub kme_pid: u32,
+    /// `https://127.0.0.1:port` of the backup site agent.
+    #[serde(default)]
+    pub agent_url: String,
+    #[serde(default)]
+    pub agent_sae_id: String,
+    /// A ready configuration for `backup-client --config PATH store|restore|list|verify`
+    /// run at this site.
+    #[serde(default)]
+    pub client_config: PathBuf,
+    #[serde(default)]
+    pub agent_config: PathBuf,
+    #[serde(default)]
+    pub agent_log: PathBuf,
+    #[serde(default)]
+    pub agent_pid: u32,
+    /// Where the agent keeps its shares.
+    #[serde(default)]
+    pub store_dir: PathBuf,
 }
 
 /// The contents of `devnet.json`.
@@ -98,6 +125,7 @@ pub struct Devnet {
     pub dir: PathBuf,
     pub info: DevnetInfo,
     children: Vec<Option<Child>>,
+    agents: Vec<Option<Child>>,
     detached: bool,
 }
 
@@ -176,27 +204,51 @@ impl Devnet {
                 .map(|j| format!("SAE_{}{j}", names[i]))
                 .collect()
         };
+        let agent_id = |i: usize| format!("AGENT_{}", names[i]);
+        // SAEs attached to site i's KME: its users, then its agent.
+        let attached = |i: usize| -> Vec<String> {
+            let mut v = sae_ids(i);
+            if opts.agents {
+                v.push(agent_id(i));
+            }
+            v
+        };
         let all_saes: Vec<String> = (0..opts.sites).flat_map(sae_ids).collect();
+        let all_agents: Vec<String> = if opts.agents {
+            (0..opts.sites).map(agent_id).collect()
+        } else {
+            Vec::new()
+        };
         let pki_dir = dir.join("pki");
-        let pki = certs::DevPki::generate(&pki_dir, &kme_ids, &all_saes)?;
+        let pki = certs::DevPki::generate_with_agents(&pki_dir, &kme_ids, &all_saes, &all_agents)?;
         let ports: Vec<u16> = (0..opts.sites)
             .map(|_| free_port())
             .collect::<Result<_>>()?;
+        let agent_ports: Vec<u16> = (0..opts.sites)
+            .map(|_| free_port())
+            .collect::<Result<_>>()?;
         let url = |i: usize| format!("https://127.0.0.1:{}", ports[i]);
+        let agent_url = |i: usize| format!("https://127.0.0.1:{}", agent_ports[i]);
         let kme_bin = sibling_binary("kms-server")?;
+        let agent_bin = if opts.agents {
+            Some(sibling_binary("backup-client")?)
+        } else {
+            None
+        };
         std::fs::create_dir_all(dir.join("logs"))?;
 
         let mut sites = Vec::new();
         let mut children = Vec::new();
+        let mut agents = Vec::new();
         for i in 0..opts.sites {
             let mut toml = format!(
                 "kme_id = \"{kme}\"\nlisten = \"127.0.0.1:{port}\"\nsaes = {saes:?}\n\n\
                  [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\npeer_cert = \"{pc}\"\npeer_key = \"{pk}\"\n\n\
-                 [limits]\nmax_key_count = {mkc}\nmax_key_per_request = {mkr}\n\n\
-                 [local]\nrate_bytes_per_sec = {rate}\n",
+                 [limits]\nmax_key_count = {mkc}\nmax_key_per_request = {mkr}\nmax_key_size = {mks}\n\n\
+                 [local]\nrate_bytes_per_sec = {rate}\nblock_bytes = {bb}\n",
                 kme = kme_ids[i],
                 port = ports[i],
-                saes = sae_ids(i),
+                saes = attached(i),
                 ca = pki.ca.cert.display(),
                 cert = pki.kme_servers[i].cert.display(),
                 key = pki.kme_servers[i].key.display(),
@@ -204,7 +256,9 @@ impl Devnet {
                 pk = pki.kme_peers[i].key.display(),
                 mkc = opts.max_key_count,
                 mkr = opts.max_key_per_request,
+                mks = opts.max_key_size,
                 rate = opts.rate_bytes_per_sec,
+                bb = opts.block_bytes,
             );
             for &(a, b) in &links {
                 let j = if a == i {
@@ -215,18 +269,76 @@ impl Devnet {
                     continue;
                 };
                 toml.push_str(&format!(
-                    "\n[[peers]]\nkme_id = \"{}\"\nurl = \"{}\"\nsaes = {:?}\nlink = {{ rate_bytes_per_sec = {} }}\n",
+                    "\n[[peers]]\nkme_id = \"{}\"\nurl = \"{}\"\nsaes = {:?}\nlink = {{ rate_bytes_per_sec = {}, block_bytes = {} }}\n",
                     kme_ids[j],
                     url(j),
-                    sae_ids(j),
-                    opts.rate_bytes_per_sec
+                    attached(j),
+                    opts.rate_bytes_per_sec,
+                    opts.block_bytes
                 ));
             }
             toml.push_str(&opts.extra_toml);
             let cfg = dir.join(format!("kme-{}.toml", names[i]));
             std::fs::write(&cfg, toml)?;
             let log = dir.join("logs").join(format!("kme-{}.log", names[i]));
-            let child = spawn_kme(&kme_bin, &cfg, &log)?;
+            let child = spawn(&kme_bin, &["--config"], &cfg, &log)?;
+            let site_dir = dir.join(format!("site-{}", names[i]));
+            let store_dir = site_dir.join("shares");
+            let agent_config = dir.join(format!("agent-{}.toml", names[i]));
+            let client_config = dir.join(format!("client-{}.toml", names[i]));
+            let agent_log = dir.join("logs").join(format!("agent-{}.log", names[i]));
+            let mut agent_pid = 0;
+            if let Some(bin) = &agent_bin {
+                let agent_files = pki
+                    .agents
+                    .iter()
+                    .find(|a| a.id == agent_id(i))
+                    .context("agent certificate")?;
+                std::fs::create_dir_all(&store_dir)?;
+                std::fs::write(
+                    &agent_config,
+                    format!(
+                        "sae_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\nkme_url = \"{}\"\nstore_dir = \"{}\"\n\n\
+                         [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                        agent_id(i),
+                        agent_ports[i],
+                        url(i),
+                        store_dir.display(),
+                        pki.ca.cert.display(),
+                        agent_files.cert.display(),
+                        agent_files.key.display(),
+                    ),
+                )?;
+                let client_sae = &sae_ids(i)[0];
+                let client_files = pki
+                    .saes
+                    .iter()
+                    .find(|s| &s.id == client_sae)
+                    .context("client certificate")?;
+                let mut client = format!(
+                    "site = \"{}\"\nsae_id = \"{}\"\nkme_url = \"{}\"\nstate_dir = \"{}\"\n\n\
+                     [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                    names[i],
+                    client_sae,
+                    url(i),
+                    site_dir.join("client-state").display(),
+                    pki.ca.cert.display(),
+                    client_files.cert.display(),
+                    client_files.key.display(),
+                );
+                for (j, name) in names.iter().enumerate() {
+                    client.push_str(&format!(
+                        "\n[[sites]]\nname = \"{}\"\nagent_url = \"{}\"\nagent_sae_id = \"{}\"\n",
+                        name,
+                        agent_url(j),
+                        agent_id(j)
+                    ));
+                }
+                std::fs::write(&client_config, client)?;
+                let agent = spawn(bin, &["serve", "--config"], &agent_config, &agent_log)?;
+                agent_pid = agent.id();
+                agents.push(Some(agent));
+            }
             sites.push(SiteInfo {
                 name: names[i].clone(),
                 kme_id: kme_ids[i].clone(),
@@ -245,6 +357,37 @@ impl Devnet {
                 kme_config: cfg,
                 kme_log: log,
                 kme_pid: child.id(),
+                agent_url: if opts.agents {
+                    agent_url(i)
+                } else {
+                    String::new()
+                },
+                agent_sae_id: if opts.agents {
+                    agent_id(i)
+                } else {
+                    String::new()
+                },
+                client_config: if opts.agents {
+                    client_config
+                } else {
+                    PathBuf::new()
+                },
+                agent_config: if opts.agents {
+                    agent_config
+                } else {
+                    PathBuf::new()
+                },
+                agent_log: if opts.agents {
+                    agent_log
+                } else {
+                    PathBuf::new()
+                },
+                agent_pid,
+                store_dir: if opts.agents {
+                    store_dir
+                } else {
+                    PathBuf::new()
+                },
             });
             children.push(Some(child));
         }
@@ -264,6 +407,7 @@ impl Devnet {
             dir,
             info,
             children,
+            agents,
             detached: false,
         };
         net.wait_ready(Duration::from_secs(60))?;
@@ -329,6 +473,34 @@ impl Devnet {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        // Agents: listening.
+        for (i, site) in self.info.sites.iter().enumerate() {
+            let Some(addr) = site.agent_url.strip_prefix("https://") else {
+                continue;
+            };
+            loop {
+                if let Some(Some(c)) = self.agents.get_mut(i) {
+                    if let Some(status) = c.try_wait()? {
+                        bail!(
+                            "agent of site {} exited ({status}); see {}",
+                            site.name,
+                            site.agent_log.display()
+                        );
+                    }
+                }
+                if std::net::TcpStream::connect(addr).is_ok() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "agent of site {} not listening after {timeout:?}; see {}",
+                        site.name,
+                        site.agent_log.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         Ok(())
     }
 
@@ -345,9 +517,18 @@ impl Devnet {
         self.detached = true;
     }
 
-    /// Kills the KME of site `i` with SIGKILL.
+    /// Kills the KME and the agent of site `i` with SIGKILL.
     pub fn kill_site(&mut self, i: usize) {
+        self.kill_agent(i);
         if let Some(mut c) = self.children.get_mut(i).and_then(Option::take) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills the backup agent of site `i` with SIGKILL.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.agents.get_mut(i).and_then(Option::take) {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -359,7 +540,12 @@ impl Drop for Devnet {
         if self.detached {
             return;
         }
-        for c in self.children.iter_mut().filter_map(Option::take) {
+        for c in self
+            .agents
+            .iter_mut()
+            .chain(self.children.iter_mut())
+            .filter_map(Option::take)
+        {
             let mut c = c;
             let _ = c.kill();
             let _ = c.wait();
@@ -367,12 +553,12 @@ impl Drop for Devnet {
     }
 }
 
-fn spawn_kme(bin: &Path, cfg: &Path, log: &Path) -> Result<Child> {
+fn spawn(bin: &Path, args: &[&str], cfg: &Path, log: &Path) -> Result<Child> {
     use std::os::unix::process::CommandExt;
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
     Command::new(bin)
-        .arg("--config")
+        .args(args)
         .arg(cfg)
         .stdin(Stdio::null())
         .stdout(out)
@@ -386,13 +572,17 @@ fn spawn_kme(bin: &Path, cfg: &Path, log: &Path) -> Result<Child> {
 pub fn down(dir: &Path) -> Result<usize> {
     let info = DevnetInfo::load(dir)?;
     let mut stopped = 0;
-    for s in &info.sites {
-        // Only signal a process that is still one of our KMEs (pids get reused).
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", s.kme_pid)).unwrap_or_default();
-        if !String::from_utf8_lossy(&cmdline).contains("kms-server") {
+    let procs = info
+        .sites
+        .iter()
+        .flat_map(|s| [(s.agent_pid, "backup-client"), (s.kme_pid, "kms-server")]);
+    for (pid, name) in procs {
+        // Only signal a process that is still one of ours (pids get reused).
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if pid == 0 || !String::from_utf8_lossy(&cmdline).contains(name) {
             continue;
         }
-        let pid = s.kme_pid as libc::pid_t;
+        let pid = pid as libc::pid_t;
         // SAFETY: kill(2) with a pid read from our own devnet.json; no memory is touched.
         if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
             stopped += 1;

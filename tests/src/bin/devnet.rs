@@ -119,7 +119,7 @@ fn main() -> Result<()> {
         Cmd::Down { dir } => {
             let n = devnet::down(&dir)?;
             std::fs::remove_file(dir.join("devnet.json")).ok();
-            println!("stopped {n} KME(s)");
+            println!("stopped {n} process(es)");
             Ok(())
         }
         Cmd::Demo { dir, net } => {

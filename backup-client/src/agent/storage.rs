@@ -1,0 +1,522 @@
+//! How a site agent keeps shares on disk.
+//!
+//! ```text
+//! STORE/<backup id>/share-<i>/manifest.json   what the share is (written atomically)
+//!                            /data            chunk j at offset j * chunk_size
+//!                            /chunks.log      48-byte records: chunk, nonce, BLAKE3 of the chunk
+//!                            /keys.log        which QKD key IDs carried each chunk
+//! ```
+//!
+//! Durability: a chunk is acknowledged only after its data is written and `fdatasync`ed and
+//! then its record is appended to `chunks.log` and that is `fdatasync`ed too; on start the log
+//! is replayed (a torn last record is ignored), so an acknowledged chunk survives a crash and
+//! an unacknowledged one is simply sent again. The manifest, checked and marked complete at
+//! finalisation, lets the catalogue be rebuilt from the sites alone.
+//!
+//! Writes use O_DIRECT with 4096-byte aligned buffers when the chunk size allows it and the
+//! filesystem accepts it, and fall back to buffered writes otherwise.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use uuid::Uuid;
+
+use crate::format::{ShareHeader, ShareTrailer, HEADER_LEN, TRAILER_LEN};
+use crate::wire::{Manifest, ShareCheck, ShareOpen};
+
+/// Alignment of direct I/O buffers, offsets and lengths.
+pub const DIO_ALIGN: usize = 4096;
+const RECORD: usize = 48;
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("share {index} of backup {id} is not here")]
+    NotFound { id: Uuid, index: u8 },
+    #[error("share {index} of backup {id} exists with other parameters")]
+    Conflict { id: Uuid, index: u8 },
+    #[error("share {index} of backup {id} was stored by {owner}, not {caller}")]
+    NotOwner {
+        id: Uuid,
+        index: u8,
+        owner: String,
+        caller: String,
+    },
+    #[error("share {index} of backup {id} is complete and cannot change")]
+    Complete { id: Uuid, index: u8 },
+    #[error("cannot finalise: {0}")]
+    Finalize(String),
+    #[error("chunk {chunk} is damaged (its BLAKE3 does not match the record)")]
+    Damaged { chunk: u64 },
+    #[error("chunk {chunk} is missing")]
+    Missing { chunk: u64 },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A zeroed buffer aligned for direct I/O.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads through &[u8].
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    fn layout(len: usize) -> std::alloc::Layout {
+        // DIO_ALIGN is a power of two and len.max(1) rounded up cannot overflow isize
+        // for the chunk sizes we accept (<= 256 MiB).
+        std::alloc::Layout::from_size_align(len.max(1).next_multiple_of(DIO_ALIGN), DIO_ALIGN)
+            .unwrap_or_else(|_| std::alloc::Layout::new::<u8>())
+    }
+
+    pub fn new(len: usize) -> Self {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        AlignedBuf { ptr, len }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes (allocated zeroed) while self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with the same layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+/// One chunk ready to be written: index, split nonce, plaintext share chunk, key IDs used.
+pub struct ChunkWrite {
+    pub chunk: u64,
+    pub nonce: u64,
+    pub data: AlignedBuf,
+    pub key_ids: Vec<Uuid>,
+}
+
+/// The files of one share.
+pub struct ShareFiles {
+    pub id: Uuid,
+    pub index: u8,
+    dir: PathBuf,
+    data: File,
+    direct: Mutex<Option<File>>,
+    log: Mutex<File>,
+    keys: Mutex<File>,
+    manifest: Mutex<Manifest>,
+    /// chunk → (nonce, BLAKE3)
+    chunks: Mutex<HashMap<u64, (u64, [u8; 32])>>,
+    broken: AtomicBool,
+}
+
+impl ShareFiles {
+    pub fn manifest(&self) -> Manifest {
+        self.manifest
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    fn chunk_size(&self) -> usize {
+        self.manifest().open.chunk_size as usize
+    }
+
+    /// `(chunk, nonce)` of every durable chunk, sorted.
+    pub fn state(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self
+            .chunks
+            .lock()
+            .map(|c| c.iter().map(|(&j, &(n, _))| (j, n)).collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
+    /// Writes chunks durably, then records them. All chunks must be full-size.
+    pub fn write_chunks(&self, writes: &[ChunkWrite]) -> Result<(), StoreError> {
+        if self.manifest().complete {
+            return Err(StoreError::Complete {
+                id: self.id,
+                index: self.index,
+            });
+        }
+        let cs = self.chunk_size() as u64;
+        let data_path = self.dir.join("data");
+        let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+        for w in writes {
+            let off = w.chunk * cs;
+            let mut done = false;
+            if let Some(f) = direct.as_ref() {
+                match f.write_all_at(&w.data, off) {
+                    Ok(()) => done = true,
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        tracing::info!(path = %data_path.display(), "O_DIRECT refused; using buffered writes");
+                        *direct = None;
+                    }
+                    Err(e) => return Err(io(&data_path)(e)),
+                }
+            }
+            if !done {
+                self.data
+                    .write_all_at(&w.data, off)
+                    .map_err(io(&data_path))?;
+            }
+        }
+        drop(direct);
+        self.data.sync_data().map_err(io(&data_path))?;
+        let mut records = Vec::with_capacity(writes.len() * RECORD);
+        let mut key_lines = String::new();
+        let mut hashes = Vec::with_capacity(writes.len());
+        for w in writes {
+            let h = *blake3::hash(&w.data).as_bytes();
+            records.extend_from_slice(&w.chunk.to_le_bytes());
+            records.extend_from_slice(&w.nonce.to_le_bytes());
+            records.extend_from_slice(&h);
+            key_lines.push_str(&w.chunk.to_string());
+            for k in &w.key_ids {
+                key_lines.push(' ');
+                key_lines.push_str(&k.to_string());
+            }
+            key_lines.push('\n');
+            hashes.push((w.chunk, w.nonce, h));
+        }
+        {
+            let log_path = self.dir.join("chunks.log");
+            let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+            log.write_all(&records).map_err(io(&log_path))?;
+            log.sync_data().map_err(io(&log_path))?;
+            let keys_path = self.dir.join("keys.log");
+            let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+            keys.write_all(key_lines.as_bytes())
+                .map_err(io(&keys_path))?;
+        }
+        let mut chunks = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
+        for (j, n, h) in hashes {
+            chunks.insert(j, (n, h));
+        }
+        Ok(())
+    }
+
+    /// Reads chunk `j` into `buf` (chunk-size long) and checks it against its record.
+    pub fn read_chunk(&self, j: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let want = self
+            .chunks
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&j).map(|&(_, h)| h))
+            .ok_or(StoreError::Missing { chunk: j })?;
+        let path = self.dir.join("data");
+        self.data
+            .read_exact_at(buf, j * buf.len() as u64)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => StoreError::Damaged { chunk: j },
+                _ => io(&path)(e),
+            })?;
+        if *blake3::hash(buf).as_bytes() != want {
+            self.broken.store(true, Ordering::Relaxed);
+            return Err(StoreError::Damaged { chunk: j });
+        }
+        Ok(())
+    }
+
+    /// Marks the share complete after checking the header, trailer and chunk coverage.
+    pub fn finalize(&self, header: &[u8], trailer: &[u8]) -> Result<Manifest, StoreError> {
+        let fail = |m: String| StoreError::Finalize(m);
+        let h: &[u8; HEADER_LEN] = header
+            .try_into()
+            .map_err(|_| fail("header length".into()))?;
+        let t: &[u8; TRAILER_LEN] = trailer
+            .try_into()
+            .map_err(|_| fail("trailer length".into()))?;
+        let hd = ShareHeader::decode(h).map_err(|e| fail(format!("header: {e}")))?;
+        let mut m = self.manifest();
+        let tr = ShareTrailer::decode(t, h, m.open.chunk_size as usize)
+            .map_err(|e| fail(format!("trailer: {e}")))?;
+        if hd.index != self.index
+            || hd.set_id != *self.id.as_bytes()
+            || hd.chunk_size != m.open.chunk_size as usize
+            || tr.chunk_count != m.open.chunk_count
+            || tr.original_len != m.open.original_len
+        {
+            return Err(fail("header or trailer does not match this share".into()));
+        }
+        let chunks = self.chunks.lock().map(|c| c.len() as u64).unwrap_or(0);
+        let have_all = (0..m.open.chunk_count).all(|j| {
+            self.chunks
+                .lock()
+                .map(|c| c.contains_key(&j))
+                .unwrap_or(false)
+        });
+        if !have_all {
+            return Err(fail(format!(
+                "only {chunks} of {} chunks are stored",
+                m.open.chunk_count
+            )));
+        }
+        m.header_hex = Some(hex::encode(header));
+        m.trailer_hex = Some(hex::encode(trailer));
+        m.complete = true;
+        write_manifest(&self.dir, &m)?;
+        *self.manifest.lock().unwrap_or_else(|e| e.into_inner()) = m.clone();
+        Ok(m)
+    }
+
+    /// Re-reads every chunk and compares it with its record.
+    pub fn check(&self) -> ShareCheck {
+        let m = self.manifest();
+        let cs = m.open.chunk_size as usize;
+        let mut buf = vec![0u8; cs];
+        let mut out = ShareCheck {
+            share_index: self.index,
+            complete: m.complete,
+            chunk_count: m.open.chunk_count,
+            chunks_ok: 0,
+            missing: Vec::new(),
+            damaged: Vec::new(),
+        };
+        for j in 0..m.open.chunk_count {
+            match self.read_chunk(j, &mut buf) {
+                Ok(()) => out.chunks_ok += 1,
+                Err(StoreError::Missing { .. }) => out.missing.push(j),
+                Err(_) => out.damaged.push(j),
+            }
+        }
+        out
+    }
+}
+
+fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), StoreError> {
+    let tmp = dir.join("manifest.json.tmp");
+    let fin = dir.join("manifest.json");
+    let text = serde_json::to_vec_pretty(m).unwrap_or_default();
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(&text).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, &fin).map_err(io(&fin))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(())
+}
+
+/// All shares kept by one agent.
+pub struct Storage {
+    root: PathBuf,
+    direct_io: bool,
+    open: Mutex<HashMap<(Uuid, u8), Arc<ShareFiles>>>,
+}
+
+impl Storage {
+    pub fn new(root: &Path, direct_io: bool) -> Result<Self, StoreError> {
+        fs::create_dir_all(root).map_err(io(root))?;
+        Ok(Storage {
+            root: root.to_owned(),
+            direct_io,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn share_dir(&self, id: Uuid, index: u8) -> PathBuf {
+        self.root
+            .join(id.to_string())
+            .join(format!("share-{index}"))
+    }
+
+    /// Opens a share for storing, creating it if new. Re-opening with the same parameters
+    /// by the same client resumes it.
+    pub fn create(
+        &self,
+        id: Uuid,
+        index: u8,
+        open: &ShareOpen,
+        client: &str,
+    ) -> Result<Arc<ShareFiles>, StoreError> {
+        if let Some(s) = self.get(id, index)? {
+            let m = s.manifest();
+            if m.open.scheme != open.scheme
+                || m.open.chunk_size != open.chunk_size
+                || m.open.chunk_count != open.chunk_count
+                || m.open.original_len != open.original_len
+            {
+                return Err(StoreError::Conflict { id, index });
+            }
+            if m.client_sae != client {
+                return Err(StoreError::NotOwner {
+                    id,
+                    index,
+                    owner: m.client_sae,
+                    caller: client.to_owned(),
+                });
+            }
+            return Ok(s);
+        }
+        let dir = self.share_dir(id, index);
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let m = Manifest {
+            backup_id: id,
+            share_index: index,
+            open: open.clone(),
+            client_sae: client.to_owned(),
+            header_hex: None,
+            trailer_hex: None,
+            complete: false,
+        };
+        write_manifest(&dir, &m)?;
+        self.get(id, index)?
+            .ok_or(StoreError::NotFound { id, index })
+    }
+
+    /// The share, if this agent holds it.
+    pub fn get(&self, id: Uuid, index: u8) -> Result<Option<Arc<ShareFiles>>, StoreError> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = open.get(&(id, index)) {
+            return Ok(Some(s.clone()));
+        }
+        let dir = self.share_dir(id, index);
+        let mpath = dir.join("manifest.json");
+        let text = match fs::read(&mpath) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&mpath)(e)),
+        };
+        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| StoreError::Io {
+            path: mpath.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        let data_path = dir.join("data");
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data_path)
+            .map_err(io(&data_path))?;
+        let cs = manifest.open.chunk_size as usize;
+        let direct = if self.direct_io && cs > 0 && cs.is_multiple_of(DIO_ALIGN) {
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&data_path)
+                .ok()
+        } else {
+            None
+        };
+        let log_path = dir.join("chunks.log");
+        let mut log = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&log_path)
+            .map_err(io(&log_path))?;
+        let mut raw = Vec::new();
+        log.read_to_end(&mut raw).map_err(io(&log_path))?;
+        let mut chunks = HashMap::new();
+        for rec in raw.chunks_exact(RECORD) {
+            let j = u64::from_le_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
+            let n = u64::from_le_bytes(rec[8..16].try_into().unwrap_or([0; 8]));
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&rec[16..48]);
+            chunks.insert(j, (n, h));
+        }
+        if raw.len() % RECORD != 0 {
+            // A torn record from a crash mid-append: drop it so later appends stay aligned.
+            log.set_len((raw.len() / RECORD * RECORD) as u64)
+                .map_err(io(&log_path))?;
+        }
+        let keys_path = dir.join("keys.log");
+        let keys = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&keys_path)
+            .map_err(io(&keys_path))?;
+        let s = Arc::new(ShareFiles {
+            id,
+            index,
+            dir,
+            data,
+            direct: Mutex::new(direct),
+            log: Mutex::new(log),
+            keys: Mutex::new(keys),
+            manifest: Mutex::new(manifest),
+            chunks: Mutex::new(chunks),
+            broken: AtomicBool::new(false),
+        });
+        open.insert((id, index), s.clone());
+        Ok(Some(s))
+    }
+
+    /// Every share of backup `id` held here.
+    pub fn shares_of(&self, id: Uuid) -> Result<Vec<Arc<ShareFiles>>, StoreError> {
+        let dir = self.root.join(id.to_string());
+        let mut out = Vec::new();
+        let rd = match fs::read_dir(&dir) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io(&dir)(e)),
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(idx) = name.to_str().and_then(|n| n.strip_prefix("share-")) else {
+                continue;
+            };
+            if let Ok(i) = idx.parse::<u8>() {
+                if let Some(s) = self.get(id, i)? {
+                    out.push(s);
+                }
+            }
+        }
+        out.sort_by_key(|s| s.index);
+        Ok(out)
+    }
+
+    /// Manifests of every share held here.
+    pub fn list(&self) -> Result<Vec<Manifest>, StoreError> {
+        let mut out = Vec::new();
+        let rd = fs::read_dir(&self.root).map_err(io(&self.root))?;
+        for e in rd.flatten() {
+            let Some(id) = e.file_name().to_str().and_then(|n| Uuid::try_parse(n).ok()) else {
+                continue;
+            };
+            for s in self.shares_of(id)? {
+                out.push(s.manifest());
+            }
+        }
+        out.sort_by_key(|m| (m.open.created, m.backup_id));
+        Ok(out)
+    }
+}

@@ -1,0 +1,241 @@
+//! Configuration of the backup client and of the site agent: TOML plus `BACKUP_`-prefixed
+//! environment overrides (`__` between levels, e.g. `BACKUP_BACKUP__STREAMS=4`). Relative
+//! paths are resolved against the folder of the configuration file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::wire::SchemeName;
+
+/// A configuration error; the message names the file and the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+/// Certificate and key of an SAE, and the CA of the network.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One site of the backup network, as the client sees it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    pub name: String,
+    /// `https://host:port` of the site agent.
+    pub agent_url: String,
+    /// SAE ID of the site agent (the slave named in enc_keys for shares sent there).
+    pub agent_sae_id: String,
+}
+
+/// Defaults of `store`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupDefaults {
+    pub k: u8,
+    pub n: u8,
+    pub scheme: SchemeName,
+    /// Chunk size in bytes (0 = about 1 MiB, aligned for direct I/O).
+    pub chunk_size: usize,
+    /// Concurrent upload streams per site.
+    pub streams: usize,
+    /// Chunks per upload request.
+    pub batch_chunks: usize,
+    /// Site names in share order (share i goes to placement[i]); default: this site first,
+    /// then the others in configuration order.
+    pub placement: Vec<String>,
+    /// Randomness for the shares: `chacha12` (default), `chacha8`, `chacha20`, `os`, or a
+    /// device path such as `/dev/hwrng`.
+    pub rng: String,
+    /// Longest wait for QKD key before giving up, seconds.
+    pub key_wait_secs: u64,
+    /// Attempts per chunk batch before a site counts as failed.
+    pub retries: u32,
+}
+
+impl Default for BackupDefaults {
+    fn default() -> Self {
+        BackupDefaults {
+            k: 2,
+            n: 3,
+            scheme: SchemeName::Xor,
+            chunk_size: 0,
+            streams: 2,
+            batch_chunks: 4,
+            placement: Vec::new(),
+            rng: "chacha12".into(),
+            key_wait_secs: 600,
+            retries: 5,
+        }
+    }
+}
+
+impl BackupDefaults {
+    pub fn key_wait(&self) -> Duration {
+        Duration::from_secs(self.key_wait_secs)
+    }
+}
+
+/// The backup client's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The site this client runs at.
+    pub site: String,
+    /// This client's SAE ID (the CN of `tls.cert`).
+    pub sae_id: String,
+    /// `https://host:port` of this site's KME.
+    pub kme_url: String,
+    pub tls: TlsFiles,
+    /// Folder for resume state of interrupted stores and restores.
+    pub state_dir: PathBuf,
+    pub sites: Vec<Site>,
+    #[serde(default)]
+    pub backup: BackupDefaults,
+}
+
+/// The site agent's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The agent's SAE ID (the CN of `tls.cert`).
+    pub sae_id: String,
+    pub listen: SocketAddr,
+    /// `https://host:port` of this site's KME.
+    pub kme_url: String,
+    /// Server certificate and KME client identity (one certificate for both).
+    pub tls: TlsFiles,
+    /// Where shares are kept.
+    pub store_dir: PathBuf,
+    /// SAEs allowed to store, restore, list and verify (empty = any SAE of the CA).
+    #[serde(default)]
+    pub allowed_clients: Vec<String>,
+    /// Write share chunks with O_DIRECT where the filesystem allows it.
+    #[serde(default = "yes")]
+    pub direct_io: bool,
+    /// HTTP worker threads (0 = one per core).
+    #[serde(default)]
+    pub workers: usize,
+    /// Longest wait for QKD key before a restore stream gives up, seconds.
+    #[serde(default = "default_key_wait")]
+    pub key_wait_secs: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_key_wait() -> u64 {
+    600
+}
+
+fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let err = |message: String| ConfigError {
+        path: path.to_owned(),
+        message,
+    };
+    if !path.is_file() {
+        return Err(err(
+            "no such configuration file (give one with --config)".into()
+        ));
+    }
+    config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix("BACKUP")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true),
+        )
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| err(e.to_string()))
+}
+
+fn resolve(base: &Path, p: &mut PathBuf) {
+    if p.is_relative() {
+        *p = base.join(&*p);
+    }
+}
+
+impl ClientConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut c: ClientConfig = load(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut c.tls.ca,
+            &mut c.tls.cert,
+            &mut c.tls.key,
+            &mut c.state_dir,
+        ] {
+            resolve(base, p);
+        }
+        let err = |message: String| ConfigError {
+            path: path.to_owned(),
+            message,
+        };
+        if c.sites.is_empty() {
+            return Err(err("sites: at least one site is needed".into()));
+        }
+        if !c.sites.iter().any(|s| s.name == c.site) {
+            return Err(err(format!("site: {:?} is not among [[sites]]", c.site)));
+        }
+        for p in &c.backup.placement {
+            if !c.sites.iter().any(|s| &s.name == p) {
+                return Err(err(format!("backup.placement: unknown site {p:?}")));
+            }
+        }
+        if c.backup.streams == 0 || c.backup.batch_chunks == 0 {
+            return Err(err(
+                "backup.streams and backup.batch_chunks must be positive".into(),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// Sites in share order: the configured placement, else this site first.
+    pub fn placement(&self) -> Vec<Site> {
+        if !self.backup.placement.is_empty() {
+            return self
+                .backup
+                .placement
+                .iter()
+                .filter_map(|n| self.sites.iter().find(|s| &s.name == n).cloned())
+                .collect();
+        }
+        let mut v: Vec<Site> = self
+            .sites
+            .iter()
+            .filter(|s| s.name == self.site)
+            .cloned()
+            .collect();
+        v.extend(self.sites.iter().filter(|s| s.name != self.site).cloned());
+        v
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut c: AgentConfig = load(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut c.tls.ca,
+            &mut c.tls.cert,
+            &mut c.tls.key,
+            &mut c.store_dir,
+        ] {
+            resolve(base, p);
+        }
+        Ok(c)
+    }
+}

@@ -1,0 +1,372 @@
+//! `backup-client`: store files as QKD-secured secret shares at several sites, restore them,
+//! list and verify them; and `serve`, the site agent that keeps the shares.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use backup_client::config::{AgentConfig, ClientConfig};
+use backup_client::transfer::{BackupClient, Progress, StoreOptions};
+use backup_client::wire::SchemeName;
+use clap::{Parser, Subcommand};
+use uuid::Uuid;
+
+/// Back up large files across sites as threshold secret shares, each share sent under a
+/// one-time pad of QKD keys (ETSI GS QKD 014) with information-theoretic authentication.
+///
+/// A file is split into n shares (default 2-of-3, XOR scheme): any k restore it, fewer reveal
+/// nothing. The share for this site goes to the local site agent; every other share is
+/// padded with fresh QKD keys and tagged, chunk by chunk, and sent to its site's agent.
+///
+/// The client configuration (TOML; any key can be overridden with BACKUP_<KEY>, nested keys
+/// with __, e.g. BACKUP_BACKUP__STREAMS=4):
+///
+///   site = "A"                       # this site
+///   sae_id = "SAE_A1"                # this client's SAE ID (CN of tls.cert)
+///   kme_url = "https://127.0.0.1:8443"
+///   state_dir = "state"              # resume state of interrupted stores
+///   [tls] ca = "ca.pem"  cert = "sae.pem"  key = "sae.key"
+///   [[sites]] name = "A"  agent_url = "https://127.0.0.1:9001"  agent_sae_id = "AGENT_A"
+///   [backup] k = 2  n = 3  scheme = "xor"  streams = 2  batch_chunks = 4  rng = "chacha12"
+///            placement = ["A", "B", "C"]  chunk_size = 0  key_wait_secs = 600  retries = 5
+///
+/// The site agent's configuration (for `serve`):
+///
+///   sae_id = "AGENT_A"   listen = "127.0.0.1:9001"   kme_url = "https://127.0.0.1:8443"
+///   store_dir = "shares"   direct_io = true   allowed_clients = []   # [] = any SAE of the CA
+///   [tls] ca = "ca.pem"  cert = "agent.pem"  key = "agent.key"
+///
+/// Exit status: 0 success, 1 failure (the message says what to do), 2 bad usage or
+/// configuration; `verify` exits 1 when a share is missing or damaged.
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    /// Configuration file (client, or agent for `serve`).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// Print results as JSON on stdout (no progress bar).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Store FILE at the sites; prints the backup ID. Re-running after an interruption resumes.
+    Store {
+        file: PathBuf,
+        /// Shares needed to restore (default from the configuration, else 2).
+        #[arg(long)]
+        k: Option<u8>,
+        /// Shares made, one per site (default from the configuration, else 3).
+        #[arg(long)]
+        n: Option<u8>,
+        /// Sharing scheme.
+        #[arg(long, value_enum)]
+        scheme: Option<SchemeName>,
+        /// Chunk size in bytes (default about 1 MiB).
+        #[arg(long)]
+        chunk_size: Option<usize>,
+        /// Store even if some sites are down, as long as at least k take their share.
+        #[arg(long)]
+        allow_degraded: bool,
+    },
+    /// Restore backup ID into OUT (written atomically; resumes an interrupted restore).
+    Restore { id: String, out: PathBuf },
+    /// List the backups held at the sites.
+    List,
+    /// Check every share of backup ID at every site without reconstructing it.
+    Verify { id: String },
+    /// Run the site agent (needs an agent configuration).
+    Serve,
+}
+
+fn parse_id(s: &str) -> Result<Uuid> {
+    Uuid::try_parse(s).map_err(|_| {
+        anyhow::anyhow!("{s:?} is not a backup ID (a UUID as printed by `store` or `list`)")
+    })
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(if matches!(cli.cmd, Cmd::Serve) {
+                    "info"
+                } else {
+                    "error"
+                })
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let usage = e
+                .downcast_ref::<backup_client::config::ConfigError>()
+                .is_some()
+                || matches!(
+                    e.downcast_ref::<backup_client::transfer::TransferError>(),
+                    Some(backup_client::transfer::TransferError::Usage(_))
+                );
+            eprintln!("backup-client: {}", format!("{e:#}").replace('\n', " "));
+            if usage {
+                2
+            } else {
+                1
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let Some(config) = cli.config.clone() else {
+        bail!(backup_client::transfer::TransferError::Usage(
+            "--config FILE is required (see --help)".into()
+        ));
+    };
+    if let Cmd::Serve = cli.cmd {
+        let cfg = AgentConfig::load(&config)?;
+        actix_web::rt::System::new().block_on(backup_client::agent::serve(cfg))?;
+        return Ok(0);
+    }
+    let cfg = ClientConfig::load(&config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(client(cli, cfg))
+}
+
+/// Draws a progress line on a terminal until dropped.
+struct Bar {
+    handle: Option<tokio::task::JoinHandle<()>>,
+    bar: indicatif::ProgressBar,
+}
+
+impl Bar {
+    fn start(progress: Arc<Progress>, what: &str, show: bool) -> Self {
+        let bar = if show {
+            indicatif::ProgressBar::new(0)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(what.to_owned());
+        let b = bar.clone();
+        let handle = tokio::spawn(async move {
+            let start = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let done = progress.done.load(Ordering::Relaxed);
+                b.set_length(progress.total.load(Ordering::Relaxed));
+                b.set_position(done);
+                let mbps = done as f64 * 8.0 / 1e6 / start.elapsed().as_secs_f64().max(1e-3);
+                match progress.notice.get() {
+                    Some(n) => b.set_message(format!("{mbps:.0} Mbps, {n}")),
+                    None => b.set_message(format!("{mbps:.0} Mbps")),
+                }
+            }
+        });
+        Bar {
+            handle: Some(handle),
+            bar,
+        }
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+        self.bar.finish_and_clear();
+    }
+}
+
+fn mbps(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 * 8.0 / 1e6 / secs.max(1e-9)
+}
+
+async fn client(cli: Cli, cfg: ClientConfig) -> Result<i32> {
+    let show = !cli.json && std::io::stderr().is_terminal();
+    let defaults = cfg.backup.clone();
+    let bc = BackupClient::new(cfg)?;
+    match cli.cmd {
+        Cmd::Store {
+            file,
+            k,
+            n,
+            scheme,
+            chunk_size,
+            allow_degraded,
+        } => {
+            let opts = StoreOptions {
+                k: k.unwrap_or(defaults.k),
+                n: n.unwrap_or(defaults.n),
+                scheme: scheme.unwrap_or(defaults.scheme),
+                chunk_size: chunk_size.unwrap_or(defaults.chunk_size),
+                allow_degraded,
+            };
+            let bar = Bar::start(bc.progress.clone(), "store", show);
+            let r = bc.store(&file, &opts).await;
+            drop(bar);
+            let r = r?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", r.backup_id);
+                eprintln!(
+                    "stored {} ({} bytes) in {:.2} s, {:.0} Mbps{}; shares: {}",
+                    r.name,
+                    r.bytes,
+                    r.seconds,
+                    mbps(r.bytes, r.seconds),
+                    if r.resumed { " (resumed)" } else { "" },
+                    r.shares
+                        .iter()
+                        .map(|s| format!(
+                            "{}@{}{}",
+                            s.share_index,
+                            s.site,
+                            if s.stored {
+                                String::new()
+                            } else {
+                                format!(" MISSING ({})", s.error.clone().unwrap_or_default())
+                            }
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Restore { id, out } => {
+            let id = parse_id(&id)?;
+            let bar = Bar::start(bc.progress.clone(), "restore", show);
+            let r = bc.restore(id, &out).await;
+            drop(bar);
+            let r = r?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                eprintln!(
+                    "restored {} bytes into {} in {:.2} s, {:.0} Mbps, from shares {}",
+                    r.bytes,
+                    r.output.display(),
+                    r.seconds,
+                    mbps(r.bytes, r.seconds),
+                    r.used
+                        .iter()
+                        .map(|(s, i)| format!("{i}@{s}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                for (s, i, why) in &r.rejected {
+                    eprintln!("  share {i} at site {s} was not used: {why}");
+                }
+            }
+            Ok(0)
+        }
+        Cmd::List => {
+            let (entries, errors) = bc.list().await;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "backups": entries, "unreachable": errors })
+                );
+            } else {
+                for e in &entries {
+                    println!(
+                        "{}  {:>14} bytes  {}  {:?}({},{})  shares: {}",
+                        e.backup_id,
+                        e.bytes,
+                        e.name,
+                        e.scheme.kind,
+                        e.scheme.k,
+                        e.scheme.n,
+                        e.shares
+                            .iter()
+                            .map(|(i, s, c)| format!(
+                                "{i}@{s}{}",
+                                if *c { "" } else { "(incomplete)" }
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    );
+                }
+                for (s, e) in &errors {
+                    eprintln!("site {s} not reachable: {e}");
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Verify { id } => {
+            let id = parse_id(&id)?;
+            let checks = bc.verify(id).await;
+            let found: usize = checks.iter().map(|c| c.shares.len()).sum();
+            let good = checks
+                .iter()
+                .flat_map(|c| &c.shares)
+                .filter(|s| s.complete && s.missing.is_empty() && s.damaged.is_empty())
+                .count();
+            let unreachable = checks.iter().filter(|c| c.error.is_some()).count();
+            if found == 0 && unreachable == 0 {
+                bail!(backup_client::transfer::TransferError::Usage(format!(
+                    "unknown backup ID {id}: no site holds a share of it (see `backup-client list`)"
+                )));
+            }
+            let ok = good == found && unreachable == 0;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "backup_id": id, "ok": ok, "sites": checks })
+                );
+            } else {
+                for c in &checks {
+                    if let Some(e) = &c.error {
+                        println!("site {}: UNREACHABLE: {e}", c.site);
+                    }
+                    for s in &c.shares {
+                        let state = if !s.complete {
+                            "INCOMPLETE".to_owned()
+                        } else if s.missing.is_empty() && s.damaged.is_empty() {
+                            "ok".to_owned()
+                        } else {
+                            format!(
+                                "DAMAGED: {} missing, {} damaged chunk(s) {:?}",
+                                s.missing.len(),
+                                s.damaged.len(),
+                                s.damaged
+                                    .iter()
+                                    .chain(&s.missing)
+                                    .take(8)
+                                    .collect::<Vec<_>>()
+                            )
+                        };
+                        println!(
+                            "site {}: share {}: {}/{} chunks ok: {state}",
+                            c.site, s.share_index, s.chunks_ok, s.chunk_count
+                        );
+                    }
+                }
+                println!("{good} of {found} shares intact");
+            }
+            Ok(if ok { 0 } else { 1 })
+        }
+        Cmd::Serve => unreachable!("handled before"),
+    }
+}

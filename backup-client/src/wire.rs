@@ -1,0 +1,276 @@
+//! What crosses the wire between the backup client and the site agents.
+//!
+//! Share chunks travel as **frames**, concatenated in a request or response body:
+//!
+//! ```text
+//! "BKF1" | header length: u32 LE | header: JSON FrameHeader | payload | tag: 16 bytes
+//! ```
+//!
+//! The payload is the share chunk, one-time-padded with the concatenation of the
+//! `otp_key_ids` keys when the transfer leaves its site (no pad within a site). The tag is a
+//! Wegman–Carter MAC ([`crate::auth`]) keyed by the `mac_key_id` key over
+//! [`mac_context`] ‖ header ‖ payload, so a frame cannot be altered, replayed into another
+//! backup, share, chunk or direction, or have its key IDs swapped without detection.
+//!
+//! The JSON control messages of the agent's HTTP API are also defined here.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::auth::TAG_LEN;
+
+/// Frame magic.
+pub const FRAME_MAGIC: [u8; 4] = *b"BKF1";
+/// Largest accepted frame header.
+pub const MAX_FRAME_HEADER: usize = 64 * 1024;
+
+/// Which way a frame travels (bound into its MAC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client → agent.
+    Store = 0,
+    /// Agent → client.
+    Restore = 1,
+}
+
+/// The header of one frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrameHeader {
+    /// Chunk index within the share.
+    pub chunk: u64,
+    /// Split generation of this chunk: all shares of one split of the chunk carry the same
+    /// nonce, so a resumed store can tell whether the sites hold matching shares.
+    pub nonce: u64,
+    /// IDs of the one-time-pad keys, in order (empty within a site).
+    #[serde(default)]
+    pub otp_key_ids: Vec<Uuid>,
+    /// ID of the 256-bit MAC key.
+    pub mac_key_id: Uuid,
+    /// Payload length in bytes.
+    pub len: u32,
+    /// Set (with len 0) when the sender cannot provide this chunk; the frame then ends the
+    /// stream and carries no valid tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Errors while parsing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("bad frame magic")]
+    Magic,
+    #[error("frame header of {0} bytes is too large")]
+    HeaderTooLarge(usize),
+    #[error("frame header is not valid JSON: {0}")]
+    Header(#[from] serde_json::Error),
+    #[error("frame truncated")]
+    Truncated,
+    #[error("frame payload of {got} bytes exceeds the limit of {limit}")]
+    PayloadTooLarge { got: usize, limit: usize },
+}
+
+/// The data the MAC of a frame starts with.
+pub fn mac_context(backup: Uuid, share: u8, dir: Direction) -> [u8; 22] {
+    let mut c = [0u8; 22];
+    c[..4].copy_from_slice(&FRAME_MAGIC);
+    c[4..20].copy_from_slice(backup.as_bytes());
+    c[20] = share;
+    c[21] = dir as u8;
+    c
+}
+
+/// Appends a frame's header to `out` and returns where the payload starts.
+pub fn begin_frame(out: &mut Vec<u8>, header: &FrameHeader) -> (usize, usize) {
+    let json = serde_json::to_vec(header).unwrap_or_default();
+    out.extend_from_slice(&FRAME_MAGIC);
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    let h_start = out.len();
+    out.extend_from_slice(&json);
+    (h_start, out.len())
+}
+
+/// One parsed frame, borrowing from the buffer it was parsed from.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    pub header: FrameHeader,
+    pub header_bytes: &'a [u8],
+    pub payload: &'a [u8],
+    pub tag: &'a [u8],
+}
+
+/// Parses the frame at the start of `buf`; returns it and its total length, or `Ok(None)`
+/// if `buf` does not yet hold a whole frame.
+pub fn parse_frame(
+    buf: &[u8],
+    max_payload: usize,
+) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
+    if buf.len() < 8 {
+        return Ok(None);
+    }
+    if buf[..4] != FRAME_MAGIC {
+        return Err(FrameError::Magic);
+    }
+    let hlen = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
+    if hlen > MAX_FRAME_HEADER {
+        return Err(FrameError::HeaderTooLarge(hlen));
+    }
+    if buf.len() < 8 + hlen {
+        return Ok(None);
+    }
+    let header_bytes = &buf[8..8 + hlen];
+    let header: FrameHeader = serde_json::from_slice(header_bytes)?;
+    let plen = header.len as usize;
+    if plen > max_payload {
+        return Err(FrameError::PayloadTooLarge {
+            got: plen,
+            limit: max_payload,
+        });
+    }
+    let tag_len = if header.error.is_some() { 0 } else { TAG_LEN };
+    let total = 8 + hlen + plen + tag_len;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let payload = &buf[8 + hlen..8 + hlen + plen];
+    let tag = &buf[8 + hlen + plen..total];
+    Ok(Some((
+        Frame {
+            header,
+            header_bytes,
+            payload,
+            tag,
+        },
+        total,
+    )))
+}
+
+/// Scheme parameters as written in manifests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemeInfo {
+    /// `xor` or `shamir`.
+    pub kind: SchemeName,
+    pub k: u8,
+    pub n: u8,
+}
+
+/// Name of a sharing scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SchemeName {
+    /// Kurihara et al. XOR threshold scheme (fast; patented in some places until ~2028).
+    Xor,
+    /// Shamir over GF(2^8) (patent-free).
+    Shamir,
+}
+
+impl SchemeInfo {
+    /// The library scheme.
+    pub fn scheme(&self) -> Result<crate::Scheme, crate::scheme::SchemeError> {
+        match self.kind {
+            SchemeName::Xor => crate::Scheme::xor(self.k, self.n),
+            SchemeName::Shamir => crate::Scheme::shamir(self.k, self.n),
+        }
+    }
+}
+
+/// Body of `PUT /v1/backups/{id}/shares/{index}`: opens (or re-opens) a share for storing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareOpen {
+    pub scheme: SchemeInfo,
+    pub chunk_size: u32,
+    pub chunk_count: u64,
+    pub original_len: u64,
+    /// File name of the original (for listings).
+    pub name: String,
+    /// Seconds since the Unix epoch when the backup was started.
+    pub created: u64,
+}
+
+/// What an agent keeps about one share; `GET /v1/backups` lists these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub backup_id: Uuid,
+    pub share_index: u8,
+    #[serde(flatten)]
+    pub open: ShareOpen,
+    /// SAE that stored the share.
+    pub client_sae: String,
+    /// Share file header and trailer (hex), set when the share is complete.
+    #[serde(default)]
+    pub header_hex: Option<String>,
+    #[serde(default)]
+    pub trailer_hex: Option<String>,
+    pub complete: bool,
+}
+
+/// Reply of `GET /v1/backups/{id}/shares/{index}/state`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ShareState {
+    /// `[chunk, nonce]` of every chunk held durably.
+    pub chunks: Vec<(u64, u64)>,
+    pub complete: bool,
+}
+
+/// Reply of a chunk upload: the chunks now durable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stored {
+    pub stored: Vec<u64>,
+}
+
+/// Body of `POST /v1/backups/{id}/shares/{index}/finalize`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Finalize {
+    pub header_hex: String,
+    pub trailer_hex: String,
+}
+
+/// One share's result in `POST /v1/backups/{id}/verify`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShareCheck {
+    pub share_index: u8,
+    pub complete: bool,
+    pub chunk_count: u64,
+    pub chunks_ok: u64,
+    pub missing: Vec<u64>,
+    pub damaged: Vec<u64>,
+}
+
+/// Error body of the agent API (the same shape as ETSI 014's Error).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentError {
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_need_all_bytes() {
+        let h = FrameHeader {
+            chunk: 7,
+            nonce: 9,
+            otp_key_ids: vec![Uuid::new_v4()],
+            mac_key_id: Uuid::new_v4(),
+            len: 3,
+            error: None,
+        };
+        let mut buf = Vec::new();
+        begin_frame(&mut buf, &h);
+        buf.extend_from_slice(&[1, 2, 3]);
+        buf.extend_from_slice(&[0xAA; TAG_LEN]);
+        for cut in 0..buf.len() {
+            assert!(parse_frame(&buf[..cut], 16).unwrap().is_none());
+        }
+        let (f, used) = parse_frame(&buf, 16).unwrap().unwrap();
+        assert_eq!(used, buf.len());
+        assert_eq!(f.header, h);
+        assert_eq!(f.payload, &[1, 2, 3]);
+        assert!(parse_frame(&buf, 2).is_err(), "payload limit");
+        buf[0] = b'X';
+        assert!(parse_frame(&buf, 16).is_err());
+    }
+}
