@@ -870,6 +870,7 @@ impl BackupClient {
         let mut active: Vec<(usize, ChunkRx)> = Vec::new();
         let spawn = |idx: usize, from: u64| {
             let (site, share, info) = usable[idx].clone();
+            let require_pad = site.name != self.cfg.site;
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             let dl = Downloader {
                 http: self.http.clone(),
@@ -879,6 +880,7 @@ impl BackupClient {
                 backup: id,
                 chunk_size: cs,
                 max_per_request: info.max_per_request,
+                require_pad,
             };
             tokio::spawn(async move { dl.run(from, count, tx).await });
             rx
@@ -1265,6 +1267,8 @@ struct Downloader {
     backup: Uuid,
     chunk_size: usize,
     max_per_request: usize,
+    /// The share comes from another site: it must arrive one-time-padded.
+    require_pad: bool,
 }
 
 /// Chunks of one share on their way to the combiner: `(chunk, plaintext)` or why it failed.
@@ -1354,7 +1358,7 @@ impl Downloader {
                     }
                     let ck = assemble(&f.header, &mut keys).ok_or("keys missing")?;
                     let mut plain = Zeroizing::new(vec![0u8; self.chunk_size]);
-                    open_into(f, &ctx, &ck, false, &mut plain)
+                    open_into(f, &ctx, &ck, self.require_pad, &mut plain)
                         .map_err(|e: SealError| e.to_string())?;
                     if tx.send(Ok((expect, plain))).await.is_err() {
                         return Ok(()); // restore no longer needs this share

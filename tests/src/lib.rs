@@ -6,6 +6,8 @@
 //! Sites are named `A`, `B`, `C`, ...; site `X` runs KME `KME_X` with SAEs `SAE_X1`,
 //! `SAE_X2`, ... The default topology is the seed's: A linked to B and to C.
 
+pub mod fastq;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

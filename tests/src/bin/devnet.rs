@@ -1,11 +1,18 @@
 //! `devnet`: bring up, drive and stop a QKD network on loopback.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use devnet::fastq::{self, human_size, parse_size};
 use devnet::{parse_links, Devnet, DevnetInfo, Options};
+
+/// The seed system's store and restore throughput, Mbps.
+const SEED_STORE_MBPS: f64 = 356.0;
+const SEED_RESTORE_MBPS: f64 = 502.0;
 
 /// A multi-site QKD network on 127.0.0.1: a fresh development PKI, one ETSI GS QKD 014 KME
 /// per site, simulated QKD links between linked sites, and DIR/devnet.json describing it all
@@ -28,16 +35,19 @@ struct NetArgs {
     /// SAE identities per site.
     #[arg(long, default_value_t = 2)]
     saes_per_site: usize,
-    /// Key rate of each link in bytes/s (0 = bulk, as fast as the machine goes).
-    #[arg(long, default_value_t = 1_250_000)]
-    rate: u64,
+    /// Key rate of each link in bytes/s, 0 = bulk (as fast as the machine goes).
+    /// [default: 1250000 for `up`, 0 for `demo`]
+    #[arg(long)]
+    rate: Option<u64>,
     /// Pool capacity per link direction, in keys of 256 bits.
-    #[arg(long, default_value_t = 100_000)]
-    max_key_count: u64,
+    /// [default: 100000 for `up`, 1048576 (32 MiB) for `demo`]
+    #[arg(long)]
+    max_key_count: Option<u64>,
 }
 
 impl NetArgs {
-    fn options(&self) -> Result<Options> {
+    /// The network options: `base` with what was given on the command line.
+    fn options(&self, base: Options) -> Result<Options> {
         Ok(Options {
             sites: self.sites,
             links: self
@@ -46,9 +56,9 @@ impl NetArgs {
                 .map(|l| parse_links(l, self.sites))
                 .transpose()?,
             saes_per_site: self.saes_per_site.max(1),
-            rate_bytes_per_sec: self.rate,
-            max_key_count: self.max_key_count,
-            ..Options::default()
+            rate_bytes_per_sec: self.rate.unwrap_or(base.rate_bytes_per_sec),
+            max_key_count: self.max_key_count.unwrap_or(base.max_key_count),
+            ..base
         })
     }
 }
@@ -68,11 +78,32 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Start a network, run the whole 014 master → slave flow on it, print figures, stop it.
+    /// The main job: back up a genome-sized file across the 3 sites and restore it, timed.
+    ///
+    /// Starts the devnet (a KME and a backup site agent per site, bulk key rate, 32 MiB key
+    /// pools), checks one ETSI 014 key exchange, writes a synthetic FASTQ file
+    /// DIR/sample.fastq (--size, default 1 GiB), then runs the real CLI:
+    /// `backup-client --config DIR/client-A.toml --json store DIR/sample.fastq` and
+    /// `... restore ID DIR/restored.fastq`, compares the two files byte for byte, times a
+    /// plain copy with fsync as the disk baseline, and prints store, restore and copy
+    /// throughput beside the seed's 356 / 502 Mbps. Exits non-zero if any step fails or the
+    /// files differ. Stops the network at the end and removes DIR unless --keep (after a
+    /// failure the logs in DIR/logs are kept).
+    #[command(verbatim_doc_comment)]
     Demo {
-        /// Folder to use (default: a fresh folder under the system temp dir).
+        /// Folder to use; must be new or empty (default: a fresh folder under the system
+        /// temp dir).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Size of the test file: 1GiB, 512MiB, 100MB, 4096, ...
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        size: u64,
+        /// Seed of the synthetic FASTQ generator.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Keep DIR (files, shares, logs) and print its path instead of removing it.
+        #[arg(long)]
+        keep: bool,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -89,7 +120,7 @@ fn main() -> Result<()> {
                 );
             }
             let t = Instant::now();
-            let d = Devnet::start(&dir, &net.options()?)?;
+            let d = Devnet::start(&dir, &net.options(Options::default())?)?;
             println!(
                 "devnet up in {:.1} s: {} sites, links {}",
                 t.elapsed().as_secs_f64(),
@@ -122,91 +153,478 @@ fn main() -> Result<()> {
             println!("stopped {n} process(es)");
             Ok(())
         }
-        Cmd::Demo { dir, net } => {
-            let tmp;
-            let dir = match dir {
-                Some(d) => d,
-                None => {
-                    tmp = std::env::temp_dir().join(format!("devnet-demo-{}", std::process::id()));
-                    tmp
-                }
-            };
-            let t = Instant::now();
-            let d = Devnet::start(&dir, &net.options()?)?;
-            println!(
-                "devnet up in {:.1} s ({})",
-                t.elapsed().as_secs_f64(),
-                d.dir.display()
-            );
-            let rt = tokio::runtime::Runtime::new()?;
-            let r = rt.block_on(demo(&d.info));
-            drop(d);
-            if r.is_ok() {
-                std::fs::remove_dir_all(&dir).ok();
-            }
-            r
+        Cmd::Demo {
+            dir,
+            size,
+            seed,
+            keep,
+            net,
+        } => {
+            let opts = net.options(Options {
+                rate_bytes_per_sec: 0,
+                max_key_count: 1_048_576,
+                agents: true,
+                ..Options::default()
+            })?;
+            run_demo(dir, size, seed, keep, &opts)
         }
     }
 }
 
-/// The whole 014 flow between the first SAEs of sites A and B.
-async fn demo(info: &DevnetInfo) -> Result<()> {
+/// One ETSI 014 exchange between the first SAEs of sites A and B: enc_keys at A, dec_keys at
+/// B gives the same bytes, a second dec_keys is refused.
+async fn key_check(info: &DevnetInfo) -> Result<()> {
     let (a, b) = (
         &info.sites[0],
-        info.sites.get(1).context("demo needs 2 sites")?,
+        info.sites
+            .get(1)
+            .context("the demo needs at least 2 sites")?,
     );
     let (master, slave) = (&a.saes[0].id, &b.saes[0].id);
     let m = info.client(master)?;
     let s = info.client(slave)?;
-    let st = m.status(slave).await?;
-    println!(
-        "status {master} -> {slave}: {} -> {}, stored_key_count {}, key_size {} bits",
-        st.source_KME_ID, st.target_KME_ID, st.stored_key_count, st.key_size
-    );
     let got = m.get_key(slave, Some(4), Some(256)).await?;
     let ids = etsi_spec::KeyIds::from_ids(got.keys.iter().map(|k| k.key_ID.clone()));
     let back = s.dec_keys(master, &ids).await?;
-    let same = got
-        .keys
-        .iter()
-        .zip(&back.keys)
-        .all(|(x, y)| x.key_ID == y.key_ID && x.key == y.key);
+    let same = got.keys.len() == back.keys.len()
+        && got
+            .keys
+            .iter()
+            .zip(&back.keys)
+            .all(|(x, y)| x.key_ID == y.key_ID && x.key == y.key);
+    if !same {
+        bail!(
+            "ETSI 014 check: {slave} at {} received different key material than {master} at {}",
+            b.kme_id,
+            a.kme_id
+        );
+    }
+    if s.dec_keys(master, &ids).await.is_ok() {
+        bail!("ETSI 014 check: a key was delivered twice");
+    }
     println!(
-        "enc_keys at {} gave {} keys; dec_keys at {} returned the same bytes: {same}",
-        a.kme_id,
+        "ETSI 014 check: {} keys from {} (enc_keys) = {} (dec_keys), second dec_keys refused",
         got.keys.len(),
+        a.kme_id,
         b.kme_id
     );
-    if !same {
-        bail!("slave received different key material");
+    Ok(())
+}
+
+/// `bytes` over `secs` in megabits per second (10^6 bit/s), as `backup-client` prints it.
+fn mbps(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 * 8.0 / 1e6 / secs.max(1e-9)
+}
+
+/// Space available to unprivileged users on the file system holding `p`.
+#[allow(clippy::unnecessary_cast)] // the statvfs field types differ between platforms
+fn free_bytes(p: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs(3) fills the zeroed struct we own; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
     }
-    let again = s.dec_keys(master, &ids).await;
-    println!(
-        "second dec_keys of the same IDs: {}",
-        match &again {
-            Err(e) => e.to_string(),
-            Ok(_) => "delivered again (BUG)".into(),
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Fills `buf` from `r` as far as the stream goes; returns how much was read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-    );
-    if again.is_ok() {
-        bail!("a key was delivered twice");
     }
-    // Throughput of complete exchanges, 1,024 keys of 256 bits per request.
+    Ok(n)
+}
+
+/// Compares two files in 4 MiB blocks; `Ok(None)` if identical, else a description of the
+/// first difference.
+fn compare_files(a: &Path, b: &Path) -> Result<Option<String>> {
+    let (la, lb) = (std::fs::metadata(a)?.len(), std::fs::metadata(b)?.len());
+    if la != lb {
+        return Ok(Some(format!(
+            "{} is {la} bytes, {} is {lb} bytes",
+            a.display(),
+            b.display()
+        )));
+    }
+    let mut fa = std::fs::File::open(a).with_context(|| a.display().to_string())?;
+    let mut fb = std::fs::File::open(b).with_context(|| b.display().to_string())?;
+    let mut ba = vec![0u8; fastq::BUF_BYTES];
+    let mut bb = vec![0u8; fastq::BUF_BYTES];
+    let mut off = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba)?;
+        let nb = read_full(&mut fb, &mut bb)?;
+        if na != nb {
+            return Ok(Some(format!(
+                "the files changed length while being compared (at byte {})",
+                off + na.min(nb) as u64
+            )));
+        }
+        if ba[..na] != bb[..nb] {
+            let i = ba[..na].iter().zip(&bb[..nb]).position(|(x, y)| x != y);
+            return Ok(Some(format!(
+                "first difference at byte {}",
+                off + i.unwrap_or(0) as u64
+            )));
+        }
+        if na == 0 {
+            return Ok(None);
+        }
+        off += na as u64;
+    }
+}
+
+/// Runs `backup-client --config CFG --json ARGS...`: its stderr goes straight to ours (errors,
+/// warnings), its stdout is parsed as the JSON report. Returns the report and the wall time.
+fn backup_client(
+    bin: &Path,
+    cfg: &Path,
+    args: &[&std::ffi::OsStr],
+) -> Result<(serde_json::Value, f64)> {
+    let what = args
+        .first()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let t = Instant::now();
-    let mut keys = 0usize;
-    while t.elapsed().as_secs_f64() < 2.0 {
-        let got = match m.get_key(slave, Some(1024), Some(256)).await {
-            Ok(g) => g,
-            Err(e) if e.status().is_some_and(|s| s.as_u16() == 503) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let ids = etsi_spec::KeyIds::from_ids(got.keys.iter().map(|k| k.key_ID.clone()));
-        keys += s.dec_keys(master, &ids).await?.keys.len();
+    let out = Command::new(bin)
+        .arg("--config")
+        .arg(cfg)
+        .arg("--json")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let wall = t.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "`backup-client {what}` failed ({}) after {wall:.1} s{}",
+            out.status,
+            if stdout.trim().is_empty() {
+                String::new()
+            } else {
+                format!("; stdout: {}", stdout.trim())
+            }
+        );
     }
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "`backup-client {what}` printed no JSON report: {:?}",
+            stdout.trim()
+        )
+    })?;
+    Ok((v, wall))
+}
+
+fn json_u64(v: &serde_json::Value, k: &str) -> Result<u64> {
+    v.get(k)
+        .and_then(serde_json::Value::as_u64)
+        .with_context(|| format!("no number {k:?} in the report {v}"))
+}
+
+fn json_f64(v: &serde_json::Value, k: &str) -> Result<f64> {
+    v.get(k)
+        .and_then(serde_json::Value::as_f64)
+        .with_context(|| format!("no number {k:?} in the report {v}"))
+}
+
+/// Prints the last warning and error lines of every log in `dir` (after a failure).
+fn show_log_problems(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut logs: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    logs.sort();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let bad: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+            .collect();
+        if bad.is_empty() {
+            continue;
+        }
+        eprintln!(
+            "  {} ({} warning/error lines; last ones):",
+            log.display(),
+            bad.len()
+        );
+        for l in &bad[bad.len().saturating_sub(5)..] {
+            eprintln!("    {l}");
+        }
+    }
+}
+
+/// Big files the demo creates in its folder.
+const BIG_FILES: [&str; 3] = ["sample.fastq", "restored.fastq", "copy.fastq"];
+
+/// `devnet demo`: see the `Demo` subcommand.
+fn run_demo(dir: Option<PathBuf>, size: u64, seed: u64, keep: bool, opts: &Options) -> Result<()> {
+    if size == 0 {
+        bail!("--size must be at least 1 byte");
+    }
+    let dir = match dir {
+        Some(d) => {
+            if std::fs::read_dir(&d).is_ok_and(|mut e| e.next().is_some()) {
+                bail!(
+                    "{} is not empty; give --dir a new or empty folder (the demo removes it at the end)",
+                    d.display()
+                );
+            }
+            d
+        }
+        None => std::env::temp_dir().join(format!("devnet-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+
+    // Source, restored copy, plain copy, and n/k = 1.5 times the size in shares.
+    let need = size / 2 * 9 + (256 << 20);
+    if let Some(free) = free_bytes(&dir) {
+        if free < need {
+            std::fs::remove_dir(&dir).ok();
+            bail!(
+                "{} has {} free; a {} demo needs about {} (file, restored file, copy, shares); use a smaller --size or another --dir",
+                dir.display(),
+                human_size(free),
+                human_size(size),
+                human_size(need)
+            );
+        }
+    }
+
+    // Ctrl-C: stop the KMEs and agents (they run in process groups of their own, so the
+    // terminal's SIGINT does not reach them) before leaving.
+    {
+        let dir = dir.clone();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            if rt.block_on(tokio::signal::ctrl_c()).is_ok() {
+                eprintln!(
+                    "\ninterrupted: stopping the devnet (files left in {})",
+                    dir.display()
+                );
+                devnet::down(&dir).ok();
+                std::process::exit(130);
+            }
+        });
+    }
+
+    let r = demo_steps(&dir, size, seed, opts);
+    let logs = dir.join("logs");
+    match (&r, keep) {
+        (_, true) => println!("kept {} (logs in {})", dir.display(), logs.display()),
+        (Ok(()), false) => {
+            std::fs::remove_dir_all(&dir).ok();
+        }
+        (Err(_), false) => {
+            // Free the space, keep the configurations and logs for a look.
+            for f in BIG_FILES {
+                std::fs::remove_file(dir.join(f)).ok();
+            }
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.flatten() {
+                    if e.file_name().to_string_lossy().starts_with("site-") {
+                        std::fs::remove_dir_all(e.path()).ok();
+                    }
+                }
+            }
+        }
+    }
+    if let Err(e) = &r {
+        eprintln!("devnet demo FAILED: {e:#}");
+        show_log_problems(&logs);
+        eprintln!("logs: {}", logs.display());
+    }
+    r
+}
+
+fn demo_steps(dir: &Path, size: u64, seed: u64, opts: &Options) -> Result<()> {
+    let client_bin = devnet::sibling_binary("backup-client")?;
+    let t = Instant::now();
+    let d = Devnet::start(dir, opts)?;
+    println!(
+        "devnet up in {:.1} s: {} sites, links {}, key rate {}, pools of {} keys per direction ({})",
+        t.elapsed().as_secs_f64(),
+        d.info.sites.len(),
+        d.info
+            .links
+            .iter()
+            .map(|[a, b]| format!("{a}-{b}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if opts.rate_bytes_per_sec == 0 {
+            "bulk".to_string()
+        } else {
+            format!("{} B/s", opts.rate_bytes_per_sec)
+        },
+        opts.max_key_count,
+        d.dir.display()
+    );
+    let site = &d.info.sites[0];
+    if site.client_config.as_os_str().is_empty() {
+        bail!("the devnet has no site agents");
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(key_check(&d.info))?;
+
+    let sample = d.dir.join(BIG_FILES[0]);
+    let restored = d.dir.join(BIG_FILES[1]);
+    let copy = d.dir.join(BIG_FILES[2]);
+
+    let t = Instant::now();
+    fastq::write_file(&sample, size, seed)
+        .with_context(|| format!("writing {}", sample.display()))?;
     let secs = t.elapsed().as_secs_f64();
     println!(
-        "batched exchange (1 client, 1,024 x 256-bit keys per request): {keys} keys in {secs:.2} s = {:.0} keys/s",
-        keys as f64 / secs
+        "generated {} ({}, synthetic FASTQ, seed {seed}) in {secs:.2} s, {:.0} MB/s with fsync",
+        sample.display(),
+        human_size(size),
+        size as f64 / 1e6 / secs.max(1e-9)
     );
+
+    // Disk baseline: a plain copy, synced.
+    let t = Instant::now();
+    std::fs::copy(&sample, &copy).with_context(|| format!("copying to {}", copy.display()))?;
+    std::fs::File::open(&copy)?.sync_all()?;
+    let cp_secs = t.elapsed().as_secs_f64();
+
+    println!(
+        "store: backup-client --config {} --json store {}",
+        site.client_config.display(),
+        sample.display()
+    );
+    let (st, st_wall) = backup_client(
+        &client_bin,
+        &site.client_config,
+        &["store".as_ref(), sample.as_os_str()],
+    )?;
+    let id = st
+        .get("backup_id")
+        .and_then(serde_json::Value::as_str)
+        .with_context(|| format!("no backup_id in the store report {st}"))?
+        .to_string();
+    let st_bytes = json_u64(&st, "bytes")?;
+    let st_secs = json_f64(&st, "seconds")?;
+    if st_bytes != size {
+        bail!("store reported {st_bytes} bytes, the file has {size}");
+    }
+    let shares = st
+        .get("shares")
+        .and_then(serde_json::Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    format!(
+                        "{}@{}{}",
+                        s["share_index"],
+                        s["site"].as_str().unwrap_or("?"),
+                        if s["stored"].as_bool() == Some(true) {
+                            ""
+                        } else {
+                            " MISSING"
+                        }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    println!("  backup {id}, shares {shares}");
+
+    println!(
+        "restore: backup-client ... --json restore {id} {}",
+        restored.display()
+    );
+    let (rs, rs_wall) = backup_client(
+        &client_bin,
+        &site.client_config,
+        &["restore".as_ref(), id.as_ref(), restored.as_os_str()],
+    )?;
+    let rs_bytes = json_u64(&rs, "bytes")?;
+    let rs_secs = json_f64(&rs, "seconds")?;
+    let used = rs
+        .get("used")
+        .and_then(serde_json::Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|u| format!("{}@{}", u[1], u[0].as_str().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    println!("  restored {} bytes from shares {used}", rs_bytes);
+
+    let t = Instant::now();
+    if let Some(diff) = compare_files(&sample, &restored)? {
+        bail!(
+            "the restored file differs from the original: {diff} ({} vs {})",
+            sample.display(),
+            restored.display()
+        );
+    }
+    println!(
+        "compared: identical ({} bytes, {:.1} s)",
+        size,
+        t.elapsed().as_secs_f64()
+    );
+
+    let row = |name: &str, bytes: u64, secs: f64, wall: Option<f64>, seed: Option<f64>| {
+        let m = mbps(bytes, secs);
+        println!(
+            "{name:<24} {:>8.2} s {:>8} {:>9.0} {:>9} {:>9}",
+            secs,
+            wall.map_or("-".into(), |w| format!("{w:.2} s")),
+            m,
+            seed.map_or("-".into(), |s| format!("{s:.0}")),
+            seed.map_or("-".into(), |s| format!("{:.2}x", m / s)),
+        );
+    };
+    println!();
+    println!(
+        "{} ({size} bytes), {} sites, Mbps = 10^6 bit/s",
+        human_size(size),
+        d.info.sites.len()
+    );
+    println!(
+        "{:<24} {:>10} {:>8} {:>9} {:>9} {:>9}",
+        "", "time", "wall", "Mbps", "seed Mbps", "ours/seed"
+    );
+    row(
+        "store (backup-client)",
+        st_bytes,
+        st_secs,
+        Some(st_wall),
+        Some(SEED_STORE_MBPS),
+    );
+    row(
+        "restore (backup-client)",
+        rs_bytes,
+        rs_secs,
+        Some(rs_wall),
+        Some(SEED_RESTORE_MBPS),
+    );
+    row("cp + fsync (disk)", size, cp_secs, None, None);
+    println!(
+        "(time: as reported by backup-client; wall: the whole command, process start included)"
+    );
+    drop(d);
     Ok(())
 }

@@ -171,3 +171,107 @@ pub async fn stored(info: &DevnetInfo, master: &str, slave: &str) -> u64 {
         .expect("status")
         .stored_key_count
 }
+
+/// A network with site agents and bulk key, for backup tests.
+pub fn backup_net(links: Option<Vec<(usize, usize)>>) -> Net {
+    start(Options {
+        rate_bytes_per_sec: 0,
+        max_key_count: 200_000,
+        links,
+        ..Options::default()
+    })
+}
+
+/// Output of one `backup-client` run.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+    }
+}
+
+/// Runs `backup-client --config <site's client config> --json ARGS`.
+pub fn client(info: &DevnetInfo, site: usize, args: &[&str]) -> Run {
+    client_with_config(&info.sites[site].client_config, args)
+}
+
+pub fn client_with_config(config: &Path, args: &[&str]) -> Run {
+    let bin = devnet::sibling_binary("backup-client").expect("backup-client binary");
+    let out = std::process::Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("backup-client runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Stores `file` from `site`; returns the backup ID.
+pub fn store(info: &DevnetInfo, site: usize, file: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["store", file.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    let r = client(info, site, &args);
+    assert_eq!(r.code, 0, "store failed: {}", r.stderr);
+    r.json()["backup_id"]
+        .as_str()
+        .expect("backup_id")
+        .to_owned()
+}
+
+/// A file of `len` pseudo-random bytes.
+pub fn random_file(dir: &Path, name: &str, len: usize) -> std::path::PathBuf {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ len as u64;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    let p = dir.join(name);
+    std::fs::write(&p, data).expect("write file");
+    p
+}
+
+/// Every key ID the agents recorded as used for a chunk.
+pub fn used_key_ids(info: &DevnetInfo) -> Vec<String> {
+    let mut ids = Vec::new();
+    for s in &info.sites {
+        for entry in walk(&s.store_dir) {
+            if entry.file_name().is_some_and(|n| n == "keys.log") {
+                let text = std::fs::read_to_string(&entry).unwrap_or_default();
+                for line in text.lines() {
+                    ids.extend(line.split_whitespace().skip(1).map(str::to_owned));
+                }
+            }
+        }
+    }
+    ids
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,374 @@
+//! End-to-end tests of the backup client and site agents on a 3-site devnet: real KMEs,
+//! real agents, the real `backup-client` CLI, real certificates, 127.0.0.1 only.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{backup_net, client, client_with_config, random_file, store, used_key_ids};
+
+const SMALL_CHUNKS: &[&str] = &["--chunk-size", "65536"];
+
+fn same_files(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).expect("read a") == std::fs::read(b).expect("read b")
+}
+
+#[test]
+fn files_of_awkward_sizes_come_back_byte_identical() {
+    let net = backup_net(None);
+    let dir = tempfile::tempdir().unwrap();
+    for (len, scheme) in [
+        (0, "xor"),
+        (1, "xor"),
+        (65_537, "xor"),
+        (3 * 65_536 + 123, "xor"),
+        (2 * 65_536 + 7, "shamir"),
+    ] {
+        let f = random_file(dir.path(), &format!("in-{len}-{scheme}"), len);
+        let id = store(
+            &net.info,
+            0,
+            &f,
+            &[SMALL_CHUNKS[0], SMALL_CHUNKS[1], "--scheme", scheme],
+        );
+        let out = dir.path().join(format!("out-{len}-{scheme}"));
+        let r = client(&net.info, 0, &["restore", &id, out.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "restore of {len} bytes ({scheme}): {}", r.stderr);
+        assert!(
+            same_files(&f, &out),
+            "{len} bytes ({scheme}) differ after restore"
+        );
+        assert_eq!(r.json()["bytes"], len as u64);
+    }
+    // `list` shows them with their shares at all three sites.
+    let list = client(&net.info, 1, &["list"]).json();
+    let backups = list["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 5);
+    for b in backups {
+        assert_eq!(b["shares"].as_array().unwrap().len(), 3, "{b}");
+    }
+}
+
+#[test]
+fn restore_uses_the_other_sites_when_one_is_lost_and_fails_clearly_without_two() {
+    let mut net = backup_net(None);
+    let dir = tempfile::tempdir().unwrap();
+    let f = random_file(dir.path(), "in", 300_000);
+    let id = store(&net.info, 0, &f, SMALL_CHUNKS);
+    net.kill_site(1); // site B: agent and KME
+    let out = dir.path().join("out");
+    let r = client(&net.info, 0, &["restore", &id, out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(same_files(&f, &out));
+    let used: Vec<String> = r.json()["used"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u[0].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(used, ["A", "C"]);
+
+    net.kill_site(2);
+    let out2 = dir.path().join("out2");
+    let r = client(&net.info, 0, &["restore", &id, out2.to_str().unwrap()]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("needs 2 shares"), "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+    assert!(!out2.exists(), "no output on failure");
+}
+
+#[test]
+fn a_damaged_share_is_detected_named_and_bypassed() {
+    let net = backup_net(None);
+    let dir = tempfile::tempdir().unwrap();
+    let f = random_file(dir.path(), "in", 5 * 65_536);
+    let id = store(&net.info, 0, &f, SMALL_CHUNKS);
+    // Flip one byte in the middle of site A's share (chunk 2).
+    let data = net.info.sites[0]
+        .store_dir
+        .join(&id)
+        .join("share-0")
+        .join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[2 * 65_536 + 100] ^= 0x40;
+    std::fs::write(&data, bytes).unwrap();
+
+    let v = client(&net.info, 0, &["verify", &id]);
+    assert_eq!(v.code, 1, "verify reports damage: {}", v.stdout);
+    let report = v.json();
+    assert_eq!(report["ok"], false);
+    let a = &report["sites"][0];
+    assert_eq!(a["site"], "A");
+    assert_eq!(a["shares"][0]["damaged"], serde_json::json!([2]));
+    assert_eq!(
+        report["sites"][1]["shares"][0]["damaged"],
+        serde_json::json!([])
+    );
+
+    let out = dir.path().join("out");
+    let r = client(&net.info, 0, &["restore", &id, out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(same_files(&f, &out));
+    let rejected = r.json()["rejected"].to_string();
+    assert!(
+        rejected.contains("\"A\"") && rejected.contains("chunk 2"),
+        "the bad share is named: {rejected}"
+    );
+}
+
+#[test]
+fn a_site_down_at_store_time_needs_allow_degraded() {
+    let mut net = backup_net(None);
+    let dir = tempfile::tempdir().unwrap();
+    let f = random_file(dir.path(), "in", 100_000);
+    net.kill_agent(2);
+    let r = client(&net.info, 0, &["store", f.to_str().unwrap()]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("--allow-degraded"), "{}", r.stderr);
+    assert!(r.stderr.contains("share 2 at site C"), "{}", r.stderr);
+    let id = store(&net.info, 0, &f, &["--allow-degraded"]);
+    let out = dir.path().join("out");
+    let r = client(&net.info, 0, &["restore", &id, out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(same_files(&f, &out));
+}
+
+#[test]
+fn disaster_recovery_restores_at_b_from_b_and_c_after_losing_site_a() {
+    let mut net = backup_net(Some(vec![(0, 1), (0, 2), (1, 2)]));
+    let dir = tempfile::tempdir().unwrap();
+    let f = random_file(dir.path(), "in", 400_000);
+    let id = store(&net.info, 0, &f, SMALL_CHUNKS);
+    net.kill_site(0);
+    std::fs::remove_dir_all(&net.info.sites[0].store_dir).unwrap();
+    let out = dir.path().join("out");
+    let r = client(&net.info, 1, &["restore", &id, out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(same_files(&f, &out));
+    let used = r.json()["used"].to_string();
+    assert!(used.contains("\"B\"") && used.contains("\"C\""), "{used}");
+}
+
+#[test]
+fn bad_input_gets_a_one_line_error_that_says_what_to_do() {
+    let net = backup_net(None);
+    let dir = tempfile::tempdir().unwrap();
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let out = dir.path().join("o");
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec!["restore", &unknown, out.to_str().unwrap()],
+            2,
+            "unknown backup ID",
+        ),
+        (vec!["verify", &unknown], 2, "unknown backup ID"),
+        (
+            vec!["restore", "not-an-id", out.to_str().unwrap()],
+            1,
+            "not a backup ID",
+        ),
+        (vec!["store", "/nonexistent/file"], 1, "/nonexistent/file"),
+        (vec!["store", "/tmp", "--k", "4", "--n", "3"], 2, "--k/--n"),
+    ];
+    for (args, code, needle) in cases {
+        let r = client(&net.info, 0, &args);
+        assert_eq!(r.code, code, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(needle), "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{args:?}: {}", r.stderr);
+    }
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "site = \"A\"\nsae_id = 5\n").unwrap();
+    let r = client_with_config(&bad, &["list"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("bad.toml"), "{}", r.stderr);
+}
+
+#[test]
+fn a_store_killed_halfway_resumes_and_never_uses_a_key_twice() {
+    // A slow link, so that the store is still running when it is killed.
+    let net = common::start(devnet::Options {
+        rate_bytes_per_sec: 3_000_000,
+        max_key_count: 20_000,
+        block_bytes: 64 * 1024,
+        ..devnet::Options::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let f = random_file(dir.path(), "in", 6 << 20);
+    let bin = devnet::sibling_binary("backup-client").unwrap();
+    let mut child = std::process::Command::new(&bin)
+        .arg("--config")
+        .arg(&net.info.sites[0].client_config)
+        .args([
+            "--json",
+            "store",
+            f.to_str().unwrap(),
+            "--chunk-size",
+            "65536",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until site B acknowledged some chunks, then SIGKILL the client.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let acked: u64 = common::used_key_ids(&net.info).len() as u64;
+        if acked > 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "store made no progress");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "store finished too early for this test"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = used_key_ids(&net.info).len();
+
+    let r = client(
+        &net.info,
+        0,
+        &["store", f.to_str().unwrap(), "--chunk-size", "65536"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let rep = r.json();
+    assert_eq!(rep["resumed"], true, "the same backup is resumed");
+    assert!(
+        rep["chunks_sent"].as_u64().unwrap() < 3 * 96,
+        "only missing chunks are sent again: {rep}"
+    );
+    let id = rep["backup_id"].as_str().unwrap().to_owned();
+
+    let ids = used_key_ids(&net.info);
+    assert!(ids.len() > before);
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "no key ID carried two chunks");
+
+    let out = dir.path().join("out");
+    let r = client(&net.info, 0, &["restore", &id, out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(same_files(&f, &out));
+}
+
+/// An in-path attacker between the client and site B's agent: plain HTTP towards the client,
+/// mutual TLS (with the client's own certificate) towards the agent. It flips one byte in
+/// the body of the first `flips` chunk uploads it forwards.
+fn start_tampering_proxy(
+    info: &devnet::DevnetInfo,
+    agent_url: String,
+    flips: usize,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let sae = &info.sites[0].saes[0];
+    let ca = std::fs::read(&info.ca_cert).unwrap();
+    let ident = etsi_spec::Identity::from_files(&sae.cert, &sae.key).unwrap();
+    let upstream = etsi_spec::Client::new(&agent_url, &ca, Some(&ident))
+        .unwrap()
+        .http()
+        .clone();
+    let tampered = Arc::new(AtomicUsize::new(0));
+    let t2 = tampered.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            actix_web::HttpServer::new(move || {
+                let upstream = upstream.clone();
+                let agent_url = agent_url.clone();
+                let t2 = t2.clone();
+                actix_web::App::new()
+                    .app_data(actix_web::web::PayloadConfig::new(1 << 30))
+                    .default_service(actix_web::web::to(
+                        move |req: actix_web::HttpRequest, body: actix_web::web::Bytes| {
+                            let upstream = upstream.clone();
+                            let url = format!("{agent_url}{}", req.uri());
+                            let t2 = t2.clone();
+                            async move {
+                                let mut body = body.to_vec();
+                                if req.method() == "POST"
+                                    && req.path().ends_with("/chunks")
+                                    && t2.load(Ordering::SeqCst) < flips
+                                {
+                                    let mid = body.len() / 2;
+                                    body[mid] ^= 0x01;
+                                    t2.fetch_add(1, Ordering::SeqCst);
+                                }
+                                let method =
+                                    reqwest::Method::from_bytes(req.method().as_str().as_bytes())
+                                        .unwrap();
+                                let mut rb = upstream.request(method, &url).body(body);
+                                if let Some(ct) = req.headers().get("content-type") {
+                                    rb = rb.header("content-type", ct.to_str().unwrap_or(""));
+                                }
+                                let resp = rb.send().await.unwrap();
+                                let status = resp.status().as_u16();
+                                let bytes = resp.bytes().await.unwrap_or_default();
+                                actix_web::HttpResponse::build(
+                                    actix_web::http::StatusCode::from_u16(status).unwrap(),
+                                )
+                                .content_type("application/json")
+                                .body(bytes)
+                            }
+                        },
+                    ))
+            })
+            .workers(1)
+            .listen(listener)
+            .unwrap()
+            .run()
+            .await
+            .unwrap();
+        });
+    });
+    (format!("http://127.0.0.1:{port}"), tampered)
+}
+
+#[test]
+fn a_chunk_tampered_in_flight_is_rejected_and_sent_again_with_new_keys() {
+    let net = backup_net(None);
+    let dir = tempfile::tempdir().unwrap();
+    let f = random_file(dir.path(), "in", 4 * 65_536 + 5);
+    let b_url = net.info.sites[1].agent_url.clone();
+
+    // One tampered upload: the agent refuses it, the client retries and the store succeeds.
+    let (proxy, tampered) = start_tampering_proxy(&net.info, b_url.clone(), 1);
+    let cfg_text = std::fs::read_to_string(&net.info.sites[0].client_config).unwrap();
+    let cfg = dir.path().join("via-proxy.toml");
+    std::fs::write(&cfg, cfg_text.replace(&b_url, &proxy)).unwrap();
+    let before = used_key_ids(&net.info).len();
+    let r = client_with_config(
+        &cfg,
+        &["store", f.to_str().unwrap(), "--chunk-size", "65536"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(tampered.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let log = std::fs::read_to_string(&net.info.sites[1].agent_log).unwrap();
+    assert!(
+        log.contains("authentication failed"),
+        "agent logged the rejection"
+    );
+    let id = r.json()["backup_id"].as_str().unwrap().to_owned();
+    let out = dir.path().join("out");
+    let r = client(&net.info, 0, &["restore", &id, out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(same_files(&f, &out));
+    let ids = used_key_ids(&net.info);
+    assert!(ids.len() > before);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ids.len());
+
+    // An attacker who tampers with everything: the store fails, clearly.
+    let (proxy, _) = start_tampering_proxy(&net.info, b_url.clone(), usize::MAX);
+    std::fs::write(&cfg, cfg_text.replace(&b_url, &proxy)).unwrap();
+    let f2 = random_file(dir.path(), "in2", 70_000);
+    let r = client_with_config(
+        &cfg,
+        &["store", f2.to_str().unwrap(), "--chunk-size", "65536"],
+    );
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("authentication failed"), "{}", r.stderr);
+}
