@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use etsi_spec::codec::DecodedKey;
 use etsi_spec::{Client, ClientError, KeyIds, KeyRequest, Status};
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -31,8 +32,6 @@ pub enum KeyError {
         got: usize,
         expected: usize,
     },
-    #[error("KME {kme} returned a key that is not valid base64 or has the wrong size")]
-    BadKey { kme: String },
     #[error("KME {kme} limits cannot carry a chunk of {chunk} bytes: {why}")]
     Limits {
         kme: String,
@@ -58,21 +57,25 @@ impl Notice {
 }
 
 /// How the keys of one chunk are laid out, derived from the chunk size and the KME's limits.
+///
+/// A chunk takes `keys` keys of `key_bytes` each; their concatenation holds the pad (when
+/// the transfer leaves its site) followed by the [`KEY_LEN`]-byte MAC key. So one `enc_keys`
+/// request serves several chunks, pad and MAC alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyPlan {
-    /// One-time-pad keys per chunk (0 within a site).
-    pub otp_keys: usize,
-    /// Bytes per one-time-pad key (their concatenation covers the chunk).
-    pub otp_key_bytes: usize,
-    /// Bytes of the MAC key as requested (at least [`KEY_LEN`], at least the KME minimum).
-    pub mac_key_bytes: usize,
+    /// Keys per chunk.
+    pub keys: usize,
+    /// Bytes per key.
+    pub key_bytes: usize,
+    /// Bytes of pad per chunk (0 within a site).
+    pub pad_bytes: usize,
     /// Most keys per request at this KME.
     pub max_per_request: usize,
 }
 
 impl KeyPlan {
-    /// The plan for chunks of `chunk` bytes; `otp` = the transfer leaves its site.
-    pub fn new(kme: &str, chunk: usize, otp: bool, status: &Status) -> Result<Self, KeyError> {
+    /// The plan for chunks of `chunk` bytes; `pad` = the transfer leaves its site.
+    pub fn new(kme: &str, chunk: usize, pad: bool, status: &Status) -> Result<Self, KeyError> {
         let err = |why: String| KeyError::Limits {
             kme: kme.to_owned(),
             chunk,
@@ -84,45 +87,51 @@ impl KeyPlan {
         if max == 0 || per_req == 0 {
             return Err(err("max_key_size or max_key_per_request is 0".into()));
         }
-        let mac_key_bytes = KEY_LEN.max(min);
-        if mac_key_bytes > max {
+        let pad_bytes = if pad { chunk } else { 0 };
+        let need = pad_bytes + KEY_LEN;
+        let keys = need.div_ceil(max);
+        let key_bytes = need.div_ceil(keys).max(min);
+        if key_bytes > max {
             return Err(err(format!(
-                "a {KEY_LEN}-byte MAC key exceeds max_key_size"
+                "min_key_size {min} B exceeds max_key_size {max} B"
             )));
         }
-        let (otp_keys, otp_key_bytes) = if otp && chunk > 0 {
-            let m = chunk.div_ceil(max);
-            let s = chunk.div_ceil(m).max(min);
-            if m > per_req {
-                return Err(err(format!(
-                    "needs {m} keys per chunk, max_key_per_request is {per_req}"
-                )));
-            }
-            (m, s)
-        } else {
-            (0, 0)
-        };
+        if keys > per_req {
+            return Err(err(format!(
+                "needs {keys} keys per chunk, max_key_per_request is {per_req}"
+            )));
+        }
         Ok(KeyPlan {
-            otp_keys,
-            otp_key_bytes,
-            mac_key_bytes,
+            keys,
+            key_bytes,
+            pad_bytes,
             max_per_request: per_req,
         })
     }
 
     /// How many chunks' keys fit in one request.
     pub fn chunks_per_request(&self) -> usize {
-        (self.max_per_request / self.otp_keys.max(1)).max(1)
+        (self.max_per_request / self.keys).max(1)
     }
 }
 
-/// The keys of one chunk. Wiped when dropped.
+/// The key material of one chunk. Wiped when dropped.
 pub struct ChunkKeys {
-    pub otp_ids: Vec<Uuid>,
-    /// Concatenated pad keys (at least the chunk length).
-    pub otp: Zeroizing<Vec<u8>>,
-    pub mac_id: Uuid,
-    pub mac: Zeroizing<Vec<u8>>,
+    pub ids: Vec<Uuid>,
+    /// Concatenated keys: pad (if any), then the MAC key.
+    pub material: Zeroizing<Vec<u8>>,
+}
+
+impl ChunkKeys {
+    /// The pad for `len` bytes, if the material holds it and a MAC key after it.
+    pub fn pad(&self, len: usize) -> Option<&[u8]> {
+        (self.material.len() >= len + KEY_LEN).then(|| &self.material[..len])
+    }
+
+    /// The MAC key that follows `pad_len` bytes of pad.
+    pub fn mac(&self, pad_len: usize) -> Option<&[u8]> {
+        self.material.get(pad_len..pad_len + KEY_LEN)
+    }
 }
 
 /// Gets keys from one KME as one SAE.
@@ -131,22 +140,6 @@ pub struct KeyFetcher {
     kme: String,
     max_wait: Duration,
     notice: Arc<Notice>,
-}
-
-fn decode_key(
-    k: &etsi_spec::Key,
-    len: usize,
-    kme: &str,
-) -> Result<(Uuid, Zeroizing<Vec<u8>>), KeyError> {
-    let bad = || KeyError::BadKey {
-        kme: kme.to_owned(),
-    };
-    let id = Uuid::try_parse(&k.key_ID).map_err(|_| bad())?;
-    let bytes = k.decode().map_err(|_| bad())?;
-    if bytes.len() != len && len != 0 {
-        return Err(bad());
-    }
-    Ok((id, bytes))
 }
 
 impl KeyFetcher {
@@ -175,7 +168,7 @@ impl KeyFetcher {
         slave: &str,
         number: usize,
         bytes: usize,
-    ) -> Result<Vec<(Uuid, Zeroizing<Vec<u8>>)>, KeyError> {
+    ) -> Result<Vec<DecodedKey>, KeyError> {
         let req = KeyRequest {
             number: Some(number as u64),
             size: Some(bytes as u64 * 8),
@@ -184,21 +177,17 @@ impl KeyFetcher {
         let start = Instant::now();
         let mut delay = Duration::from_millis(50);
         loop {
-            match self.client.enc_keys(slave, &req).await {
-                Ok(c) => {
+            match self.client.enc_keys_decoded(slave, &req).await {
+                Ok(keys) => {
                     self.notice.set(None);
-                    if c.keys.len() != number {
+                    if keys.len() != number || keys.iter().any(|(_, k)| k.len() != bytes) {
                         return Err(KeyError::Count {
                             kme: self.kme.clone(),
-                            got: c.keys.len(),
+                            got: keys.len(),
                             expected: number,
                         });
                     }
-                    return c
-                        .keys
-                        .iter()
-                        .map(|k| decode_key(k, bytes, &self.kme))
-                        .collect();
+                    return Ok(keys);
                 }
                 Err(e) if e.status().is_some_and(|s| s.as_u16() == 503) => {
                     let waited = start.elapsed();
@@ -230,46 +219,31 @@ impl KeyFetcher {
         }
     }
 
-    /// Master side: keys for `chunks` chunks shared with `slave`.
+    /// Master side: key material for `chunks` chunks shared with `slave`.
     pub async fn take(
         &self,
         slave: &str,
         plan: &KeyPlan,
         chunks: usize,
     ) -> Result<Vec<ChunkKeys>, KeyError> {
-        let mut otp = Vec::new();
-        let mut left = chunks * plan.otp_keys;
-        while left > 0 {
-            let n = left.min(plan.max_per_request);
-            otp.extend(self.enc(slave, n, plan.otp_key_bytes).await?);
-            left -= n;
-        }
-        let mut macs = Vec::new();
+        let mut out = Vec::with_capacity(chunks);
         let mut left = chunks;
         while left > 0 {
-            let n = left.min(plan.max_per_request);
-            macs.extend(self.enc(slave, n, plan.mac_key_bytes).await?);
+            let n = left.min(plan.chunks_per_request());
+            let keys = self.enc(slave, n * plan.keys, plan.key_bytes).await?;
+            let mut it = keys.into_iter();
+            for _ in 0..n {
+                let mut ids = Vec::with_capacity(plan.keys);
+                let mut material = Zeroizing::new(Vec::with_capacity(plan.keys * plan.key_bytes));
+                for (id, bytes) in it.by_ref().take(plan.keys) {
+                    ids.push(id);
+                    material.extend_from_slice(&bytes);
+                }
+                out.push(ChunkKeys { ids, material });
+            }
             left -= n;
         }
-        let mut otp = otp.into_iter();
-        Ok(macs
-            .into_iter()
-            .map(|(mac_id, mac)| {
-                let mut ids = Vec::with_capacity(plan.otp_keys);
-                let mut pad =
-                    Zeroizing::new(Vec::with_capacity(plan.otp_keys * plan.otp_key_bytes));
-                for (id, bytes) in otp.by_ref().take(plan.otp_keys) {
-                    ids.push(id);
-                    pad.extend_from_slice(&bytes);
-                }
-                ChunkKeys {
-                    otp_ids: ids,
-                    otp: pad,
-                    mac_id,
-                    mac,
-                }
-            })
-            .collect())
+        Ok(out)
     }
 
     /// Slave side: the keys with these IDs that `master` obtained for this SAE.
@@ -282,18 +256,15 @@ impl KeyFetcher {
         let mut out = HashMap::with_capacity(ids.len());
         for part in ids.chunks(max_per_request.max(1)) {
             let req = KeyIds::from_ids(part.iter().map(Uuid::to_string));
-            let c = self
+            let keys = self
                 .client
-                .dec_keys(master, &req)
+                .dec_keys_decoded(master, &req)
                 .await
                 .map_err(|source| KeyError::Kme {
                     kme: self.kme.clone(),
                     source,
                 })?;
-            for k in &c.keys {
-                let (id, bytes) = decode_key(k, 0, &self.kme)?;
-                out.insert(id, bytes);
-            }
+            out.extend(keys);
         }
         if out.len() != ids.len() {
             return Err(KeyError::Count {
@@ -306,20 +277,17 @@ impl KeyFetcher {
     }
 }
 
-/// Assembles one chunk's keys from fetched key bytes.
+/// Assembles one chunk's key material from fetched keys (removing them from `keys`).
 pub fn assemble(
     header: &crate::wire::FrameHeader,
     keys: &mut HashMap<Uuid, Zeroizing<Vec<u8>>>,
 ) -> Option<ChunkKeys> {
-    let mac = keys.remove(&header.mac_key_id)?;
-    let mut otp = Zeroizing::new(Vec::new());
-    for id in &header.otp_key_ids {
-        otp.extend_from_slice(&keys.remove(id)?);
+    let mut material = Zeroizing::new(Vec::new());
+    for id in &header.key_ids {
+        material.extend_from_slice(&keys.remove(id)?);
     }
     Some(ChunkKeys {
-        otp_ids: header.otp_key_ids.clone(),
-        otp,
-        mac_id: header.mac_key_id,
-        mac,
+        ids: header.key_ids.clone(),
+        material,
     })
 }

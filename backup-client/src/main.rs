@@ -1,6 +1,11 @@
 //! `backup-client`: store files as QKD-secured secret shares at several sites, restore them,
 //! list and verify them; and `serve`, the site agent that keeps the shares.
 
+/// mimalloc: large, short-lived key and chunk buffers are reused instead of being mapped,
+/// faulted in and zeroed by the kernel for every request (glibc malloc did that here).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;

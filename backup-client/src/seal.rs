@@ -3,8 +3,8 @@
 
 use crate::auth::{AuthError, Mac, KEY_LEN};
 use crate::keys::ChunkKeys;
-use crate::otp;
 use crate::wire::{begin_frame, Frame, FrameHeader};
+use crate::xor;
 
 /// Why a frame could not be sealed or opened.
 #[derive(Debug, thiserror::Error)]
@@ -17,7 +17,7 @@ pub enum SealError {
         have: usize,
         need: usize,
     },
-    #[error("chunk {chunk}: MAC key has {0} bytes", .have)]
+    #[error("chunk {chunk}: key material of {have} bytes holds no MAC key")]
     MacKey { chunk: u64, have: usize },
     #[error("chunk {chunk}: payload of {got} bytes, {expected} expected")]
     Length {
@@ -29,18 +29,24 @@ pub enum SealError {
     PadRequired { chunk: u64 },
 }
 
-fn mac(keys: &ChunkKeys, chunk: u64) -> Result<Mac, SealError> {
-    if keys.mac.len() < KEY_LEN {
-        return Err(SealError::MacKey {
-            chunk,
-            have: keys.mac.len(),
-        });
-    }
-    Mac::new(&keys.mac[..KEY_LEN]).map_err(|source| SealError::Auth { chunk, source })
+fn mac(keys: &ChunkKeys, pad_len: usize, chunk: u64) -> Result<Mac, SealError> {
+    let key = keys.mac(pad_len).ok_or(SealError::MacKey {
+        chunk,
+        have: keys.material.len(),
+    })?;
+    Mac::new(key).map_err(|source| SealError::Auth { chunk, source })
 }
 
-/// Appends a sealed frame of `share` to `out`. `header.len` must equal `share.len()`;
-/// `header.otp_key_ids`/`mac_key_id` must name `keys`.
+fn pad(keys: &ChunkKeys, len: usize, chunk: u64) -> Result<&[u8], SealError> {
+    keys.pad(len).ok_or(SealError::ShortPad {
+        chunk,
+        have: keys.material.len(),
+        need: len + KEY_LEN,
+    })
+}
+
+/// Appends a sealed frame of `share` to `out`. `header.len` must equal `share.len()` and
+/// `header.key_ids` must name `keys`.
 pub fn seal_into(
     out: &mut Vec<u8>,
     ctx: &[u8],
@@ -56,25 +62,20 @@ pub fn seal_into(
             expected: header.len as usize,
         });
     }
-    let mut m = mac(keys, chunk)?;
+    let pad_len = if header.pad { share.len() } else { 0 };
+    let mut m = mac(keys, pad_len, chunk)?;
+    let p = if header.pad {
+        Some(pad(keys, share.len(), chunk)?)
+    } else {
+        None
+    };
     let (h_start, p_start) = begin_frame(out, header);
-    out.extend_from_slice(share);
-    if !header.otp_key_ids.is_empty() {
-        if keys.otp.len() < share.len() {
-            out.truncate(h_start - 8);
-            return Err(SealError::ShortPad {
-                chunk,
-                have: keys.otp.len(),
-                need: share.len(),
-            });
+    match p {
+        Some(p) => {
+            out.resize(p_start + share.len(), 0);
+            xor::xor_into(&mut out[p_start..], share, p);
         }
-        otp::apply(&mut out[p_start..], &keys.otp[..share.len()]).map_err(|_| {
-            SealError::ShortPad {
-                chunk,
-                have: keys.otp.len(),
-                need: share.len(),
-            }
-        })?;
+        None => out.extend_from_slice(share),
     }
     m.update(ctx);
     m.update(&out[h_start..p_start]);
@@ -101,31 +102,19 @@ pub fn open_into(
             expected: out.len(),
         });
     }
-    let padded = !frame.header.otp_key_ids.is_empty();
-    if require_pad && !padded {
+    if require_pad && !frame.header.pad {
         return Err(SealError::PadRequired { chunk });
     }
-    let mut m = mac(keys, chunk)?;
+    let pad_len = if frame.header.pad { out.len() } else { 0 };
+    let mut m = mac(keys, pad_len, chunk)?;
     m.update(ctx);
     m.update(frame.header_bytes);
     m.update(frame.payload);
     m.verify(frame.tag)
         .map_err(|source| SealError::Auth { chunk, source })?;
-    if padded {
-        if keys.otp.len() < out.len() {
-            return Err(SealError::ShortPad {
-                chunk,
-                have: keys.otp.len(),
-                need: out.len(),
-            });
-        }
-        otp::apply_into(out, frame.payload, &keys.otp[..out.len()]).map_err(|_| {
-            SealError::ShortPad {
-                chunk,
-                have: keys.otp.len(),
-                need: out.len(),
-            }
-        })?;
+    if frame.header.pad {
+        let p = pad(keys, out.len(), chunk)?;
+        xor::xor_into(out, frame.payload, p);
     } else {
         out.copy_from_slice(frame.payload);
     }
@@ -141,10 +130,8 @@ mod tests {
 
     fn keys(len: usize) -> ChunkKeys {
         ChunkKeys {
-            otp_ids: vec![Uuid::new_v4()],
-            otp: Zeroizing::new((0..len).map(|i| (i * 7 + 3) as u8).collect()),
-            mac_id: Uuid::new_v4(),
-            mac: Zeroizing::new((1..=32).collect()),
+            ids: vec![Uuid::new_v4()],
+            material: Zeroizing::new((0..len + 32).map(|i| (i * 7 + 3) as u8).collect()),
         }
     }
 
@@ -155,8 +142,8 @@ mod tests {
         let h = FrameHeader {
             chunk: 1,
             nonce: 2,
-            otp_key_ids: k.otp_ids.clone(),
-            mac_key_id: k.mac_id,
+            key_ids: k.ids.clone(),
+            pad: true,
             len: 100,
             error: None,
         };

@@ -1206,17 +1206,19 @@ impl Uploader {
     }
 
     async fn send(&self, jobs: &[Job], url: &str, ctx: &[u8]) -> Result<(), TransferError> {
+        let t0 = Instant::now();
         let keys = self
             .keys
             .take(&self.site.agent_sae_id, &self.plan, jobs.len())
             .await?;
+        let t_keys = t0.elapsed();
         let mut body = Vec::with_capacity(jobs.len() * (self.chunk_size + 1024));
         for (job, ck) in jobs.iter().zip(&keys) {
             let header = FrameHeader {
                 chunk: job.chunk,
                 nonce: job.nonce,
-                otp_key_ids: ck.otp_ids.clone(),
-                mac_key_id: ck.mac_id,
+                key_ids: ck.ids.clone(),
+                pad: self.plan.pad_bytes > 0,
                 len: job.data.len() as u32,
                 error: None,
             };
@@ -1250,6 +1252,13 @@ impl Uploader {
         }
         let stored: Stored =
             serde_json::from_slice(&bytes).map_err(|e| site_err(format!("bad reply: {e}")))?;
+        tracing::debug!(
+            site = %self.site.name,
+            chunks = jobs.len(),
+            keys_ms = t_keys.as_millis() as u64,
+            total_ms = t0.elapsed().as_millis() as u64,
+            "batch stored"
+        );
         let want: Vec<u64> = jobs.iter().map(|j| j.chunk).collect();
         if stored.stored != want {
             return Err(site_err("agent acknowledged other chunks than sent".into()));
@@ -1336,13 +1345,7 @@ impl Downloader {
                     .collect();
                 let ids: Vec<Uuid> = parsed
                     .iter()
-                    .flat_map(|f| {
-                        f.header
-                            .otp_key_ids
-                            .iter()
-                            .copied()
-                            .chain([f.header.mac_key_id])
-                    })
+                    .flat_map(|f| f.header.key_ids.iter().copied())
                     .collect();
                 let mut keys = self
                     .keys

@@ -6,9 +6,10 @@
 //! "BKF1" | header length: u32 LE | header: JSON FrameHeader | payload | tag: 16 bytes
 //! ```
 //!
-//! The payload is the share chunk, one-time-padded with the concatenation of the
-//! `otp_key_ids` keys when the transfer leaves its site (no pad within a site). The tag is a
-//! Wegman–Carter MAC ([`crate::auth`]) keyed by the `mac_key_id` key over
+//! The chunk's key material is the concatenation of the `key_ids` keys, in order. When the
+//! transfer leaves its site (`pad`), its first `len` bytes are the one-time pad of the payload
+//! and the next 32 bytes the MAC key; within a site there is no pad and the first 32 bytes are
+//! the MAC key. The tag is a Wegman–Carter MAC ([`crate::auth`]) over
 //! [`mac_context`] ‖ header ‖ payload, so a frame cannot be altered, replayed into another
 //! backup, share, chunk or direction, or have its key IDs swapped without detection.
 //!
@@ -42,11 +43,10 @@ pub struct FrameHeader {
     /// Split generation of this chunk: all shares of one split of the chunk carry the same
     /// nonce, so a resumed store can tell whether the sites hold matching shares.
     pub nonce: u64,
-    /// IDs of the one-time-pad keys, in order (empty within a site).
-    #[serde(default)]
-    pub otp_key_ids: Vec<Uuid>,
-    /// ID of the 256-bit MAC key.
-    pub mac_key_id: Uuid,
+    /// IDs of the QKD keys whose concatenation is this chunk's key material.
+    pub key_ids: Vec<Uuid>,
+    /// The payload is one-time-padded (required between sites).
+    pub pad: bool,
     /// Payload length in bytes.
     pub len: u32,
     /// Set (with len 0) when the sender cannot provide this chunk; the frame then ends the
@@ -253,8 +253,8 @@ mod tests {
         let h = FrameHeader {
             chunk: 7,
             nonce: 9,
-            otp_key_ids: vec![Uuid::new_v4()],
-            mac_key_id: Uuid::new_v4(),
+            key_ids: vec![Uuid::new_v4()],
+            pad: true,
             len: 3,
             error: None,
         };

@@ -9,6 +9,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
+use crate::codec::{read_key_container, DecodedKey};
 use crate::types::{Error as ApiError, KeyContainer, KeyIds, KeyRequest, Status};
 
 /// What can go wrong in a call.
@@ -170,6 +171,46 @@ impl Client {
     ) -> Result<KeyContainer, ClientError> {
         let url = format!("{}/{}/dec_keys", self.base, seg(master_sae_id));
         decode(self.http.post(url).json(key_ids).send().await?).await
+    }
+}
+
+impl Client {
+    /// Get key by POST, with the keys decoded (fast path for bulk key, see [`crate::codec`]).
+    pub async fn enc_keys_decoded(
+        &self,
+        slave_sae_id: &str,
+        request: &KeyRequest,
+    ) -> Result<Vec<DecodedKey>, ClientError> {
+        let url = format!("{}/{}/enc_keys", self.base, seg(slave_sae_id));
+        decode_keys(self.http.post(url).json(request).send().await?).await
+    }
+
+    /// Get key with key IDs by POST, with the keys decoded.
+    pub async fn dec_keys_decoded(
+        &self,
+        master_sae_id: &str,
+        key_ids: &KeyIds,
+    ) -> Result<Vec<DecodedKey>, ClientError> {
+        let url = format!("{}/{}/dec_keys", self.base, seg(master_sae_id));
+        decode_keys(self.http.post(url).json(key_ids).send().await?).await
+    }
+}
+
+async fn decode_keys(resp: reqwest::Response) -> Result<Vec<DecodedKey>, ClientError> {
+    let status = resp.status();
+    let body = resp.bytes().await?;
+    if status == StatusCode::OK {
+        return read_key_container(&body).map_err(|e| ClientError::Protocol {
+            status,
+            reason: e.to_string(),
+        });
+    }
+    match serde_json::from_slice::<ApiError>(&body) {
+        Ok(error) => Err(ClientError::Api { status, error }),
+        Err(e) => Err(ClientError::Protocol {
+            status,
+            reason: e.to_string(),
+        }),
     }
 }
 

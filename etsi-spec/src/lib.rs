@@ -10,9 +10,10 @@
 //!
 //! Dependencies: `serde`/`serde_json` for the formats; `reqwest` (native-tls backend, i.e.
 //! the system OpenSSL the server also uses) for the mTLS client; `uuid` for key IDs;
-//! `base64` to decode keys; `zeroize` so decoded key bytes are wiped when dropped.
+//! `base64` (0.23, SIMD engine) to encode and decode keys; `zeroize` so decoded key bytes are wiped when dropped.
 
 pub mod client;
+pub mod codec;
 pub mod types;
 
 pub use client::{Client, ClientError, Identity};

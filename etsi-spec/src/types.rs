@@ -80,7 +80,7 @@ impl Drop for Key {
 impl Key {
     /// Decodes the base64 key into bytes that are wiped when dropped.
     pub fn decode(&self) -> Result<Zeroizing<Vec<u8>>, base64::DecodeError> {
-        base64::engine::general_purpose::STANDARD
+        crate::codec::engine()
             .decode(self.key.as_bytes())
             .map(Zeroizing::new)
     }

@@ -1,10 +1,13 @@
 //! The simulated QKD link and the local key pool.
 //!
-//! Each link has a *producer*, the end with the smaller KME ID. It draws fresh random blocks
-//! from the operating system's generator, delivers each to the far end over the KME-to-KME
-//! channel (standing in for the quantum channel and post-processing, which make both ends hold
-//! identical key), and only once the far end has acknowledged it does it add the block to its
-//! own copy. So every usable byte is held at both ends.
+//! Each link has a *producer*, the end with the smaller KME ID. For every session it draws a
+//! fresh 256-bit seed from the operating system; block `seq` of the session is the ChaCha8
+//! stream `seq` under that seed. The producer announces each block to the far end over the
+//! mutually authenticated KME-to-KME channel, both ends derive the same bytes (standing in
+//! for the quantum channel and post-processing, which make both ends hold identical key),
+//! and the producer adds the block to its own copy only once the far end has acknowledged
+//! it. So every usable byte is held at both ends. Simulator key is therefore only
+//! computationally secret (ChaCha8, TLS); a real QKD device replaces this module.
 //!
 //! Blocks are assigned to one of the two directions (which KME allocates from them), the
 //! emptier one first; a direction whose pool reaches `max_key_count` keys gets no more until
@@ -14,18 +17,34 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::TryRngCore;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::config::LinkParams;
 use crate::error::ApiError;
 use crate::kme::Kme;
+use crate::peer::BlockAnnounce;
 
-fn random_block(len: usize) -> Result<Zeroizing<Vec<u8>>, rand::rand_core::OsError> {
+/// The bytes of block `seq` of a session: ChaCha8 under the session seed, stream `seq`.
+fn derive_block(seed: &[u8; 32], seq: u64, len: usize) -> Zeroizing<Vec<u8>> {
+    let mut rng = ChaCha8Rng::from_seed(*seed);
+    rng.set_stream(seq);
     let mut data = Zeroizing::new(vec![0u8; len]);
-    rand::rngs::OsRng.try_fill_bytes(&mut data)?;
-    Ok(data)
+    rng.fill_bytes(&mut data);
+    data
+}
+
+/// Random bytes for the local pool: ChaCha8 seeded from the OS.
+fn new_rng() -> Option<ChaCha8Rng> {
+    match ChaCha8Rng::try_from_os_rng() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot seed the key generator from the OS");
+            None
+        }
+    }
 }
 
 /// Paces a producer to `rate` bytes per second (0 = unlimited): a block becomes available
@@ -80,6 +99,7 @@ async fn wait_for_room(kme: &Kme) {
 pub async fn run_local(kme: Arc<Kme>, params: LinkParams) {
     let cap = kme.capacity_bytes();
     let mut pacer = Pacer::new(&params, cap);
+    let Some(mut rng) = new_rng() else { return };
     loop {
         let room = match kme.lock() {
             Ok(st) => cap.saturating_sub(st.local.unconsumed()),
@@ -91,14 +111,8 @@ pub async fn run_local(kme: Arc<Kme>, params: LinkParams) {
         }
         let len = params.block_bytes.min(room as usize);
         let _ = pacer.produce(len).await;
-        let block = match random_block(len) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "random generator failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
+        let mut block = Zeroizing::new(vec![0u8; len]);
+        rng.fill_bytes(&mut block);
         let Ok(mut st) = kme.lock() else { return };
         let end = st.local.end();
         let _ = st.local.append(end, block);
@@ -113,7 +127,10 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
     let cap = kme.capacity_bytes();
     let me = kme.kme_id().to_owned();
     let mut pacer = Pacer::new(&params, 2 * cap);
-    let mut session = new_session(&kme, &peer);
+    let Some((mut session, mut seed)) = new_session(&kme, &peer) else {
+        return;
+    };
+    let mut seq = 0u64;
     let mut announced = false;
     loop {
         // Pick the direction with less key held; none if both are full.
@@ -136,16 +153,20 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
         };
         let len = params.block_bytes.min(room as usize);
         let prefill = pacer.produce(len).await;
-        let block = match random_block(len) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "random generator failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
         let owner = if mine { me.as_str() } else { peer.as_str() };
-        match client.push_block(session, owner, offset, &block).await {
+        let announce = BlockAnnounce {
+            session,
+            seed: hex_seed(&seed),
+            seq,
+            owner: owner.to_owned(),
+            offset,
+            len: len as u64,
+        };
+        let block = derive_block(&seed, seq, len);
+        seq += 1;
+        let sent = client.announce_block(&announce).await;
+        drop(Zeroizing::new(announce.seed)); // wipe our copy of the hex seed
+        match sent {
             Ok(()) => {
                 if !announced {
                     tracing::info!(peer = %peer, %session, "QKD link up");
@@ -166,7 +187,11 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                     }
                 };
                 if !appended {
-                    session = new_session(&kme, &peer);
+                    let Some(s) = new_session(&kme, &peer) else {
+                        return;
+                    };
+                    (session, seed) = s;
+                    seq = 0;
                 }
             }
             Err(e) => {
@@ -181,52 +206,76 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                     pacer.refund(len);
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                session = new_session(&kme, &peer);
+                let Some(s) = new_session(&kme, &peer) else {
+                    return;
+                };
+                (session, seed) = s;
+                seq = 0;
             }
         }
     }
 }
 
-/// Starts a new session of the link at this end, wiping what it held.
-fn new_session(kme: &Kme, peer: &str) -> Uuid {
-    let session = Uuid::new_v4();
-    if let Ok(mut st) = kme.lock() {
-        if let Some(link) = st.links.get_mut(peer) {
-            link.reset(session);
-        }
+/// Starts a new session of the link at this end, wiping what it held; returns its ID and
+/// seed.
+fn new_session(kme: &Kme, peer: &str) -> Option<(Uuid, Zeroizing<[u8; 32]>)> {
+    let mut seed = Zeroizing::new([0u8; 32]);
+    if let Err(e) = getrandom::fill(&mut seed[..]) {
+        tracing::error!(error = %e, "cannot draw a link seed from the OS");
+        return None;
     }
-    session
+    let session = Uuid::new_v4();
+    let Ok(mut st) = kme.lock() else { return None };
+    if let Some(link) = st.links.get_mut(peer) {
+        link.reset(session);
+    }
+    Some((session, seed))
 }
 
-/// The far end receives one block of the link to `from_kme`.
-pub fn receive_block(
-    kme: &Kme,
-    from_kme: &str,
-    session: Uuid,
-    owner: &str,
-    offset: u64,
-    data: Zeroizing<Vec<u8>>,
-) -> Result<(), ApiError> {
+fn hex_seed(seed: &[u8; 32]) -> String {
+    seed.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_seed(hex: &str) -> Option<Zeroizing<[u8; 32]>> {
+    let mut seed = Zeroizing::new([0u8; 32]);
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, out) in seed.iter_mut().enumerate() {
+        *out = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(seed)
+}
+
+/// The far end receives one block announcement of the link to `from_kme`.
+pub fn receive_block(kme: &Kme, from_kme: &str, block: &BlockAnnounce) -> Result<(), ApiError> {
     let me = kme.kme_id().to_owned();
+    let seed = parse_seed(&block.seed).ok_or_else(|| ApiError::bad_request("bad link seed"))?;
+    let len = usize::try_from(block.len)
+        .ok()
+        .filter(|&l| l > 0 && l <= 16 << 20)
+        .ok_or_else(|| ApiError::bad_request("block length out of range"))?;
+    let data = derive_block(&seed, block.seq, len);
     let mut st = kme.lock()?;
     let link = st
         .links
         .get_mut(from_kme)
         .ok_or_else(|| ApiError::unauthorized(format!("no link with KME {from_kme}")))?;
-    if link.session != session {
-        tracing::info!(peer = from_kme, %session, "QKD link session started by peer");
-        link.reset(session);
+    if link.session != block.session {
+        tracing::info!(peer = from_kme, session = %block.session, "QKD link session started by peer");
+        link.reset(block.session);
     }
-    let stream = if owner == from_kme {
+    let stream = if block.owner == from_kme {
         &mut link.theirs
-    } else if owner == me {
+    } else if block.owner == me {
         &mut link.own
     } else {
         return Err(ApiError::bad_request(format!(
-            "unknown block owner {owner:?}"
+            "unknown block owner {:?}",
+            block.owner
         )));
     };
     stream
-        .append(offset, data)
+        .append(block.offset, data)
         .map_err(|e| ApiError::new(actix_web::http::StatusCode::CONFLICT, e.to_string()))
 }

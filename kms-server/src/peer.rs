@@ -1,8 +1,8 @@
 //! The KME-to-KME channel: wire types and a client, over mutual TLS with KME certificates.
 //!
 //! Two messages cross it:
-//! - `POST /internal/v1/link/blocks`: the simulated QKD link delivers one block of key
-//!   material to the far end (headers name the session, the owning direction and the offset).
+//! - `POST /internal/v1/link/blocks`: the simulated QKD link announces one block of key
+//!   material ([`BlockAnnounce`]); both ends derive the block's bytes from the session seed.
 //!   This stands in for the quantum channel plus post-processing of real hardware.
 //! - `POST /internal/v1/keys/register`: a KME that handed keys to a master registers their
 //!   IDs and stream ranges at the slaves' KME. Only offsets cross the wire, never key bytes.
@@ -11,15 +11,40 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 use crate::config::Settings;
 
 pub const BLOCKS_PATH: &str = "/internal/v1/link/blocks";
 pub const REGISTER_PATH: &str = "/internal/v1/keys/register";
-pub const HDR_SESSION: &str = "x-qkd-session";
-pub const HDR_OWNER: &str = "x-qkd-owner";
-pub const HDR_OFFSET: &str = "x-qkd-offset";
+
+/// A block of simulated link key: the far end derives its bytes from `seed` and `seq`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockAnnounce {
+    pub session: Uuid,
+    /// The session's 256-bit seed, hex (secret: crosses only the mutually authenticated
+    /// KME-to-KME channel, never logged).
+    pub seed: String,
+    /// Block number within the session.
+    pub seq: u64,
+    /// KME that allocates from this block.
+    pub owner: String,
+    /// Offset of the block in the owner's direction of the stream.
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl std::fmt::Debug for BlockAnnounce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockAnnounce")
+            .field("session", &self.session)
+            .field("seq", &self.seq)
+            .field("owner", &self.owner)
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
 
 /// One key registered at the slaves' KME: its ID and where its bytes sit in the stream
 /// owned by the registering KME.
@@ -129,23 +154,12 @@ impl PeerClient {
         self.check(resp).await
     }
 
-    /// Delivers one block of link key material to the peer.
-    pub async fn push_block(
-        &self,
-        session: Uuid,
-        owner: &str,
-        offset: u64,
-        data: &Zeroizing<Vec<u8>>,
-    ) -> Result<(), PeerError> {
-        // The body is copied into the request; the copy inside reqwest is not zeroized,
-        // which is acceptable only because this channel simulates the quantum link.
+    /// Announces one block of link key to the peer; returns once the peer holds it.
+    pub async fn announce_block(&self, block: &BlockAnnounce) -> Result<(), PeerError> {
         let resp = self
             .http
             .post(format!("{}{BLOCKS_PATH}", self.url))
-            .header(HDR_SESSION, session.to_string())
-            .header(HDR_OWNER, owner)
-            .header(HDR_OFFSET, offset.to_string())
-            .body(data.to_vec())
+            .json(block)
             .send()
             .await
             .map_err(|e| self.transport(e))?;

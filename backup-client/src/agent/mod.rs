@@ -386,13 +386,7 @@ async fn upload(
     let peer = a.peer(&caller).await?;
     let key_ids: Vec<Uuid> = frames
         .iter()
-        .flat_map(|f| {
-            f.header
-                .otp_key_ids
-                .iter()
-                .copied()
-                .chain([f.header.mac_key_id])
-        })
+        .flat_map(|f| f.header.key_ids.iter().copied())
         .collect();
     let mut keys = a
         .keys
@@ -412,13 +406,7 @@ async fn upload(
             chunk: f.header.chunk,
             nonce: f.header.nonce,
             data: buf,
-            key_ids: f
-                .header
-                .otp_key_ids
-                .iter()
-                .copied()
-                .chain([f.header.mac_key_id])
-                .collect(),
+            key_ids: f.header.key_ids.clone(),
         });
     }
     let stored: Vec<u64> = writes.iter().map(|w| w.chunk).collect();
@@ -505,8 +493,8 @@ async fn download(
                 let header = FrameHeader {
                     chunk,
                     nonce: nonce_of.get(&chunk).copied().unwrap_or(0),
-                    otp_key_ids: ck.otp_ids.clone(),
-                    mac_key_id: ck.mac_id,
+                    key_ids: ck.ids.clone(),
+                    pad: plan.pad_bytes > 0,
                     len: cs as u32,
                     error: None,
                 };
@@ -533,8 +521,8 @@ fn error_frame(chunk: u64, message: &str) -> web::Bytes {
     let header = FrameHeader {
         chunk,
         nonce: 0,
-        otp_key_ids: Vec::new(),
-        mac_key_id: Uuid::nil(),
+        key_ids: Vec::new(),
+        pad: false,
         len: 0,
         error: Some(message.to_owned()),
     };
