@@ -6,6 +6,7 @@
 //! Sites are named `A`, `B`, `C`, ...; site `X` runs KME `KME_X` with SAEs `SAE_X1`,
 //! `SAE_X2`, ... The default topology is the seed's: A linked to B and to C.
 
+pub mod bench;
 pub mod fastq;
 
 use std::net::TcpListener;
@@ -167,7 +168,8 @@ pub fn free_port() -> Result<u16> {
 
 /// Finds a workspace binary next to the running executable (or in its parent, for tests).
 pub fn sibling_binary(name: &str) -> Result<PathBuf> {
-    let env = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
+    // DEVNET_ prefix: `backup-client` reads every BACKUP_* variable as a setting.
+    let env = format!("DEVNET_{}_BIN", name.to_uppercase().replace('-', "_"));
     if let Some(p) = std::env::var_os(&env) {
         return Ok(PathBuf::from(p));
     }
@@ -240,8 +242,18 @@ impl Devnet {
         std::fs::create_dir_all(dir.join("logs"))?;
 
         let mut sites = Vec::new();
-        let mut children = Vec::new();
-        let mut agents = Vec::new();
+        // Until the network is up, a failure stops whatever was started (Drop of `guard`).
+        let mut guard = Devnet {
+            dir: dir.clone(),
+            info: DevnetInfo {
+                ca_cert: PathBuf::new(),
+                sites: Vec::new(),
+                links: Vec::new(),
+            },
+            children: Vec::new(),
+            agents: Vec::new(),
+            detached: false,
+        };
         for i in 0..opts.sites {
             let mut toml = format!(
                 "kme_id = \"{kme}\"\nlisten = \"127.0.0.1:{port}\"\nsaes = {saes:?}\n\n\
@@ -284,6 +296,8 @@ impl Devnet {
             std::fs::write(&cfg, toml)?;
             let log = dir.join("logs").join(format!("kme-{}.log", names[i]));
             let child = spawn(&kme_bin, &["--config"], &cfg, &log)?;
+            let kme_pid = child.id();
+            guard.children.push(Some(child));
             let site_dir = dir.join(format!("site-{}", names[i]));
             let store_dir = site_dir.join("shares");
             let agent_config = dir.join(format!("agent-{}.toml", names[i]));
@@ -339,7 +353,7 @@ impl Devnet {
                 std::fs::write(&client_config, client)?;
                 let agent = spawn(bin, &["serve", "--config"], &agent_config, &agent_log)?;
                 agent_pid = agent.id();
-                agents.push(Some(agent));
+                guard.agents.push(Some(agent));
             }
             sites.push(SiteInfo {
                 name: names[i].clone(),
@@ -358,7 +372,7 @@ impl Devnet {
                     .collect(),
                 kme_config: cfg,
                 kme_log: log,
-                kme_pid: child.id(),
+                kme_pid,
                 agent_url: if opts.agents {
                     agent_url(i)
                 } else {
@@ -391,7 +405,6 @@ impl Devnet {
                     PathBuf::new()
                 },
             });
-            children.push(Some(child));
         }
         let info = DevnetInfo {
             ca_cert: pki.ca.cert.clone(),
@@ -405,13 +418,8 @@ impl Devnet {
             dir.join("devnet.json"),
             serde_json::to_string_pretty(&info)?,
         )?;
-        let mut net = Devnet {
-            dir,
-            info,
-            children,
-            agents,
-            detached: false,
-        };
+        guard.info = info;
+        let mut net = guard;
         net.wait_ready(Duration::from_secs(60))?;
         Ok(net)
     }
@@ -598,4 +606,24 @@ pub fn down(dir: &Path) -> Result<usize> {
         }
     }
     Ok(stopped)
+}
+
+/// Whether two files have the same contents (streamed, 4 MiB at a time).
+pub fn files_equal(a: &Path, b: &Path) -> Result<bool> {
+    use std::io::Read;
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
 }

@@ -1,0 +1,375 @@
+//! `devnet bench`: throughput of every layer on a devnet, each figure beside a baseline
+//! measured in the same run, medians of several runs.
+//!
+//! - KME: complete master → slave exchanges (enc_keys at KME A, dec_keys at KME B) at
+//!   number = 1, 256-bit keys, with 1, 8 and 64 concurrent mTLS clients over keep-alive
+//!   connections, beside `GET status` at the same concurrency (the transport ceiling of the
+//!   same server); batched exchanges (1,024 keys of 256 bit per request); bulk key delivery
+//!   with the key size the backup client uses.
+//! - Pipeline: store and restore of a synthetic FASTQ file through the real CLI, beside a
+//!   plain copy of the same file (the disk baseline) and the seed's 356 / 502 Mbps.
+//! - Peak RSS (VmHWM) of the client, each site agent and each KME.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{fastq, Devnet, DevnetInfo, Options};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub dir: PathBuf,
+    /// Size of the pipeline's test file.
+    pub size: u64,
+    /// Runs per figure (the median is printed).
+    pub runs: usize,
+    /// Seconds per KME measurement.
+    pub seconds: f64,
+    /// Skip the pipeline part.
+    pub kme_only: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident set of a process, bytes (VmHWM).
+fn peak_rss(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs `f` with `conc` concurrent tasks for `secs` seconds; returns operations per second.
+async fn rate<F, Fut>(conc: usize, secs: f64, f: F) -> Result<f64>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<u64>> + Send,
+{
+    let f = Arc::new(f);
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..conc {
+        let f = f.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ops = 0u64;
+            while Instant::now() < deadline {
+                ops += f(i).await?;
+            }
+            anyhow::Ok(ops)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// A 503 (pool momentarily empty: the link refills it) is waited out, not counted.
+async fn pool_wait<T>(r: Result<T, etsi_spec::ClientError>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.status().is_some_and(|s| s.as_u16() == 503) => {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+struct Clients {
+    master: Vec<etsi_spec::Client>,
+    slave: Vec<etsi_spec::Client>,
+}
+
+fn clients(info: &DevnetInfo, n: usize) -> Result<Arc<Clients>> {
+    // One client (one keep-alive connection pool) per concurrent task.
+    let mut master = Vec::new();
+    let mut slave = Vec::new();
+    for _ in 0..n {
+        master.push(info.client("SAE_A1")?);
+        slave.push(info.client("SAE_B1")?);
+    }
+    Ok(Arc::new(Clients { master, slave }))
+}
+
+async fn kme_part(info: &DevnetInfo, o: &BenchOptions) -> Result<()> {
+    println!(
+        "\nKME (ETSI 014 over mTLS, keep-alive; master SAE_A1 at KME_A, slave SAE_B1 at KME_B)"
+    );
+    println!(
+        "{:<52} {:>14} {:>20}",
+        "measurement", "median", "baseline (same run)"
+    );
+    for conc in [1usize, 8, 64] {
+        let cl = clients(info, conc)?;
+        let mut ex = Vec::new();
+        let mut base = Vec::new();
+        for _ in 0..o.runs {
+            let c = cl.clone();
+            base.push(
+                rate(conc, o.seconds, move |i| {
+                    let c = c.clone();
+                    async move {
+                        c.master[i].status("SAE_B1").await?;
+                        Ok(1)
+                    }
+                })
+                .await?,
+            );
+            let c = cl.clone();
+            ex.push(
+                rate(conc, o.seconds, move |i| {
+                    let c = c.clone();
+                    async move {
+                        let got = c.master[i].get_key("SAE_B1", Some(1), Some(256)).await?;
+                        let id = &got.keys[0].key_ID;
+                        let back = c.slave[i].get_key_with_id("SAE_A1", id).await?;
+                        if back.keys[0].key != got.keys[0].key {
+                            bail!("slave received other bytes");
+                        }
+                        Ok(1)
+                    }
+                })
+                .await?,
+            );
+        }
+        println!(
+            "{:<52} {:>10.0} /s {:>14.0} req/s",
+            format!("exchanges, number=1, 256 bit, {conc} client(s)"),
+            median(ex),
+            median(base)
+        );
+    }
+    let conc = 8;
+    let cl = clients(info, conc)?;
+    let mut batched = Vec::new();
+    let mut bulk = Vec::new();
+    for _ in 0..o.runs {
+        let c = cl.clone();
+        batched.push(
+            rate(conc, o.seconds, move |i| {
+                let c = c.clone();
+                async move {
+                    let req = etsi_spec::KeyRequest {
+                        number: Some(1024),
+                        size: Some(256),
+                        ..Default::default()
+                    };
+                    let Some(got) =
+                        pool_wait(c.master[i].enc_keys_decoded("SAE_B1", &req).await).await?
+                    else {
+                        return Ok(0);
+                    };
+                    let ids = etsi_spec::KeyIds::from_ids(got.iter().map(|(id, _)| id.to_string()));
+                    let back = c.slave[i].dec_keys_decoded("SAE_A1", &ids).await?;
+                    if back.len() != got.len() {
+                        bail!("slave received {} of {} keys", back.len(), got.len());
+                    }
+                    Ok(got.len() as u64)
+                }
+            })
+            .await?,
+        );
+        let c = cl.clone();
+        bulk.push(
+            rate(conc, o.seconds, move |i| {
+                let c = c.clone();
+                async move {
+                    let req = etsi_spec::KeyRequest {
+                        number: Some(32),
+                        size: Some(1_048_576),
+                        ..Default::default()
+                    };
+                    let Some(got) =
+                        pool_wait(c.master[i].enc_keys_decoded("SAE_B1", &req).await).await?
+                    else {
+                        return Ok(0);
+                    };
+                    let ids = etsi_spec::KeyIds::from_ids(got.iter().map(|(id, _)| id.to_string()));
+                    let back = c.slave[i].dec_keys_decoded("SAE_A1", &ids).await?;
+                    Ok(back.iter().map(|(_, k)| k.len() as u64).sum())
+                }
+            })
+            .await?,
+        );
+    }
+    println!(
+        "{:<52} {:>10.0} /s {:>20}",
+        "keys, batched 1,024 x 256 bit, 8 clients",
+        median(batched),
+        "-"
+    );
+    println!(
+        "{:<52} {:>9.2} Gbps {:>20}",
+        "bulk key, 32 x 128 KiB keys per request, 8 clients",
+        median(bulk) * 8.0 / 1e9,
+        "(each byte to master and slave)"
+    );
+    Ok(())
+}
+
+/// Runs the CLI, sampling its peak RSS; returns its JSON reply.
+fn cli(config: &Path, args: &[&str], peak: &mut u64) -> Result<serde_json::Value> {
+    let bin = crate::sibling_binary("backup-client")?;
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .arg("--json")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let pid = child.id();
+    let mut out = child.stdout.take().context("stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    loop {
+        if let Some(r) = peak_rss(pid) {
+            *peak = (*peak).max(r);
+        }
+        if let Some(status) = child.try_wait()? {
+            let text = reader.join().unwrap_or_default();
+            if !status.success() {
+                bail!("backup-client {args:?} failed ({status})");
+            }
+            return Ok(serde_json::from_str(text.trim())?);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pipeline_part(net: &Devnet, o: &BenchOptions) -> Result<u64> {
+    let file = o.dir.join("bench.fastq");
+    let out = o.dir.join("bench.restored");
+    let copy = o.dir.join("bench.copy");
+    println!(
+        "\nPipeline: {} synthetic FASTQ, 3 sites on this machine, k=2 n=3, store at A, restore at A",
+        fastq::human_size(o.size)
+    );
+    fastq::write_file(&file, o.size, 2021)?;
+    let site = &net.info.sites[0];
+    let mut peak = 0u64;
+    let (mut st, mut re, mut cp) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..o.runs {
+        let t = Instant::now();
+        std::fs::copy(&file, &copy)?;
+        std::fs::File::open(&copy)?.sync_all()?;
+        cp.push(o.size as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9);
+        std::fs::remove_file(&copy)?;
+        let s = cli(
+            &site.client_config,
+            &["store", file.to_str().context("path")?],
+            &mut peak,
+        )?;
+        let id = s["backup_id"].as_str().context("backup_id")?.to_owned();
+        st.push(o.size as f64 * 8.0 / s["seconds"].as_f64().unwrap_or(f64::NAN) / 1e9);
+        let r = cli(
+            &site.client_config,
+            &["restore", &id, out.to_str().context("path")?],
+            &mut peak,
+        )?;
+        re.push(o.size as f64 * 8.0 / r["seconds"].as_f64().unwrap_or(f64::NAN) / 1e9);
+        if !crate::files_equal(&file, &out)? {
+            bail!("run {run}: restored file differs from the original");
+        }
+        std::fs::remove_file(&out)?;
+        for s in &net.info.sites {
+            let _ = std::fs::remove_dir_all(s.store_dir.join(&id));
+        }
+    }
+    std::fs::remove_file(&file)?;
+    let (st, re, cp) = (median(st), median(re), median(cp));
+    println!(
+        "{:<52} {:>9.2} Gbps   {:>5.1}x seed (0.356)   {:.2}x cp",
+        "store",
+        st,
+        st / 0.356,
+        st / cp
+    );
+    println!(
+        "{:<52} {:>9.2} Gbps   {:>5.1}x seed (0.502)   {:.2}x cp",
+        "restore",
+        re,
+        re / 0.502,
+        re / cp
+    );
+    println!(
+        "{:<52} {:>9.2} Gbps",
+        "cp + fsync of the same file (disk baseline)", cp
+    );
+    Ok(peak)
+}
+
+/// Runs the whole benchmark and prints the tables.
+pub fn run(o: &BenchOptions) -> Result<()> {
+    std::fs::create_dir_all(&o.dir)?;
+    let net = Devnet::start(
+        &o.dir.join("net"),
+        &Options {
+            rate_bytes_per_sec: 0,
+            max_key_count: 1 << 20,
+            ..Options::default()
+        },
+    )?;
+    println!(
+        "devnet bench, {} (2 cores shared by every process), medians of {} run(s)",
+        chrono_free_date(),
+        o.runs
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(kme_part(&net.info, o))?;
+    let client_peak = if o.kme_only {
+        None
+    } else {
+        Some(pipeline_part(&net, o)?)
+    };
+    println!("\nPeak RSS (VmHWM)");
+    if let Some(p) = client_peak {
+        println!("  {:<20} {:>8.1} MiB", "client", p as f64 / 1048576.0);
+    }
+    for s in &net.info.sites {
+        for (what, pid) in [("KME", s.kme_pid), ("agent", s.agent_pid)] {
+            if let Some(r) = peak_rss(pid) {
+                println!(
+                    "  {:<20} {:>8.1} MiB",
+                    format!("{what} {}", s.name),
+                    r as f64 / 1048576.0
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn chrono_free_date() -> String {
+    Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
