@@ -70,7 +70,7 @@ impl Default for BackupDefaults {
             n: 3,
             scheme: SchemeName::Xor,
             chunk_size: 0,
-            streams: 4,
+            streams: 2,
             batch_chunks: 4,
             placement: Vec::new(),
             rng: "chacha12".into(),

@@ -487,7 +487,7 @@ impl BackupClient {
         let mut uploaders = Vec::new();
         let sent = Arc::new(AtomicU64::new(0));
         for (i, site, _, plan) in &alive {
-            let (tx, rx) = async_channel::bounded::<Job>(streams * batch + 2);
+            let (tx, rx) = async_channel::bounded::<Job>(streams * batch);
             senders.push((*i, tx));
             for _ in 0..streams {
                 let up = Uploader {

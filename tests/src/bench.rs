@@ -327,7 +327,7 @@ pub fn run(o: &BenchOptions) -> Result<()> {
         &o.dir.join("net"),
         &Options {
             rate_bytes_per_sec: 0,
-            max_key_count: 1 << 20,
+            max_key_count: 1 << 19,
             ..Options::default()
         },
     )?;

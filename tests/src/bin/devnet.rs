@@ -43,7 +43,7 @@ struct NetArgs {
     #[arg(long)]
     rate: Option<u64>,
     /// Pool capacity per link direction, in keys of 256 bits.
-    /// [default: 100000 for `up`, 1048576 (32 MiB) for `demo`]
+    /// [default: 100000 for `up`, 524288 (16 MiB) for `demo`]
     #[arg(long)]
     max_key_count: Option<u64>,
 }
@@ -83,7 +83,7 @@ enum Cmd {
     },
     /// The main job: back up a genome-sized file across the 3 sites and restore it, timed.
     ///
-    /// Starts the devnet (a KME and a backup site agent per site, bulk key rate, 32 MiB key
+    /// Starts the devnet (a KME and a backup site agent per site, bulk key rate, 16 MiB key
     /// pools), checks one ETSI 014 key exchange, writes a synthetic FASTQ file
     /// DIR/sample.fastq (--size, default 1 GiB), then runs the real CLI:
     /// `backup-client --config DIR/client-A.toml --json store DIR/sample.fastq` and
@@ -208,7 +208,7 @@ fn main() -> Result<()> {
         } => {
             let opts = net.options(Options {
                 rate_bytes_per_sec: 0,
-                max_key_count: 1_048_576,
+                max_key_count: 524_288,
                 agents: true,
                 ..Options::default()
             })?;
