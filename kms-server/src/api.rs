@@ -45,7 +45,42 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(register))
             .default_service(web::to(method_not_allowed)),
     )
+    .service(
+        web::resource("/admin/v1/links/{peer}/eavesdropper")
+            .route(web::post().to(set_eavesdropper))
+            .default_service(web::to(method_not_allowed)),
+    )
     .default_service(web::to(not_found));
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Eavesdropper {
+    /// Fraction of pulses an intercept-resend attacker takes (0 = none, 1 = all).
+    fraction: f64,
+}
+
+/// Operators only: put an intercept-resend attacker on a link (or remove it).
+async fn set_eavesdropper(
+    req: HttpRequest,
+    kme: Shared,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let cn = peer_cert(&req)?.cn.clone().unwrap_or_default();
+    if !kme.settings.operators.contains(&cn) {
+        return Err(ApiError::unauthorized(
+            "the admin interface needs an operator certificate",
+        ));
+    }
+    let body = read_body(payload, 4096).await?;
+    let e: Eavesdropper = parse_json(&body, "eavesdropper setting")?;
+    let perf = kme.set_eavesdropper(&path, e.fraction)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "peer_KME_ID": path.as_str(),
+        "fraction": e.fraction,
+        "model": perf,
+    })))
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {

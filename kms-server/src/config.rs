@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::physics::DeviceParams;
+
 /// A configuration error; the message names the offending field.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]
@@ -83,11 +85,22 @@ impl Default for Limits {
 #[serde(deny_unknown_fields, default)]
 pub struct LinkParams {
     /// Secure key rate in bytes per second; 0 = bulk (as fast as the machine goes).
+    /// Ignored when `length_km` is set (the physical model gives the rate).
     pub rate_bytes_per_sec: u64,
     /// Size of one block of key material moved at a time.
     pub block_bytes: usize,
     /// Start with full pools (as if the link had been running), then produce at the rate.
     pub prefill: bool,
+    /// Fibre length; when set, the rate and QBER come from the decoy-state BB84 model
+    /// ([`crate::physics`]) with the `device` parameters.
+    pub length_km: Option<f64>,
+    /// Device and fibre parameters of the model.
+    pub device: DeviceParams,
+    /// Fraction of pulses an intercept-resend eavesdropper attacks (0 = none); an operator
+    /// can change it at run time (`POST /admin/v1/links/{peer}/eavesdropper`).
+    pub eavesdropper: f64,
+    /// QBER above which the link aborts and produces no key.
+    pub abort_qber: f64,
 }
 
 impl Default for LinkParams {
@@ -97,7 +110,43 @@ impl Default for LinkParams {
             rate_bytes_per_sec: 1_250_000,
             block_bytes: 64 * 1024,
             prefill: true,
+            length_km: None,
+            device: DeviceParams::default(),
+            eavesdropper: 0.0,
+            abort_qber: 0.11,
         }
+    }
+}
+
+impl LinkParams {
+    /// Checks the link's parameters; the message names the field under `prefix`.
+    fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        if self.block_bytes == 0 || self.block_bytes > 16 << 20 {
+            return Err(ConfigError(format!(
+                "{prefix}.block_bytes: must be within 1..=16777216"
+            )));
+        }
+        if let Some(l) = self.length_km {
+            if !(0.0..=1000.0).contains(&l) {
+                return Err(ConfigError(format!(
+                    "{prefix}.length_km: must be within 0..=1000"
+                )));
+            }
+        }
+        self.device
+            .validate()
+            .map_err(|e| ConfigError(format!("{prefix}.device.{e}")))?;
+        if !(0.0..=1.0).contains(&self.eavesdropper) {
+            return Err(ConfigError(format!(
+                "{prefix}.eavesdropper: must be within 0..=1"
+            )));
+        }
+        if !(0.0..=0.5).contains(&self.abort_qber) {
+            return Err(ConfigError(format!(
+                "{prefix}.abort_qber: must be within 0..=0.5"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -140,6 +189,9 @@ pub struct Settings {
     pub local: LinkParams,
     #[serde(default)]
     pub peers: Vec<Peer>,
+    /// Certificate CNs of operators allowed to use the admin interface.
+    #[serde(default)]
+    pub operators: Vec<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -228,15 +280,9 @@ impl Settings {
             if !(p.url.starts_with("https://")) {
                 return err(format!("peers[{i}].url: must be an https:// URL"));
             }
-            if p.link.block_bytes == 0 || p.link.block_bytes > 16 << 20 {
-                return err(format!(
-                    "peers[{i}].link.block_bytes: must be within 1..=16777216"
-                ));
-            }
+            p.link.validate(&format!("peers[{i}].link"))?;
         }
-        if self.local.block_bytes == 0 || self.local.block_bytes > 16 << 20 {
-            return err("local.block_bytes: must be within 1..=16777216".into());
-        }
+        self.local.validate("local")?;
         let all = self.saes.iter().map(|s| ("saes", s)).chain(
             self.peers
                 .iter()

@@ -28,6 +28,11 @@ pub struct LinkState {
     pub own: Stream,
     /// The direction the peer allocates from (taken here when the peer registers keys).
     pub theirs: Stream,
+    /// Fraction of pulses an intercept-resend attacker takes (producing end only).
+    pub eavesdropper: f64,
+    /// What the physical model last said about the link (producer: computed; far end: as
+    /// announced by the producer).
+    pub perf: Option<crate::physics::LinkPerformance>,
 }
 
 impl LinkState {
@@ -70,7 +75,13 @@ impl Kme {
                 p.kme_id.clone(),
                 PeerClient::new(&settings, &p.kme_id, &p.url)?,
             );
-            state.links.insert(p.kme_id.clone(), LinkState::default());
+            state.links.insert(
+                p.kme_id.clone(),
+                LinkState {
+                    eavesdropper: p.link.eavesdropper,
+                    ..LinkState::default()
+                },
+            );
         }
         Ok(Kme {
             homes: settings.sae_homes(),
@@ -142,13 +153,35 @@ impl Kme {
         let target = self.home_of(slave, "slave")?.to_owned();
         let route = self.route(&target)?;
         let l = &self.settings.limits;
-        let available = {
+        let (available, perf) = {
             let st = self.lock()?;
             match route {
-                None => st.local.available(),
-                Some(peer) => st.links.get(peer).map_or(0, |link| link.own.available()),
+                None => (st.local.available(), None),
+                Some(peer) => st
+                    .links
+                    .get(peer)
+                    .map_or((0, None), |link| (link.own.available(), link.perf)),
             }
         };
+        let status_extension = route.zip(perf).map(|(peer, p)| {
+            let length = self
+                .settings
+                .peers
+                .iter()
+                .find(|x| x.kme_id == peer)
+                .and_then(|x| x.link.length_km);
+            let mut link = serde_json::Map::new();
+            link.insert("peer_KME_ID".into(), peer.into());
+            if let Some(l) = length {
+                link.insert("length_km".into(), l.into());
+            }
+            link.insert("qber".into(), p.qber.into());
+            link.insert("secure_key_rate_bps".into(), p.secure_key_rate_bps.into());
+            link.insert("alarm".into(), p.aborted.into());
+            let mut ext = serde_json::Map::new();
+            ext.insert("qkd_link".into(), serde_json::Value::Object(link));
+            ext
+        });
         Ok(Status {
             source_KME_ID: self.kme_id().to_owned(),
             target_KME_ID: target,
@@ -161,7 +194,7 @@ impl Kme {
             max_key_size: l.max_key_size,
             min_key_size: l.min_key_size,
             max_SAE_ID_count: l.max_sae_id_count,
-            status_extension: None,
+            status_extension,
         })
     }
 
@@ -357,6 +390,43 @@ impl Kme {
     }
 
     /// A peer registers keys it handed to one of its masters, for slaves attached here.
+    /// An operator puts an intercept-resend attacker on the link to `peer` (fraction of
+    /// pulses, 0 = none). Only the link's producing end models the link.
+    pub fn set_eavesdropper(
+        &self,
+        peer: &str,
+        fraction: f64,
+    ) -> Result<Option<crate::physics::LinkPerformance>, ApiError> {
+        if !(0.0..=1.0).contains(&fraction) {
+            return Err(ApiError::bad_request("fraction must be within 0..=1"));
+        }
+        let Some(cfg) = self.settings.peers.iter().find(|p| p.kme_id == peer) else {
+            return Err(ApiError::bad_request(format!("no QKD link to KME {peer}")));
+        };
+        if self.kme_id() > peer {
+            return Err(ApiError::bad_request(format!(
+                "the link is modelled at its producing end: switch the eavesdropper at KME {peer}"
+            )));
+        }
+        let mut st = self.lock()?;
+        let link = st
+            .links
+            .get_mut(peer)
+            .ok_or_else(|| ApiError::unavailable("link state missing"))?;
+        link.eavesdropper = fraction;
+        let perf = cfg
+            .link
+            .length_km
+            .map(|l| cfg.link.device.evaluate(l, fraction, cfg.link.abort_qber));
+        link.perf = perf.or(link.perf);
+        tracing::warn!(
+            peer,
+            fraction,
+            "operator set the eavesdropper on the QKD link"
+        );
+        Ok(perf)
+    }
+
     pub fn register(&self, from_kme: &str, reg: Registration) -> Result<(), ApiError> {
         if self.homes.get(&reg.master).map(String::as_str) != Some(from_kme) {
             return Err(ApiError::bad_request(format!(

@@ -22,6 +22,7 @@ pub mod keystore;
 pub mod kme;
 pub mod link;
 pub mod peer;
+pub mod physics;
 pub mod tls;
 
 use std::sync::Arc;

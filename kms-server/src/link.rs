@@ -50,6 +50,7 @@ fn new_rng() -> Option<ChaCha8Rng> {
 /// Paces a producer to `rate` bytes per second (0 = unlimited): a block becomes available
 /// only after the time the link needs to produce it.
 struct Pacer {
+    /// Bytes per second (0 = unlimited); the physical model updates it.
     rate: u64,
     /// Bytes that may still be produced without waiting (the prefill).
     burst: u64,
@@ -132,7 +133,78 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
     };
     let mut seq = 0u64;
     let mut announced = false;
+    let mut alarmed = false;
+    if let Some(l) = params.length_km {
+        let p = params
+            .device
+            .evaluate(l, params.eavesdropper, params.abort_qber);
+        tracing::info!(
+            peer = %peer,
+            length_km = l,
+            qber_percent = format!("{:.2}", p.qber * 100.0),
+            secure_key_rate_kbps = format!("{:.1}", p.secure_key_rate_bps / 1e3),
+            "QKD link model (decoy-state BB84)"
+        );
+    }
     loop {
+        // The physical model sets the rate; above the abort threshold no key is produced.
+        let mut perf = None;
+        if let Some(l) = params.length_km {
+            let eve = kme
+                .lock()
+                .ok()
+                .and_then(|st| st.links.get(&peer).map(|x| x.eavesdropper))
+                .unwrap_or(0.0);
+            let p = params.device.evaluate(l, eve, params.abort_qber);
+            if let Ok(mut st) = kme.lock() {
+                if let Some(link) = st.links.get_mut(&peer) {
+                    link.perf = Some(p);
+                }
+            }
+            pacer.rate = (p.secure_key_rate_bps / 8.0) as u64;
+            perf = Some(p);
+            if p.aborted || pacer.rate == 0 {
+                if p.aborted && !alarmed {
+                    tracing::error!(
+                        peer = %peer,
+                        qber_percent = format!("{:.1}", p.qber * 100.0),
+                        threshold_percent = format!("{:.1}", params.abort_qber * 100.0),
+                        "ALARM: QBER above the abort threshold (eavesdropping?); the QKD link produces no key"
+                    );
+                    alarmed = true;
+                }
+                // Tell the far end (a heartbeat without key), then wait for the attacker to go.
+                let hb = BlockAnnounce {
+                    session,
+                    seed: String::new(),
+                    seq,
+                    owner: me.clone(),
+                    offset: 0,
+                    len: 0,
+                    perf,
+                };
+                let _ = client.announce_block(&hb).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            if alarmed {
+                tracing::warn!(peer = %peer, qber_percent = format!("{:.1}", p.qber * 100.0), "QKD link recovered; producing key again");
+                alarmed = false;
+                // Tell the far end at once (the pool may be full, so no block may follow).
+                let hb = BlockAnnounce {
+                    session,
+                    seed: String::new(),
+                    seq,
+                    owner: me.clone(),
+                    offset: 0,
+                    len: 0,
+                    perf,
+                };
+                if let Err(e) = client.announce_block(&hb).await {
+                    tracing::warn!(peer = %peer, error = %e, "could not report the recovery to the peer");
+                }
+            }
+        }
         // Pick the direction with less key held; none if both are full.
         let pick = match kme.lock() {
             Ok(st) => st.links.get(&peer).and_then(|l| {
@@ -161,6 +233,7 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
             owner: owner.to_owned(),
             offset,
             len: len as u64,
+            perf,
         };
         let block = derive_block(&seed, seq, len);
         seq += 1;
@@ -250,6 +323,19 @@ fn parse_seed(hex: &str) -> Option<Zeroizing<[u8; 32]>> {
 /// The far end receives one block announcement of the link to `from_kme`.
 pub fn receive_block(kme: &Kme, from_kme: &str, block: &BlockAnnounce) -> Result<(), ApiError> {
     let me = kme.kme_id().to_owned();
+    if block.len == 0 {
+        // A heartbeat: only the link's state (e.g. an alarm) is reported.
+        let mut st = kme.lock()?;
+        let link = st
+            .links
+            .get_mut(from_kme)
+            .ok_or_else(|| ApiError::unauthorized(format!("no link with KME {from_kme}")))?;
+        if block.perf.is_some() {
+            link.perf = block.perf;
+        }
+        tracing::debug!(peer = from_kme, perf = ?block.perf, "link heartbeat");
+        return Ok(());
+    }
     let seed = parse_seed(&block.seed).ok_or_else(|| ApiError::bad_request("bad link seed"))?;
     let len = usize::try_from(block.len)
         .ok()
@@ -261,6 +347,9 @@ pub fn receive_block(kme: &Kme, from_kme: &str, block: &BlockAnnounce) -> Result
         .links
         .get_mut(from_kme)
         .ok_or_else(|| ApiError::unauthorized(format!("no link with KME {from_kme}")))?;
+    if block.perf.is_some() {
+        link.perf = block.perf;
+    }
     if link.session != block.session {
         tracing::info!(peer = from_kme, session = %block.session, "QKD link session started by peer");
         link.reset(block.session);

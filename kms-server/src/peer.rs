@@ -31,7 +31,11 @@ pub struct BlockAnnounce {
     pub owner: String,
     /// Offset of the block in the owner's direction of the stream.
     pub offset: u64,
+    /// Bytes in the block; 0 for a heartbeat that only reports the link's state.
     pub len: u64,
+    /// The link's modelled QBER and secure key rate, when it has a physical model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perf: Option<crate::physics::LinkPerformance>,
 }
 
 impl std::fmt::Debug for BlockAnnounce {

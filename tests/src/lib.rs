@@ -36,6 +36,8 @@ pub struct Options {
     pub agents: bool,
     /// TOML appended to every KME config (after the `[[peers]]` tables).
     pub extra_toml: String,
+    /// Fibre length of every link; the rate then comes from the physical model.
+    pub length_km: Option<f64>,
 }
 
 impl Default for Options {
@@ -51,6 +53,7 @@ impl Default for Options {
             block_bytes: 256 * 1024,
             agents: true,
             extra_toml: String::new(),
+            length_km: None,
         }
     }
 }
@@ -99,6 +102,9 @@ pub struct DevnetInfo {
     pub ca_cert: PathBuf,
     pub sites: Vec<SiteInfo>,
     pub links: Vec<[String; 2]>,
+    /// The operator identity (for the KMEs' admin interface, e.g. the eavesdropper switch).
+    #[serde(default)]
+    pub operator: Option<SaeInfo>,
 }
 
 impl DevnetInfo {
@@ -131,6 +137,9 @@ pub struct Devnet {
     agents: Vec<Option<Child>>,
     detached: bool,
 }
+
+/// CN of the devnet's operator certificate (allowed on the KMEs' admin interface).
+pub const OPERATOR: &str = "OPERATOR";
 
 /// Letter name of site `i`.
 pub fn site_name(i: usize) -> String {
@@ -225,6 +234,8 @@ impl Devnet {
         };
         let pki_dir = dir.join("pki");
         let pki = certs::DevPki::generate_with_agents(&pki_dir, &kme_ids, &all_saes, &all_agents)?;
+        let ca = certs::Ca::load(&pki.ca.cert, &pki.ca.key)?;
+        let operator = ca.issue_to(&pki_dir, OPERATOR, certs::Purpose::Sae)?;
         let ports: Vec<u16> = (0..opts.sites)
             .map(|_| free_port())
             .collect::<Result<_>>()?;
@@ -247,6 +258,7 @@ impl Devnet {
             dir: dir.clone(),
             info: DevnetInfo {
                 ca_cert: PathBuf::new(),
+                operator: None,
                 sites: Vec::new(),
                 links: Vec::new(),
             },
@@ -256,7 +268,7 @@ impl Devnet {
         };
         for i in 0..opts.sites {
             let mut toml = format!(
-                "kme_id = \"{kme}\"\nlisten = \"127.0.0.1:{port}\"\nsaes = {saes:?}\n\n\
+                "kme_id = \"{kme}\"\nlisten = \"127.0.0.1:{port}\"\nsaes = {saes:?}\noperators = [\"{OPERATOR}\"]\n\n\
                  [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\npeer_cert = \"{pc}\"\npeer_key = \"{pk}\"\n\n\
                  [limits]\nmax_key_count = {mkc}\nmax_key_per_request = {mkr}\nmax_key_size = {mks}\n\n\
                  [local]\nrate_bytes_per_sec = {rate}\nblock_bytes = {bb}\n",
@@ -282,8 +294,12 @@ impl Devnet {
                 } else {
                     continue;
                 };
+                let length = opts
+                    .length_km
+                    .map(|l| format!(", length_km = {l:?}"))
+                    .unwrap_or_default();
                 toml.push_str(&format!(
-                    "\n[[peers]]\nkme_id = \"{}\"\nurl = \"{}\"\nsaes = {:?}\nlink = {{ rate_bytes_per_sec = {}, block_bytes = {} }}\n",
+                    "\n[[peers]]\nkme_id = \"{}\"\nurl = \"{}\"\nsaes = {:?}\nlink = {{ rate_bytes_per_sec = {}, block_bytes = {}{length} }}\n",
                     kme_ids[j],
                     url(j),
                     attached(j),
@@ -408,6 +424,11 @@ impl Devnet {
         }
         let info = DevnetInfo {
             ca_cert: pki.ca.cert.clone(),
+            operator: Some(SaeInfo {
+                id: OPERATOR.to_owned(),
+                cert: operator.cert,
+                key: operator.key,
+            }),
             sites,
             links: links
                 .iter()

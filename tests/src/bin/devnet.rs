@@ -46,6 +46,11 @@ struct NetArgs {
     /// [default: 100000 for `up`, 524288 (16 MiB) for `demo`]
     #[arg(long)]
     max_key_count: Option<u64>,
+    /// Fibre length of every link, km: the link then runs the decoy-state BB84 model (rate
+    /// and QBER from length and device parameters; --rate is ignored). The KME logs the
+    /// modelled rate at start, and Status shows it in `status_extension.qkd_link`.
+    #[arg(long)]
+    length_km: Option<f64>,
 }
 
 impl NetArgs {
@@ -61,6 +66,7 @@ impl NetArgs {
             saes_per_site: self.saes_per_site.max(1),
             rate_bytes_per_sec: self.rate.unwrap_or(base.rate_bytes_per_sec),
             max_key_count: self.max_key_count.unwrap_or(base.max_key_count),
+            length_km: self.length_km.or(base.length_km),
             ..base
         })
     }

@@ -1,0 +1,114 @@
+//! The physically modelled link on a running devnet: modelled rate and QBER in Status, and
+//! an operator's eavesdropper switch that raises the QBER, stops the link and raises an alarm.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn link_ext(info: &devnet::DevnetInfo, master: &str, slave: &str) -> Value {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let st = rt
+        .block_on(info.client(master).unwrap().status(slave))
+        .unwrap();
+    serde_json::to_value(st.status_extension).unwrap()["qkd_link"].clone()
+}
+
+fn operator_post(
+    info: &devnet::DevnetInfo,
+    site: usize,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    fraction: f64,
+) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/stderr", "-w", "%{http_code}", "--cacert"])
+        .arg(&info.ca_cert)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .args(["-X", "POST", "-H", "Content-Type: application/json", "-d"])
+        .arg(format!("{{\"fraction\":{fraction}}}"))
+        .arg(format!(
+            "{}/admin/v1/links/KME_B/eavesdropper",
+            info.sites[site].kme_url
+        ))
+        .output()
+        .expect("curl");
+    (
+        String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_modelled_link_reports_its_rate_and_an_eavesdropper_stops_it_with_an_alarm() {
+    let net = common::start(devnet::Options {
+        length_km: Some(10.0),
+        max_key_count: 20_000,
+        agents: false,
+        ..devnet::Options::default()
+    });
+    let info = &net.info;
+    let ext = link_ext(info, "SAE_A1", "SAE_B1");
+    let rate = ext["secure_key_rate_bps"].as_f64().unwrap();
+    let qber = ext["qber"].as_f64().unwrap();
+    assert!(
+        (5e6..20e6).contains(&rate),
+        "about 10 Mbit/s at 10 km: {ext}"
+    );
+    assert!((0.01..0.03).contains(&qber), "{ext}");
+    assert_eq!(ext["alarm"], false);
+    let log = std::fs::read_to_string(&info.sites[0].kme_log).unwrap();
+    assert!(
+        log.contains("QKD link model"),
+        "the modelled rate is logged at start"
+    );
+
+    // Only an operator may switch the eavesdropper on.
+    let sae = &info.sites[0].saes[0];
+    let (code, _) = operator_post(info, 0, &sae.cert, &sae.key, 1.0);
+    assert_eq!(code, 401);
+    let op = info.operator.clone().unwrap();
+    let (code, body) = operator_post(info, 0, &op.cert, &op.key, 1.0);
+    assert_eq!(code, 200, "{body}");
+
+    // The QBER rises by about 25 points, the link aborts, both ends show the alarm.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = link_ext(info, "SAE_A1", "SAE_B1");
+        let b = link_ext(info, "SAE_B1", "SAE_A1");
+        if a["alarm"] == true && b["alarm"] == true {
+            assert!(a["qber"].as_f64().unwrap() > 0.2, "{a}");
+            assert_eq!(a["secure_key_rate_bps"], 0.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no alarm: {a} {b}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(&info.sites[0].kme_log).unwrap();
+    assert!(log.contains("ALARM"), "an alarm line is logged");
+
+    // The attacker goes: the link recovers.
+    let (code, _) = operator_post(info, 0, &op.cert, &op.key, 0.0);
+    assert_eq!(code, 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let b = link_ext(info, "SAE_B1", "SAE_A1");
+        if b["alarm"] == false {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "link did not recover: {b}\n{}\n{}",
+            std::fs::read_to_string(&info.sites[1].kme_log).unwrap(),
+            std::fs::read_to_string(&info.sites[0].kme_log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
