@@ -282,7 +282,13 @@ pub fn assemble(
     header: &crate::wire::FrameHeader,
     keys: &mut HashMap<Uuid, Zeroizing<Vec<u8>>>,
 ) -> Option<ChunkKeys> {
-    let mut material = Zeroizing::new(Vec::new());
+    // Sized up front: a growing Vec would leave unwiped copies of key bytes behind.
+    let total: usize = header
+        .key_ids
+        .iter()
+        .map(|id| keys.get(id).map_or(0, |k| k.len()))
+        .sum();
+    let mut material = Zeroizing::new(Vec::with_capacity(total));
     for id in &header.key_ids {
         material.extend_from_slice(&keys.remove(id)?);
     }

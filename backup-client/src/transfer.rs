@@ -16,7 +16,7 @@
 //! renamed over the output only after the whole-file digest matched. A share that fails
 //! (site down, damaged chunk, bad tag) is replaced by another from the chunk where it failed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -58,6 +58,9 @@ pub enum TransferError {
     Sharing(#[from] SharingError),
     #[error("{0}")]
     Failed(String),
+    /// The store must start again as a new backup (said why).
+    #[error("{0}")]
+    Restart(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
@@ -373,6 +376,13 @@ impl BackupClient {
         if let Some(dir) = pending_path.parent() {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
+        // One store of a file at a time: two would interleave different splits.
+        let _lock = lock_exclusive(&with_suffix(&pending_path, ".lock")).map_err(|_| {
+            TransferError::Usage(format!(
+                "another store of {} is running; wait for it to finish",
+                file.display()
+            ))
+        })?;
         write_atomic(
             &pending_path,
             &serde_json::to_vec_pretty(&pending).unwrap_or_default(),
@@ -395,6 +405,7 @@ impl BackupClient {
         // Open the share at each site and learn what it already holds.
         let mut reports: Vec<ShareReport> = Vec::new();
         let mut alive: Vec<(u8, Site, HashMap<u64, u64>, KeyPlan)> = Vec::new();
+        let mut completed_somewhere = false;
         for (i, site) in placement.iter().enumerate() {
             let i = i as u8;
             let r: Result<_, TransferError> = async {
@@ -421,11 +432,16 @@ impl BackupClient {
                     site.name != self.cfg.site,
                     &status,
                 )?;
-                Ok((st.chunks.into_iter().collect::<HashMap<u64, u64>>(), plan))
+                Ok((
+                    st.chunks.into_iter().collect::<HashMap<u64, u64>>(),
+                    plan,
+                    st.complete,
+                ))
             }
             .await;
             match r {
-                Ok((held, plan)) => {
+                Ok((held, plan, complete)) => {
+                    completed_somewhere |= complete;
                     reports.push(ShareReport {
                         share_index: i,
                         site: site.name.clone(),
@@ -469,13 +485,22 @@ impl BackupClient {
         }
 
         // A chunk is done when every site we store on holds it from the same split.
-        let done_chunks: HashSet<u64> = (0..chunk_count)
-            .filter(|j| {
-                let mut nonces = alive.iter().map(|(_, _, held, _)| held.get(j));
-                let first = nonces.next().flatten();
-                first.is_some() && nonces.all(|n| n == first)
+        let done_chunks: HashMap<u64, u64> = (0..chunk_count)
+            .filter_map(|j| {
+                let mut nonces = alive.iter().map(|(_, _, held, _)| held.get(&j));
+                let first = nonces.next().flatten().copied()?;
+                nonces.all(|n| n == Some(&first)).then_some((j, first))
             })
             .collect();
+        // A share completed by an earlier run cannot take chunks of a new split: if the other
+        // shares do not match it everywhere, this backup cannot be finished consistently.
+        if completed_somewhere && (done_chunks.len() as u64) < chunk_count {
+            let _ = fs::remove_file(&pending_path);
+            return Err(TransferError::Restart(format!(
+                "an earlier interrupted store of {} left shares of different splits; storing it again as a new backup",
+                file.display()
+            )));
+        }
         self.progress.total.store(size, Ordering::Relaxed);
         self.progress.done.store(0, Ordering::Relaxed);
 
@@ -539,8 +564,13 @@ impl BackupClient {
         // Collect uploader outcomes; a failed site either aborts the store or, degraded, is dropped.
         let mut failed: HashMap<u8, String> = HashMap::new();
         let mut first_error = None;
-        for (i, site_name, h) in uploaders {
-            match h.await {
+        // In completion order, so that a failed site stops the store at once.
+        let mut pending_uploads: futures_util::stream::FuturesUnordered<_> = uploaders
+            .into_iter()
+            .map(|(i, site_name, h)| async move { (i, site_name, h.await) })
+            .collect();
+        while let Some((i, site_name, outcome)) = pending_uploads.next().await {
+            match outcome {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     failed
@@ -570,7 +600,14 @@ impl BackupClient {
                 "store interrupted: {e}; re-run the same command to resume"
             )));
         }
-        let (digest, total) = split?;
+        let (digest, total, nonces) = split?;
+        let splits = crate::wire::splits_digest(
+            nonces
+                .iter()
+                .copied()
+                .enumerate()
+                .map(|(j, n)| (j as u64, n)),
+        );
         if total != size {
             return Err(TransferError::Failed(format!(
                 "{} changed while it was being stored ({size} bytes before, {total} read); run the store again",
@@ -602,6 +639,7 @@ impl BackupClient {
             let body = serde_json::to_vec(&Finalize {
                 header_hex: hex::encode(header),
                 trailer_hex: hex::encode(trailer.encode(&header)),
+                splits: splits.clone(),
             })
             .unwrap_or_default();
             let r: Result<Manifest, _> = self
@@ -820,9 +858,11 @@ impl BackupClient {
         let count = trailer.chunk_count;
         let mut start_chunk = 0u64;
         let mut hasher = blake3::Hasher::new();
-        if let (Ok(text), true) = (fs::read(&state_path), partial.exists()) {
+        if let (Ok(text), Ok(meta)) = (fs::read(&state_path), fs::metadata(&partial)) {
             if let Ok(st) = serde_json::from_slice::<RestoreState>(&text) {
-                if st.backup_id == id && st.chunks_done <= count {
+                // Resume only if the partial file really holds what the state says.
+                let prefix = (st.chunks_done * cs as u64).min(trailer.original_len);
+                if st.backup_id == id && st.chunks_done <= count && meta.len() >= prefix {
                     start_chunk = st.chunks_done;
                 }
             }
@@ -835,8 +875,8 @@ impl BackupClient {
             .open(&partial)
             .map_err(io_err(&partial))?;
         if start_chunk > 0 {
-            // Re-hash what is already written.
-            let prefix = start_chunk * cs as u64;
+            // Re-hash what is already written (the last chunk is shorter than a chunk).
+            let prefix = (start_chunk * cs as u64).min(trailer.original_len);
             let mut r = (&f).take(prefix);
             let mut buf = vec![0u8; 1 << 20];
             loop {
@@ -881,6 +921,7 @@ impl BackupClient {
                 chunk_size: cs,
                 max_per_request: info.max_per_request,
                 require_pad,
+                idle: self.cfg.backup.key_wait() + Duration::from_secs(60),
             };
             tokio::spawn(async move { dl.run(from, count, tx).await });
             rx
@@ -894,11 +935,15 @@ impl BackupClient {
         let mut since_sync = 0u64;
         for j in start_chunk..count {
             let mut pieces: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(k);
+            let mut split_nonce = None;
             let mut slot = 0;
             while slot < active.len() {
                 let got = active[slot].1.recv().await;
                 match got {
-                    Some(Ok((c, data))) if c == j => {
+                    Some(Ok((c, nonce, data)))
+                        if c == j && split_nonce.is_none_or(|n| n == nonce) =>
+                    {
+                        split_nonce = Some(nonce);
                         pieces.push(data);
                         slot += 1;
                     }
@@ -907,7 +952,12 @@ impl BackupClient {
                         let (site, share, _) = &usable[*idx];
                         let why = match other {
                             Some(Err(e)) => e,
-                            Some(Ok((c, _))) => format!("sent chunk {c} where {j} was expected"),
+                            Some(Ok((c, _, _))) if c != j => {
+                                format!("sent chunk {c} where {j} was expected")
+                            }
+                            Some(Ok(_)) => {
+                                "holds this chunk from another split than the other shares".into()
+                            }
                             None => "stream ended early".into(),
                         };
                         tracing::warn!(site = %site.name, share, chunk = j, reason = %why, "share rejected; trying another");
@@ -1039,6 +1089,21 @@ fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// An exclusive advisory lock on `path`, held while the returned file is open.
+fn lock_exclusive(path: &Path) -> std::io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), TransferError> {
     let tmp = with_suffix(path, ".tmp");
     let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
@@ -1054,11 +1119,12 @@ fn read_and_split(
     scheme: Scheme,
     chunk_size: usize,
     rng: Box<dyn RandomSource + Send>,
-    done: &HashSet<u64>,
+    done: &HashMap<u64, u64>,
     senders: Vec<(u8, async_channel::Sender<Job>)>,
     abort: &AtomicBool,
     progress: &Progress,
-) -> Result<([u8; 32], u64), TransferError> {
+) -> Result<([u8; 32], u64, Vec<u64>), TransferError> {
+    let mut nonces = Vec::new();
     let mut f = File::open(path).map_err(io_err(path))?;
     let mut splitter = Splitter::new(scheme, chunk_size, rng)?;
     let n = scheme.n() as usize;
@@ -1077,8 +1143,9 @@ fn read_and_split(
         }
         hasher.update(&secret[..got]);
         total += got as u64;
-        if done.contains(&j) {
+        if let Some(&n) = done.get(&j) {
             // Already stored everywhere by an earlier run.
+            nonces.push(n);
             progress.done.fetch_add(got as u64, Ordering::Relaxed);
         } else {
             secret[got..].fill(0);
@@ -1087,6 +1154,7 @@ fn read_and_split(
             getrandom::fill(&mut nonce_src)
                 .map_err(|e| TransferError::Failed(format!("OS random: {e}")))?;
             let nonce = u64::from_le_bytes(nonce_src);
+            nonces.push(nonce);
             let mut shares: Vec<Option<Vec<u8>>> = shares.into_iter().map(Some).collect();
             for (i, tx) in &senders {
                 let Some(data) = shares[*i as usize].take() else {
@@ -1109,7 +1177,7 @@ fn read_and_split(
             break;
         }
     }
-    Ok((*hasher.finalize().as_bytes(), total))
+    Ok((*hasher.finalize().as_bytes(), total, nonces))
 }
 
 fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -1278,10 +1346,13 @@ struct Downloader {
     max_per_request: usize,
     /// The share comes from another site: it must arrive one-time-padded.
     require_pad: bool,
+    /// Longest silence of the site before the share is given up (the agent may be waiting
+    /// for QKD key itself).
+    idle: Duration,
 }
 
 /// Chunks of one share on their way to the combiner: `(chunk, plaintext)` or why it failed.
-type ChunkMsg = Result<(u64, Zeroizing<Vec<u8>>), String>;
+type ChunkMsg = Result<(u64, u64, Zeroizing<Vec<u8>>), String>;
 type ChunkTx = tokio::sync::mpsc::Sender<ChunkMsg>;
 type ChunkRx = tokio::sync::mpsc::Receiver<ChunkMsg>;
 
@@ -1363,7 +1434,7 @@ impl Downloader {
                     let mut plain = Zeroizing::new(vec![0u8; self.chunk_size]);
                     open_into(f, &ctx, &ck, self.require_pad, &mut plain)
                         .map_err(|e: SealError| e.to_string())?;
-                    if tx.send(Ok((expect, plain))).await.is_err() {
+                    if tx.send(Ok((expect, f.header.nonce, plain))).await.is_err() {
                         return Ok(()); // restore no longer needs this share
                     }
                     expect += 1;
@@ -1373,7 +1444,10 @@ impl Downloader {
             if expect >= to {
                 return Ok(());
             }
-            match stream.next().await {
+            let next = tokio::time::timeout(self.idle, stream.next())
+                .await
+                .map_err(|_| format!("no data from the site for {:?}", self.idle))?;
+            match next {
                 Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
                 Some(Err(e)) => return Err(format!("connection lost: {e}")),
                 None => return Err(format!("stream ended at chunk {expect} of {to}")),

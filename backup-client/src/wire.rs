@@ -225,6 +225,19 @@ pub struct Stored {
 pub struct Finalize {
     pub header_hex: String,
     pub trailer_hex: String,
+    /// [`splits_digest`] of the `(chunk, nonce)` of every chunk, as the client split them:
+    /// the agent refuses to complete a share whose chunks come from other splits.
+    pub splits: String,
+}
+
+/// BLAKE3 (hex) over the little-endian `(chunk, nonce)` pairs in chunk order.
+pub fn splits_digest(nonces: impl IntoIterator<Item = (u64, u64)>) -> String {
+    let mut h = blake3::Hasher::new();
+    for (j, n) in nonces {
+        h.update(&j.to_le_bytes());
+        h.update(&n.to_le_bytes());
+    }
+    h.finalize().to_hex().to_string()
 }
 
 /// One share's result in `POST /v1/backups/{id}/verify`.

@@ -268,9 +268,10 @@ async fn receive_block(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let from = caller_kme(&req, &kme)?;
-    let body = read_body(payload, 64 * 1024).await?;
-    let block: BlockAnnounce = parse_json(&body, "block announcement")?;
-    link::receive_block(&kme, &from, &block)?;
+    let mut body = read_body(payload, 64 * 1024).await?;
+    let block: Result<BlockAnnounce, _> = parse_json(&body, "block announcement");
+    zeroize::Zeroize::zeroize(&mut body[..]); // it holds the link seed
+    link::receive_block(&kme, &from, &block?)?;
     Ok(HttpResponse::Ok().finish())
 }
 

@@ -64,6 +64,8 @@ pub struct Limits {
     pub max_sae_id_count: u64,
     /// Largest accepted request body, bytes.
     pub max_body_bytes: usize,
+    /// Seconds a key waits for its slaves before it is erased unfetched.
+    pub key_ttl_secs: u64,
 }
 
 impl Default for Limits {
@@ -76,6 +78,7 @@ impl Default for Limits {
             max_key_count: 100_000,
             max_sae_id_count: 2,
             max_body_bytes: 256 * 1024,
+            key_ttl_secs: 3600,
         }
     }
 }
@@ -257,6 +260,9 @@ impl Settings {
         }
         if l.max_key_per_request == 0 || l.max_key_per_request > 1_000_000 {
             return err("limits.max_key_per_request: must be within 1..=1000000".into());
+        }
+        if l.key_ttl_secs == 0 {
+            return err("limits.key_ttl_secs: must be positive".into());
         }
         if l.max_key_count == 0 {
             return err("limits.max_key_count: must be positive".into());

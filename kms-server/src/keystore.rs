@@ -143,7 +143,8 @@ impl Stream {
         let mut sorted: Vec<(u64, u64)> = ranges.to_vec();
         sorted.sort_unstable();
         for w in sorted.windows(2) {
-            if w[0].0 + w[0].1 > w[1].0 {
+            // An end past u64::MAX overlaps everything after it.
+            if w[0].0.checked_add(w[0].1).is_none_or(|end| end > w[1].0) {
                 return Err(TakeError::Overlap);
             }
         }
@@ -224,6 +225,8 @@ pub struct KeyRecord {
     /// Slaves at this KME that have not fetched it yet.
     pub pending: Vec<String>,
     pub bytes: Zeroizing<Vec<u8>>,
+    /// When the master obtained it; keys no slave fetches in time are erased.
+    pub created: std::time::Instant,
 }
 
 /// Why a key could not be delivered to a slave.
@@ -267,6 +270,14 @@ impl Records {
         if !record.pending.is_empty() {
             self.map.insert(id, record);
         }
+    }
+
+    /// Erases (zeroizes) keys that were obtained more than `max_age` ago and that some slave
+    /// never fetched; returns how many.
+    pub fn expire(&mut self, max_age: std::time::Duration) -> usize {
+        let before = self.map.len();
+        self.map.retain(|_, r| r.created.elapsed() < max_age);
+        before - self.map.len()
     }
 
     /// Delivers the named keys to `slave` for `master`, all or nothing.
@@ -384,6 +395,7 @@ mod tests {
                 master: "M".into(),
                 pending: vec!["S1".into(), "S2".into()],
                 bytes: Zeroizing::new(vec![9; 4]),
+                created: std::time::Instant::now(),
             },
         );
         let ids = [id.to_string()];
@@ -394,5 +406,21 @@ mod tests {
         assert_eq!(r.len(), 1);
         r.deliver("M", "S2", &ids).unwrap();
         assert!(r.is_empty(), "erased after the last slave");
+        r.insert(
+            id,
+            KeyRecord {
+                master: "M".into(),
+                pending: vec!["S1".into()],
+                bytes: Zeroizing::new(vec![1; 4]),
+                created: std::time::Instant::now(),
+            },
+        );
+        assert_eq!(r.expire(std::time::Duration::from_secs(60)), 0);
+        assert_eq!(
+            r.expire(std::time::Duration::ZERO),
+            1,
+            "unfetched keys expire"
+        );
+        assert!(r.deliver("M", "S1", &ids).is_err());
     }
 }

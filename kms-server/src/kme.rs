@@ -342,6 +342,7 @@ impl Kme {
                         master: caller.to_owned(),
                         pending: local_slaves.clone(),
                         bytes: Zeroizing::new(bytes.to_vec()),
+                        created: std::time::Instant::now(),
                     },
                 );
             }
@@ -471,6 +472,7 @@ impl Kme {
                     master: reg.master.clone(),
                     pending: reg.slaves.clone(),
                     bytes,
+                    created: std::time::Instant::now(),
                 },
             );
         }

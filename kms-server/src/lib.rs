@@ -40,6 +40,7 @@ pub async fn run(settings: config::Settings) -> anyhow::Result<()> {
         settings.workers
     };
     tokio::spawn(link::run_local(kme.clone(), settings.local.clone()));
+    tokio::spawn(expire_unfetched(kme.clone()));
     for p in &settings.peers {
         if settings.kme_id < p.kme_id {
             tokio::spawn(link::run_producer(
@@ -58,4 +59,19 @@ pub async fn run(settings: config::Settings) -> anyhow::Result<()> {
     tracing::info!(kme = %settings.kme_id, %listen, "KME serving ETSI GS QKD 014");
     server.run().await?;
     Ok(())
+}
+
+/// Erases keys that no slave fetched within `limits.key_ttl_secs`.
+async fn expire_unfetched(kme: Arc<kme::Kme>) {
+    let ttl = std::time::Duration::from_secs(kme.settings.limits.key_ttl_secs);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        let Ok(mut st) = kme.lock() else { return };
+        let n = st.records.expire(ttl);
+        drop(st);
+        if n > 0 {
+            tracing::info!(keys = n, "erased keys that no slave fetched in time");
+        }
+    }
 }

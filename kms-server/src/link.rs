@@ -238,7 +238,6 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
         let block = derive_block(&seed, seq, len);
         seq += 1;
         let sent = client.announce_block(&announce).await;
-        drop(Zeroizing::new(announce.seed)); // wipe our copy of the hex seed
         match sent {
             Ok(()) => {
                 if !announced {
@@ -306,7 +305,14 @@ fn new_session(kme: &Kme, peer: &str) -> Option<(Uuid, Zeroizing<[u8; 32]>)> {
 }
 
 fn hex_seed(seed: &[u8; 32]) -> String {
-    seed.iter().map(|b| format!("{b:02x}")).collect()
+    // Sized up front so no partial copies of the seed are left behind while it grows.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for b in seed {
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 15)] as char);
+    }
+    s
 }
 
 fn parse_seed(hex: &str) -> Option<Zeroizing<[u8; 32]>> {

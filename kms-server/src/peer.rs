@@ -38,6 +38,12 @@ pub struct BlockAnnounce {
     pub perf: Option<crate::physics::LinkPerformance>,
 }
 
+impl Drop for BlockAnnounce {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.seed);
+    }
+}
+
 impl std::fmt::Debug for BlockAnnounce {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlockAnnounce")

@@ -170,9 +170,27 @@ pub fn parse_links(spec: &str, sites: usize) -> Result<Vec<(usize, usize)>> {
     Ok(out)
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released).
+/// A free TCP port on 127.0.0.1 (bound then released), chosen below the kernel's ephemeral
+/// range (32768 and up) so that outgoing connections of parallel tests cannot take it
+/// before the server binds it.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ (u64::from(std::process::id()) << 32);
+    for _ in 0..1000 {
+        let mut x = seed ^ NEXT.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        x ^= x >> 31;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 29;
+        let port = 20_000 + (x % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free TCP port found in 20000..32000 on 127.0.0.1")
 }
 
 /// Finds a workspace binary next to the running executable (or in its parent, for tests).
@@ -330,12 +348,15 @@ impl Devnet {
                 std::fs::write(
                     &agent_config,
                     format!(
-                        "sae_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\nkme_url = \"{}\"\nstore_dir = \"{}\"\n\n\
+                        "sae_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\nkme_url = \"{}\"\nstore_dir = \"{}\"\n\
+                         # the backup clients of every site (restore anywhere after a disaster)\n\
+                         allowed_clients = {:?}\n\n\
                          [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
                         agent_id(i),
                         agent_ports[i],
                         url(i),
                         store_dir.display(),
+                        (0..opts.sites).map(|j| sae_ids(j)[0].clone()).collect::<Vec<_>>(),
                         pki.ca.cert.display(),
                         agent_files.cert.display(),
                         agent_files.key.display(),

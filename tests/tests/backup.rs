@@ -372,3 +372,27 @@ fn a_chunk_tampered_in_flight_is_rejected_and_sent_again_with_new_keys() {
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("authentication failed"), "{}", r.stderr);
 }
+
+#[test]
+fn only_backup_clients_may_read_shares_not_other_agents() {
+    let net = backup_net(None);
+    let dir = tempfile::tempdir().unwrap();
+    let f = random_file(dir.path(), "in", 70_000);
+    let id = store(&net.info, 0, &f, SMALL_CHUNKS);
+    // Site B's agent (a certificate of the same CA) asks site C's agent for share 2.
+    let pki = net.info.ca_cert.parent().unwrap();
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(&net.info.ca_cert)
+        .arg("--cert")
+        .arg(pki.join("sae-AGENT_B.pem"))
+        .arg("--key")
+        .arg(pki.join("sae-AGENT_B.key"))
+        .arg(format!(
+            "{}/v1/backups/{id}/shares/2/chunks",
+            net.info.sites[2].agent_url
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
+}

@@ -25,25 +25,28 @@ fn operator_post(
     key: &std::path::Path,
     fraction: f64,
 ) -> (u16, String) {
-    let out = std::process::Command::new("curl")
-        .args(["-s", "-o", "/dev/stderr", "-w", "%{http_code}", "--cacert"])
-        .arg(&info.ca_cert)
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .args(["-X", "POST", "-H", "Content-Type: application/json", "-d"])
-        .arg(format!("{{\"fraction\":{fraction}}}"))
-        .arg(format!(
-            "{}/admin/v1/links/KME_B/eavesdropper",
-            info.sites[site].kme_url
-        ))
-        .output()
-        .expect("curl");
-    (
-        String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = std::fs::read(&info.ca_cert).unwrap();
+    let ident = etsi_spec::Identity::from_files(cert, key).unwrap();
+    let url = &info.sites[site].kme_url;
+    let http = etsi_spec::Client::new(url, &ca, Some(&ident))
+        .unwrap()
+        .http()
+        .clone();
+    rt.block_on(async {
+        let r = http
+            .post(format!("{url}/admin/v1/links/KME_B/eavesdropper"))
+            .header("content-type", "application/json")
+            .body(format!("{{\"fraction\":{fraction}}}"))
+            .send()
+            .await
+            .expect("admin request sent");
+        let code = r.status().as_u16();
+        (code, r.text().await.unwrap_or_default())
+    })
 }
 
 #[test]
@@ -72,8 +75,8 @@ fn a_modelled_link_reports_its_rate_and_an_eavesdropper_stops_it_with_an_alarm()
 
     // Only an operator may switch the eavesdropper on.
     let sae = &info.sites[0].saes[0];
-    let (code, _) = operator_post(info, 0, &sae.cert, &sae.key, 1.0);
-    assert_eq!(code, 401);
+    let (code, body) = operator_post(info, 0, &sae.cert, &sae.key, 1.0);
+    assert_eq!(code, 401, "{body}");
     let op = info.operator.clone().unwrap();
     let (code, body) = operator_post(info, 0, &op.cert, &op.key, 1.0);
     assert_eq!(code, 200, "{body}");

@@ -137,6 +137,13 @@ impl Agent {
         Ok(cn)
     }
 
+    /// Whether `caller` may read a share: its owner always; other SAEs only when the
+    /// configuration lists them (`allowed_clients`, checked in [`Agent::caller`]), e.g. for
+    /// a restore at another site after a disaster.
+    fn may_read(&self, caller: &str, m: &Manifest) -> bool {
+        m.client_sae == caller || !self.cfg.allowed_clients.is_empty()
+    }
+
     /// Whether `sae` is at this site, and the KME limits for the pair, from the KME.
     async fn peer(&self, sae: &str) -> Result<Peer, ApiError> {
         if let Some(p) = self.peers.lock().ok().and_then(|m| m.get(sae).cloned()) {
@@ -228,8 +235,14 @@ async fn read_all(mut payload: web::Payload, limit: usize) -> Result<web::BytesM
 }
 
 async fn list(req: HttpRequest, a: Shared) -> Result<HttpResponse, ApiError> {
-    a.caller(&req)?;
-    Ok(HttpResponse::Ok().json(a.storage.list()?))
+    let caller = a.caller(&req)?;
+    let mine: Vec<Manifest> = a
+        .storage
+        .list()?
+        .into_iter()
+        .filter(|m| a.may_read(&caller, m))
+        .collect();
+    Ok(HttpResponse::Ok().json(mine))
 }
 
 async fn list_one(
@@ -237,7 +250,7 @@ async fn list_one(
     a: Shared,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    a.caller(&req)?;
+    let caller = a.caller(&req)?;
     let id = Uuid::try_parse(&path)
         .map_err(|_| bad(format!("{:?} is not a backup ID", path.as_str())))?;
     let m: Vec<Manifest> = a
@@ -245,6 +258,7 @@ async fn list_one(
         .shares_of(id)?
         .iter()
         .map(|s| s.manifest())
+        .filter(|m| a.may_read(&caller, m))
         .collect();
     Ok(HttpResponse::Ok().json(m))
 }
@@ -254,10 +268,15 @@ async fn verify(
     a: Shared,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    a.caller(&req)?;
+    let caller = a.caller(&req)?;
     let id = Uuid::try_parse(&path)
         .map_err(|_| bad(format!("{:?} is not a backup ID", path.as_str())))?;
-    let shares = a.storage.shares_of(id)?;
+    let shares: Vec<_> = a
+        .storage
+        .shares_of(id)?
+        .into_iter()
+        .filter(|s| a.may_read(&caller, &s.manifest()))
+        .collect();
     let checks = web::block(move || shares.iter().map(|s| s.check()).collect::<Vec<_>>())
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -282,6 +301,11 @@ async fn open_share(
     scheme
         .check_chunk_size(body.chunk_size as usize)
         .map_err(|e| bad(e.to_string()))?;
+    if body.original_len > 1 << 50 || body.chunk_count > 1 << 32 {
+        return Err(bad(
+            "original_len or chunk_count is beyond what this agent stores",
+        ));
+    }
     if body.original_len.div_ceil(u64::from(body.chunk_size)) != body.chunk_count {
         return Err(bad(
             "chunk_count does not match original_len and chunk_size",
@@ -296,11 +320,12 @@ async fn state(
     a: Shared,
     path: web::Path<(String, u8)>,
 ) -> Result<HttpResponse, ApiError> {
-    a.caller(&req)?;
+    let caller = a.caller(&req)?;
     let (id, i) = ids(&path)?;
     let s = a
         .storage
         .get(id, i)?
+        .filter(|s| a.may_read(&caller, &s.manifest()))
         .ok_or(StoreError::NotFound { id, index: i })?;
     Ok(HttpResponse::Ok().json(ShareState {
         chunks: s.state(),
@@ -330,12 +355,10 @@ async fn finalize(
         }
         .into());
     }
-    if m.complete {
-        return Ok(HttpResponse::Ok().json(m));
-    }
     let h = hex::decode(&body.header_hex).map_err(|_| bad("header_hex is not hex"))?;
     let t = hex::decode(&body.trailer_hex).map_err(|_| bad("trailer_hex is not hex"))?;
-    let m = web::block(move || s.finalize(&h, &t))
+    let splits = body.splits.clone();
+    let m = web::block(move || s.finalize(&h, &t, &splits))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     tracing::info!(backup = %id, share = i, "share complete");
@@ -365,7 +388,7 @@ async fn upload(
         .into());
     }
     let cs = m.open.chunk_size as usize;
-    let body = read_all(payload, 64 * cs + (1 << 20)).await?;
+    let body = read_all(payload, (64 * cs).min(256 << 20) + (1 << 20)).await?;
     // Parse every frame first: the whole request is accepted or refused.
     let mut frames = Vec::new();
     let mut pos = 0;
@@ -434,6 +457,7 @@ async fn download(
     let share = a
         .storage
         .get(id, i)?
+        .filter(|s| a.may_read(&caller, &s.manifest()))
         .ok_or(StoreError::NotFound { id, index: i })?;
     let m = share.manifest();
     if !m.complete {

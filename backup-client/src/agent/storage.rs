@@ -255,8 +255,27 @@ impl ShareFiles {
     }
 
     /// Marks the share complete after checking the header, trailer and chunk coverage.
-    pub fn finalize(&self, header: &[u8], trailer: &[u8]) -> Result<Manifest, StoreError> {
+    pub fn finalize(
+        &self,
+        header: &[u8],
+        trailer: &[u8],
+        splits: &str,
+    ) -> Result<Manifest, StoreError> {
         let fail = |m: String| StoreError::Finalize(m);
+        let current = self.manifest();
+        if current.complete {
+            // Idempotent for the same share; anything else is another backup's finalisation.
+            let same = current.header_hex.as_deref() == Some(&hex::encode(header)[..])
+                && current.trailer_hex.as_deref() == Some(&hex::encode(trailer)[..]);
+            return if same {
+                Ok(current)
+            } else {
+                Err(StoreError::Complete {
+                    id: self.id,
+                    index: self.index,
+                })
+            };
+        }
         let h: &[u8; HEADER_LEN] = header
             .try_into()
             .map_err(|_| fail("header length".into()))?;
@@ -287,6 +306,18 @@ impl ShareFiles {
                 "only {chunks} of {} chunks are stored",
                 m.open.chunk_count
             )));
+        }
+        let held = {
+            let c = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
+            crate::wire::splits_digest(
+                (0..m.open.chunk_count).map(|j| (j, c.get(&j).map_or(0, |&(n, _)| n))),
+            )
+        };
+        if held != splits {
+            return Err(fail(
+                "this share holds chunks of other splits than the client's; run the store again"
+                    .into(),
+            ));
         }
         m.header_hex = Some(hex::encode(header));
         m.trailer_hex = Some(hex::encode(trailer));
@@ -397,8 +428,18 @@ impl Storage {
             complete: false,
         };
         write_manifest(&dir, &m)?;
-        self.get(id, index)?
-            .ok_or(StoreError::NotFound { id, index })
+        let share = self
+            .get(id, index)?
+            .ok_or(StoreError::NotFound { id, index })?;
+        // The new files and folders must survive a power loss too.
+        for d in [
+            dir.as_path(),
+            dir.parent().unwrap_or(&self.root),
+            &self.root,
+        ] {
+            File::open(d).and_then(|f| f.sync_all()).map_err(io(d))?;
+        }
+        Ok(share)
     }
 
     /// The share, if this agent holds it.
