@@ -197,21 +197,10 @@ impl Client {
 }
 
 async fn decode_keys(resp: reqwest::Response) -> Result<Vec<DecodedKey>, ClientError> {
-    let status = resp.status();
-    let body = resp.bytes().await?;
-    if status == StatusCode::OK {
-        return read_key_container(&body).map_err(|e| ClientError::Protocol {
-            status,
-            reason: e.to_string(),
-        });
-    }
-    match serde_json::from_slice::<ApiError>(&body) {
-        Ok(error) => Err(ClientError::Api { status, error }),
-        Err(e) => Err(ClientError::Protocol {
-            status,
-            reason: e.to_string(),
-        }),
-    }
+    reply(resp, |body| {
+        read_key_container(body).map_err(|e| e.to_string())
+    })
+    .await
 }
 
 /// Percent-encodes an SAE ID for use as one path segment.
@@ -228,13 +217,21 @@ fn seg(id: &str) -> String {
 }
 
 async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, ClientError> {
+    reply(resp, |body| {
+        serde_json::from_slice(body).map_err(|e| e.to_string())
+    })
+    .await
+}
+
+/// A 200 reply parsed by `parse`; any other status as the spec's Error.
+async fn reply<T>(
+    resp: reqwest::Response,
+    parse: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Result<T, ClientError> {
     let status = resp.status();
     let body = resp.bytes().await?;
     if status == StatusCode::OK {
-        return serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
-            status,
-            reason: e.to_string(),
-        });
+        return parse(&body).map_err(|reason| ClientError::Protocol { status, reason });
     }
     match serde_json::from_slice::<ApiError>(&body) {
         Ok(error) => Err(ClientError::Api { status, error }),

@@ -174,16 +174,7 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                     alarmed = true;
                 }
                 // Tell the far end (a heartbeat without key), then wait for the attacker to go.
-                let hb = BlockAnnounce {
-                    session,
-                    seed: String::new(),
-                    seq,
-                    owner: me.clone(),
-                    offset: 0,
-                    len: 0,
-                    perf,
-                };
-                let _ = client.announce_block(&hb).await;
+                let _ = client.announce_block(&heartbeat(session, &me, perf)).await;
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
@@ -191,16 +182,7 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                 tracing::warn!(peer = %peer, qber_percent = format!("{:.1}", p.qber * 100.0), "QKD link recovered; producing key again");
                 alarmed = false;
                 // Tell the far end at once (the pool may be full, so no block may follow).
-                let hb = BlockAnnounce {
-                    session,
-                    seed: String::new(),
-                    seq,
-                    owner: me.clone(),
-                    offset: 0,
-                    len: 0,
-                    perf,
-                };
-                if let Err(e) = client.announce_block(&hb).await {
+                if let Err(e) = client.announce_block(&heartbeat(session, &me, perf)).await {
                     tracing::warn!(peer = %peer, error = %e, "could not report the recovery to the peer");
                 }
             }
@@ -285,6 +267,23 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                 seq = 0;
             }
         }
+    }
+}
+
+/// An announcement without key: it only reports the link's modelled state to the far end.
+fn heartbeat(
+    session: Uuid,
+    me: &str,
+    perf: Option<crate::physics::LinkPerformance>,
+) -> BlockAnnounce {
+    BlockAnnounce {
+        session,
+        seed: String::new(),
+        seq: 0,
+        owner: me.to_owned(),
+        offset: 0,
+        len: 0,
+        perf,
     }
 }
 

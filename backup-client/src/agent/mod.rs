@@ -216,10 +216,12 @@ fn routes(cfg: &mut web::ServiceConfig) {
         }));
 }
 
+fn backup_id(s: &str) -> Result<Uuid, ApiError> {
+    Uuid::try_parse(s).map_err(|_| bad(format!("{s:?} is not a backup ID")))
+}
+
 fn ids(path: &(String, u8)) -> Result<(Uuid, u8), ApiError> {
-    let id =
-        Uuid::try_parse(&path.0).map_err(|_| bad(format!("{:?} is not a backup ID", path.0)))?;
-    Ok((id, path.1))
+    Ok((backup_id(&path.0)?, path.1))
 }
 
 async fn read_all(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
@@ -251,8 +253,7 @@ async fn list_one(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let caller = a.caller(&req)?;
-    let id = Uuid::try_parse(&path)
-        .map_err(|_| bad(format!("{:?} is not a backup ID", path.as_str())))?;
+    let id = backup_id(&path)?;
     let m: Vec<Manifest> = a
         .storage
         .shares_of(id)?
@@ -269,8 +270,7 @@ async fn verify(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let caller = a.caller(&req)?;
-    let id = Uuid::try_parse(&path)
-        .map_err(|_| bad(format!("{:?} is not a backup ID", path.as_str())))?;
+    let id = backup_id(&path)?;
     let shares: Vec<_> = a
         .storage
         .shares_of(id)?
