@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use crate::error::ApiError;
 use crate::kme::{IssuedKeys, Kme};
 use crate::link;
-use crate::peer::{BlockAnnounce, Registration};
+use crate::peer::{BlockAnnounce, RegisterBatch, RegisterResults};
 use crate::tls::PeerCert;
 
 type Shared = web::Data<Arc<Kme>>;
@@ -281,8 +281,12 @@ async fn register(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let from = caller_kme(&req, &kme)?;
-    let body = read_body(payload, 64 << 20).await?;
-    let reg: Registration = parse_json(&body, "registration")?;
-    kme.register(&from, reg)?;
-    Ok(HttpResponse::Ok().finish())
+    let body = read_body(payload, 256 << 20).await?;
+    let batch: RegisterBatch = parse_json(&body, "registration")?;
+    let results: Vec<Option<String>> = batch
+        .registrations
+        .into_iter()
+        .map(|reg| kme.register(&from, reg).err().map(|e| e.body.message))
+        .collect();
+    Ok(HttpResponse::Ok().json(RegisterResults { results }))
 }

@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::keystore::{DeliverError, KeyRecord, Records, Stream};
-use crate::peer::{PeerClient, PeerError, RegisteredKey, Registration};
+use crate::peer::{PeerClient, PeerError, RegisteredKey, Registrar, Registration};
 
 /// One QKD link as seen from this KME.
 #[derive(Default)]
@@ -61,6 +61,7 @@ pub struct Kme {
     /// SAE ID → KME ID it is attached to.
     homes: HashMap<String, String>,
     peers: HashMap<String, PeerClient>,
+    registrars: HashMap<String, Registrar>,
     state: Mutex<State>,
     /// Signalled whenever key material is consumed, so link producers refill promptly.
     pub consumed: Notify,
@@ -83,7 +84,12 @@ impl Kme {
                 },
             );
         }
+        let registrars = peers
+            .iter()
+            .map(|(id, c)| (id.clone(), Registrar::start(c.clone())))
+            .collect();
         Ok(Kme {
+            registrars,
             homes: settings.sae_homes(),
             settings,
             peers,
@@ -321,11 +327,11 @@ impl Kme {
                 slaves: remote_slaves,
                 keys: registered,
             };
-            let client = self
-                .peers
+            let registrar = self
+                .registrars
                 .get(peer)
                 .ok_or_else(|| ApiError::unavailable("peer client missing"))?;
-            if let Err(e) = client.register(&reg).await {
+            if let Err(e) = registrar.register(reg).await {
                 // `keys` is dropped here: the bytes are wiped and never handed out.
                 tracing::warn!(peer, error = %e, "key registration failed; allocated key material discarded");
                 return Err(ApiError::unavailable(format!(

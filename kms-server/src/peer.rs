@@ -77,6 +77,101 @@ pub struct Registration {
     pub keys: Vec<RegisteredKey>,
 }
 
+/// Body of a registration request: registrations of several enc_keys calls, coalesced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterBatch {
+    pub registrations: Vec<Registration>,
+}
+
+/// Reply to a [`RegisterBatch`]: per registration, `None` (registered) or why not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterResults {
+    pub results: Vec<Option<String>>,
+}
+
+type Pending = (
+    Registration,
+    tokio::sync::oneshot::Sender<Result<(), String>>,
+);
+
+/// Coalesces concurrent registrations towards one peer into few requests (at most
+/// [`Registrar::WORKERS`] in flight, each carrying whatever queued meanwhile). Each
+/// registration still succeeds or fails on its own, all or nothing.
+#[derive(Clone)]
+pub struct Registrar {
+    tx: tokio::sync::mpsc::Sender<Pending>,
+}
+
+impl Registrar {
+    const WORKERS: usize = 2;
+    const MAX_BATCH: usize = 256;
+
+    /// Starts the workers (needs a Tokio runtime).
+    pub fn start(client: PeerClient) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Pending>(4096);
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..Self::WORKERS {
+            let rx = rx.clone();
+            let client = client.clone();
+            tokio::spawn(async move {
+                loop {
+                    let batch = {
+                        let mut rx = rx.lock().await;
+                        let Some(first) = rx.recv().await else { return };
+                        let mut batch = vec![first];
+                        while batch.len() < Self::MAX_BATCH {
+                            match rx.try_recv() {
+                                Ok(p) => batch.push(p),
+                                Err(_) => break,
+                            }
+                        }
+                        batch
+                    };
+                    let (regs, waiters): (Vec<Registration>, Vec<_>) = batch.into_iter().unzip();
+                    match client
+                        .register_batch(&RegisterBatch {
+                            registrations: regs,
+                        })
+                        .await
+                    {
+                        Ok(results) if results.len() == waiters.len() => {
+                            for (w, r) in waiters.into_iter().zip(results) {
+                                let _ = w.send(r.map_or(Ok(()), Err));
+                            }
+                        }
+                        Ok(_) => {
+                            for w in waiters {
+                                let _ = w.send(Err(
+                                    "peer answered a different number of results".into()
+                                ));
+                            }
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            for w in waiters {
+                                let _ = w.send(Err(msg.clone()));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Registrar { tx }
+    }
+
+    /// Registers keys at the peer; returns only once the peer holds them (or why not).
+    pub async fn register(&self, reg: Registration) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((reg, tx))
+            .await
+            .map_err(|_| "registration queue closed".to_owned())?;
+        rx.await
+            .unwrap_or_else(|_| Err("registration worker stopped".into()))
+    }
+}
+
 /// Failure on the KME-to-KME channel.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -152,16 +247,30 @@ impl PeerClient {
         })
     }
 
-    /// Registers keys at the peer; returns only once the peer holds them.
-    pub async fn register(&self, reg: &Registration) -> Result<(), PeerError> {
+    /// Sends registrations; returns the peer's verdict on each.
+    pub async fn register_batch(
+        &self,
+        batch: &RegisterBatch,
+    ) -> Result<Vec<Option<String>>, PeerError> {
         let resp = self
             .http
             .post(format!("{}{REGISTER_PATH}", self.url))
-            .json(reg)
+            .json(batch)
             .send()
             .await
             .map_err(|e| self.transport(e))?;
-        self.check(resp).await
+        if !resp.status().is_success() {
+            self.check(resp).await?;
+            return Ok(Vec::new());
+        }
+        let body = resp.bytes().await.map_err(|e| self.transport(e))?;
+        serde_json::from_slice::<RegisterResults>(&body)
+            .map(|r| r.results)
+            .map_err(|e| PeerError::Refused {
+                kme: self.kme_id.clone(),
+                status: 200,
+                message: format!("malformed registration reply: {e}"),
+            })
     }
 
     /// Announces one block of link key to the peer; returns once the peer holds it.
