@@ -21,12 +21,22 @@ use clap::Parser;
 ///   listen = "127.0.0.1:8443"
 ///   sae_id_field = "cn"              # cn | san-dns | san-uri | serial
 ///   saes = ["SAE_A1"]                # SAEs attached here
+///   operators = ["OPERATOR"]         # certificate CNs allowed on /admin/v1/
 ///   [tls]   ca, cert, key, peer_cert, peer_key  (PEM paths, relative to the file)
 ///   [limits] key_size=256 min_key_size=64 max_key_size=65536 max_key_per_request=1024
 ///            max_key_count=100000 max_sae_id_count=2 max_body_bytes=262144  (sizes in bits)
+///            key_ttl_secs=3600       # unfetched keys are erased after this
 ///   [local]  rate_bytes_per_sec=1250000 block_bytes=65536 prefill=true  (rate 0 = bulk)
 ///   [[peers]] kme_id="KME_B" url="https://127.0.0.1:9443" saes=["SAE_B1"]
-///             link = { rate_bytes_per_sec = 1250000, block_bytes = 65536, prefill = true }
+///   [peers.link] rate_bytes_per_sec=1250000 block_bytes=65536 prefill=true
+///                length_km=50            # physical model: rate and QBER from the length
+///                eavesdropper=0.0 abort_qber=0.11
+///   [peers.link.device] fibre_loss_db_per_km=0.2 bob_efficiency=0.5 detector_efficiency=0.2
+///                dark_count_probability=1e-5 misalignment=0.02 mean_photon_number=0.5
+///                error_correction_efficiency=1.16 repetition_rate_hz=1e9 sifting=0.9
+///
+/// Admin (operator certificate): POST /admin/v1/links/{peer}/eavesdropper {"fraction": 0..1}
+/// puts an intercept-resend attacker on a link (at its producing end, the smaller KME ID).
 ///
 /// Every key can be overridden from the environment with the KMS_ prefix and __ between
 /// levels, e.g. KMS_LISTEN=127.0.0.1:9000 or KMS_LIMITS__MAX_KEY_COUNT=5000.
