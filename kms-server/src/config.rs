@@ -179,6 +179,9 @@ pub struct Settings {
     /// HTTP worker threads (0 = one per core).
     #[serde(default)]
     pub workers: usize,
+    /// Plain-HTTP listener for Prometheus `/metrics` (none if unset).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     pub sae_id_field: SaeIdField,
     pub tls: Tls,

@@ -65,6 +65,7 @@ pub struct Kme {
     state: Mutex<State>,
     /// Signalled whenever key material is consumed, so link producers refill promptly.
     pub consumed: Notify,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Kme {
@@ -95,6 +96,7 @@ impl Kme {
             peers,
             state: Mutex::new(state),
             consumed: Notify::new(),
+            metrics: crate::metrics::Metrics::default(),
         })
     }
 
@@ -309,6 +311,8 @@ impl Kme {
             }
         };
         self.consumed.notify_waiters();
+        self.metrics
+            .consumed(remote.unwrap_or("local"), number * key_bytes);
         let mut keys: IssuedKeys = Vec::with_capacity(allocated.len());
         let mut registered = Vec::with_capacity(allocated.len());
         for (offset, bytes) in allocated {
@@ -484,6 +488,56 @@ impl Kme {
         }
         drop(st);
         self.consumed.notify_waiters();
+        self.metrics
+            .consumed(from_kme, ranges.iter().map(|r| r.1).sum());
         Ok(())
+    }
+
+    /// The live pool and link gauges, in the Prometheus text format.
+    pub fn gauges(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::from(
+            "# HELP qkd_pool_bytes Key held per link direction (own: for masters here).\n# TYPE qkd_pool_bytes gauge\n",
+        );
+        let Ok(st) = self.lock() else { return out };
+        for (peer, l) in &st.links {
+            let _ = writeln!(
+                out,
+                "qkd_pool_bytes{{peer=\"{peer}\",direction=\"own\"}} {}",
+                l.own.unconsumed()
+            );
+            let _ = writeln!(
+                out,
+                "qkd_pool_bytes{{peer=\"{peer}\",direction=\"theirs\"}} {}",
+                l.theirs.unconsumed()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE qkd_local_pool_bytes gauge\nqkd_local_pool_bytes {}",
+            st.local.unconsumed()
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE qkd_keys_awaiting_slaves gauge\nqkd_keys_awaiting_slaves {}",
+            st.records.len()
+        );
+        out.push_str("# TYPE qkd_link_qber gauge\n# TYPE qkd_link_secure_key_rate_bps gauge\n# TYPE qkd_link_alarm gauge\n");
+        for (peer, l) in &st.links {
+            if let Some(p) = l.perf {
+                let _ = writeln!(out, "qkd_link_qber{{peer=\"{peer}\"}} {}", p.qber);
+                let _ = writeln!(
+                    out,
+                    "qkd_link_secure_key_rate_bps{{peer=\"{peer}\"}} {}",
+                    p.secure_key_rate_bps
+                );
+                let _ = writeln!(
+                    out,
+                    "qkd_link_alarm{{peer=\"{peer}\"}} {}",
+                    u8::from(p.aborted)
+                );
+            }
+        }
+        out
     }
 }

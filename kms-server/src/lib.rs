@@ -21,6 +21,7 @@ pub mod error;
 pub mod keystore;
 pub mod kme;
 pub mod link;
+pub mod metrics;
 pub mod peer;
 pub mod physics;
 pub mod tls;
@@ -50,12 +51,59 @@ pub async fn run(settings: config::Settings) -> anyhow::Result<()> {
             ));
         }
     }
+    if let Some(addr) = settings.metrics_listen {
+        let k = kme.clone();
+        let metrics = HttpServer::new(move || {
+            let k = k.clone();
+            App::new().route(
+                "/metrics",
+                web::get().to(move || {
+                    let k = k.clone();
+                    async move {
+                        actix_web::HttpResponse::Ok()
+                            .content_type("text/plain; version=0.0.4")
+                            .body(k.metrics.render(&k.gauges()))
+                    }
+                }),
+            )
+        })
+        .workers(1)
+        .bind(addr)
+        .map_err(|e| anyhow::anyhow!("metrics_listen {addr}: {e}"))?;
+        tracing::info!(%addr, "Prometheus metrics at /metrics");
+        actix_web::rt::spawn(metrics.run());
+    }
     let data = web::Data::new(kme.clone());
-    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(api::routes))
-        .workers(workers)
-        .on_connect(tls::on_connect)
-        .bind_openssl(listen, acceptor)
-        .map_err(|e| anyhow::anyhow!("listen {listen}: {e}"))?;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .wrap_fn(|req, srv| {
+                use actix_web::dev::Service;
+                let start = std::time::Instant::now();
+                let kme = req.app_data::<web::Data<Arc<kme::Kme>>>().cloned();
+                let fut = srv.call(req);
+                async move {
+                    let res = fut.await?;
+                    if let Some(k) = kme {
+                        let ep = format!(
+                            "{} {}",
+                            res.request().method(),
+                            res.request()
+                                .match_pattern()
+                                .unwrap_or_else(|| "unmatched".into())
+                        );
+                        k.metrics
+                            .request(&ep, res.status().as_u16(), start.elapsed());
+                    }
+                    Ok(res)
+                }
+            })
+            .configure(api::routes)
+    })
+    .workers(workers)
+    .on_connect(tls::on_connect)
+    .bind_openssl(listen, acceptor)
+    .map_err(|e| anyhow::anyhow!("listen {listen}: {e}"))?;
     tracing::info!(kme = %settings.kme_id, %listen, "KME serving ETSI GS QKD 014");
     server.run().await?;
     Ok(())

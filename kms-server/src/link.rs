@@ -116,7 +116,9 @@ pub async fn run_local(kme: Arc<Kme>, params: LinkParams) {
         rng.fill_bytes(&mut block);
         let Ok(mut st) = kme.lock() else { return };
         let end = st.local.end();
-        let _ = st.local.append(end, block);
+        if st.local.append(end, block).is_ok() {
+            kme.metrics.generated("local", len as u64);
+        }
     }
 }
 
@@ -240,7 +242,9 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                         _ => false,
                     }
                 };
-                if !appended {
+                if appended {
+                    kme.metrics.generated(&peer, len as u64);
+                } else {
                     let Some(s) = new_session(&kme, &peer) else {
                         return;
                     };
@@ -371,5 +375,8 @@ pub fn receive_block(kme: &Kme, from_kme: &str, block: &BlockAnnounce) -> Result
     };
     stream
         .append(block.offset, data)
-        .map_err(|e| ApiError::new(actix_web::http::StatusCode::CONFLICT, e.to_string()))
+        .map_err(|e| ApiError::new(actix_web::http::StatusCode::CONFLICT, e.to_string()))?;
+    drop(st);
+    kme.metrics.generated(from_kme, len as u64);
+    Ok(())
 }

@@ -76,6 +76,9 @@ pub struct SiteInfo {
     pub kme_config: PathBuf,
     pub kme_log: PathBuf,
     pub kme_pid: u32,
+    /// Prometheus metrics of the KME (plain HTTP).
+    #[serde(default)]
+    pub metrics_url: String,
     /// `https://127.0.0.1:port` of the backup site agent.
     #[serde(default)]
     pub agent_url: String,
@@ -257,6 +260,9 @@ impl Devnet {
         let ports: Vec<u16> = (0..opts.sites)
             .map(|_| free_port())
             .collect::<Result<_>>()?;
+        let metrics_ports: Vec<u16> = (0..opts.sites)
+            .map(|_| free_port())
+            .collect::<Result<_>>()?;
         let agent_ports: Vec<u16> = (0..opts.sites)
             .map(|_| free_port())
             .collect::<Result<_>>()?;
@@ -286,12 +292,13 @@ impl Devnet {
         };
         for i in 0..opts.sites {
             let mut toml = format!(
-                "kme_id = \"{kme}\"\nlisten = \"127.0.0.1:{port}\"\nsaes = {saes:?}\noperators = [\"{OPERATOR}\"]\n\n\
+                "kme_id = \"{kme}\"\nlisten = \"127.0.0.1:{port}\"\nsaes = {saes:?}\noperators = [\"{OPERATOR}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n\
                  [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\npeer_cert = \"{pc}\"\npeer_key = \"{pk}\"\n\n\
                  [limits]\nmax_key_count = {mkc}\nmax_key_per_request = {mkr}\nmax_key_size = {mks}\n\n\
                  [local]\nrate_bytes_per_sec = {rate}\nblock_bytes = {bb}\n",
                 kme = kme_ids[i],
                 port = ports[i],
+                mport = metrics_ports[i],
                 saes = attached(i),
                 ca = pki.ca.cert.display(),
                 cert = pki.kme_servers[i].cert.display(),
@@ -410,6 +417,7 @@ impl Devnet {
                 kme_config: cfg,
                 kme_log: log,
                 kme_pid,
+                metrics_url: format!("http://127.0.0.1:{}/metrics", metrics_ports[i]),
                 agent_url: if opts.agents {
                     agent_url(i)
                 } else {

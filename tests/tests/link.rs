@@ -73,6 +73,23 @@ fn a_modelled_link_reports_its_rate_and_an_eavesdropper_stops_it_with_an_alarm()
         "the modelled rate is logged at start"
     );
 
+    // Prometheus metrics: pool levels, key counters, QBER, request counts and latencies.
+    let text = std::process::Command::new("curl")
+        .args(["-s", &info.sites[0].metrics_url])
+        .output()
+        .expect("curl")
+        .stdout;
+    let text = String::from_utf8_lossy(&text);
+    for needle in [
+        "qkd_pool_bytes{peer=\"KME_B\",direction=\"own\"}",
+        "qkd_key_generated_bytes_total{peer=\"KME_B\"}",
+        "qkd_link_qber{peer=\"KME_B\"} 0.0",
+        "kme_requests_total{endpoint=\"GET /api/v1/keys/{slave}/status\",code=\"200\"}",
+        "kme_request_duration_seconds_bucket{endpoint=\"GET /api/v1/keys/{slave}/status\",le=\"+Inf\"}",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+
     // Only an operator may switch the eavesdropper on.
     let sae = &info.sites[0].saes[0];
     let (code, body) = operator_post(info, 0, &sae.cert, &sae.key, 1.0);
