@@ -176,6 +176,9 @@ pub fn parse_links(spec: &str, sites: usize) -> Result<Vec<(usize, usize)>> {
 /// A free TCP port on 127.0.0.1 (bound then released), chosen below the kernel's ephemeral
 /// range (32768 and up) so that outgoing connections of parallel tests cannot take it
 /// before the server binds it.
+static USED_PORTS: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
 pub fn free_port() -> Result<u16> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -189,7 +192,16 @@ pub fn free_port() -> Result<u16> {
         x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
         x ^= x >> 29;
         let port = 20_000 + (x % 12_000) as u16;
+        // Never hand out a port twice in this process: parallel tests pick theirs before
+        // their servers bind them.
+        let mut used = USED_PORTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if used.contains(&port) {
+            continue;
+        }
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            used.insert(port);
             return Ok(port);
         }
     }
