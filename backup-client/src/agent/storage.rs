@@ -84,8 +84,12 @@ impl AlignedBuf {
     fn layout(len: usize) -> std::alloc::Layout {
         // DIO_ALIGN is a power of two and len.max(1) rounded up cannot overflow isize
         // for the chunk sizes we accept (<= 256 MiB).
-        std::alloc::Layout::from_size_align(len.max(1).next_multiple_of(DIO_ALIGN), DIO_ALIGN)
-            .unwrap_or_else(|_| std::alloc::Layout::new::<u8>())
+        // A smaller fallback layout would make the slices below unsound, so refuse instead.
+        match std::alloc::Layout::from_size_align(len.max(1).next_multiple_of(DIO_ALIGN), DIO_ALIGN)
+        {
+            Ok(l) => l,
+            Err(_) => panic!("an aligned buffer of {len} bytes cannot be laid out"),
+        }
     }
 
     pub fn new(len: usize) -> Self {
