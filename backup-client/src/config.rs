@@ -61,6 +61,9 @@ pub struct BackupDefaults {
     pub key_wait_secs: u64,
     /// Attempts per chunk batch before a site counts as failed.
     pub retries: u32,
+    /// A restore records its progress (after an fsync) every this many chunks, so that an
+    /// interrupted restore resumes from there.
+    pub checkpoint_chunks: u64,
 }
 
 impl Default for BackupDefaults {
@@ -76,6 +79,7 @@ impl Default for BackupDefaults {
             rng: "chacha12".into(),
             key_wait_secs: 600,
             retries: 5,
+            checkpoint_chunks: 256,
         }
     }
 }
@@ -195,9 +199,10 @@ impl ClientConfig {
                 return Err(err(format!("backup.placement: unknown site {p:?}")));
             }
         }
-        if c.backup.streams == 0 || c.backup.batch_chunks == 0 {
+        if c.backup.streams == 0 || c.backup.batch_chunks == 0 || c.backup.checkpoint_chunks == 0 {
             return Err(err(
-                "backup.streams and backup.batch_chunks must be positive".into(),
+                "backup.streams, backup.batch_chunks and backup.checkpoint_chunks must be positive"
+                    .into(),
             ));
         }
         Ok(c)

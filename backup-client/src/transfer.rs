@@ -990,7 +990,7 @@ impl BackupClient {
             f.write_all(&out_buf[..len]).map_err(io_err(&partial))?;
             self.progress.done.fetch_add(len as u64, Ordering::Relaxed);
             since_sync += 1;
-            if since_sync >= 256 {
+            if since_sync >= self.cfg.backup.checkpoint_chunks {
                 since_sync = 0;
                 f.sync_data().map_err(io_err(&partial))?;
                 write_atomic(

@@ -396,3 +396,55 @@ fn only_backup_clients_may_read_shares_not_other_agents() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
 }
+
+#[test]
+fn a_restore_killed_halfway_resumes_from_its_checkpoint() {
+    // A slow link, so that the restore is still running when it is killed.
+    let net = common::start(devnet::Options {
+        rate_bytes_per_sec: 3_000_000,
+        max_key_count: 20_000,
+        block_bytes: 64 * 1024,
+        ..devnet::Options::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let f = random_file(dir.path(), "in", 6 << 20);
+    let id = store(&net.info, 0, &f, SMALL_CHUNKS);
+    let out = dir.path().join("out");
+    let partial = dir.path().join("out.partial");
+    let bin = devnet::sibling_binary("backup-client").unwrap();
+    let mut child = std::process::Command::new(&bin)
+        .env("BACKUP_BACKUP__CHECKPOINT_CHUNKS", "8")
+        .arg("--config")
+        .arg(&net.info.sites[0].client_config)
+        .args(["--json", "restore", &id, out.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) < 2 << 20 {
+        assert!(Instant::now() < deadline, "restore made no progress");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "restore finished too early for this test"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !out.exists(),
+        "nothing at the output path before the digest is checked"
+    );
+
+    let bin_cfg = &net.info.sites[0].client_config;
+    let r = client_with_config(bin_cfg, &["restore", &id, out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.json()["resumed_at_chunk"].as_u64().unwrap() > 0,
+        "resumed: {}",
+        r.stdout
+    );
+    assert!(same_files(&f, &out));
+    assert!(!partial.exists());
+}
