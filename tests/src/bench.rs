@@ -93,6 +93,28 @@ async fn pool_wait<T>(r: Result<T, etsi_spec::ClientError>) -> Result<Option<T>>
     }
 }
 
+/// One enc_keys of `number` keys of `bits` at KME A and the matching dec_keys at KME B by
+/// client pair `i`; returns (keys, key bytes) delivered, (0, 0) while the pool refills.
+async fn batch_exchange(c: &Clients, i: usize, number: u64, bits: u64) -> Result<(u64, u64)> {
+    let req = etsi_spec::KeyRequest {
+        number: Some(number),
+        size: Some(bits),
+        ..Default::default()
+    };
+    let Some(got) = pool_wait(c.master[i].enc_keys_decoded("SAE_B1", &req).await).await? else {
+        return Ok((0, 0));
+    };
+    let ids = etsi_spec::KeyIds::from_ids(got.iter().map(|(id, _)| id.to_string()));
+    let back = c.slave[i].dec_keys_decoded("SAE_A1", &ids).await?;
+    if back.len() != got.len() {
+        bail!("slave received {} of {} keys", back.len(), got.len());
+    }
+    Ok((
+        back.len() as u64,
+        back.iter().map(|(_, k)| k.len() as u64).sum(),
+    ))
+}
+
 struct Clients {
     master: Vec<etsi_spec::Client>,
     slave: Vec<etsi_spec::Client>,
@@ -166,24 +188,7 @@ async fn kme_part(info: &DevnetInfo, o: &BenchOptions) -> Result<()> {
         batched.push(
             rate(conc, o.seconds, move |i| {
                 let c = c.clone();
-                async move {
-                    let req = etsi_spec::KeyRequest {
-                        number: Some(1024),
-                        size: Some(256),
-                        ..Default::default()
-                    };
-                    let Some(got) =
-                        pool_wait(c.master[i].enc_keys_decoded("SAE_B1", &req).await).await?
-                    else {
-                        return Ok(0);
-                    };
-                    let ids = etsi_spec::KeyIds::from_ids(got.iter().map(|(id, _)| id.to_string()));
-                    let back = c.slave[i].dec_keys_decoded("SAE_A1", &ids).await?;
-                    if back.len() != got.len() {
-                        bail!("slave received {} of {} keys", back.len(), got.len());
-                    }
-                    Ok(got.len() as u64)
-                }
+                async move { Ok(batch_exchange(&c, i, 1024, 256).await?.0) }
             })
             .await?,
         );
@@ -191,21 +196,7 @@ async fn kme_part(info: &DevnetInfo, o: &BenchOptions) -> Result<()> {
         bulk.push(
             rate(conc, o.seconds, move |i| {
                 let c = c.clone();
-                async move {
-                    let req = etsi_spec::KeyRequest {
-                        number: Some(32),
-                        size: Some(1_048_576),
-                        ..Default::default()
-                    };
-                    let Some(got) =
-                        pool_wait(c.master[i].enc_keys_decoded("SAE_B1", &req).await).await?
-                    else {
-                        return Ok(0);
-                    };
-                    let ids = etsi_spec::KeyIds::from_ids(got.iter().map(|(id, _)| id.to_string()));
-                    let back = c.slave[i].dec_keys_decoded("SAE_A1", &ids).await?;
-                    Ok(back.iter().map(|(_, k)| k.len() as u64).sum())
-                }
+                async move { Ok(batch_exchange(&c, i, 32, 1_048_576).await?.1) }
             })
             .await?,
         );

@@ -118,6 +118,15 @@ impl DevnetInfo {
         serde_json::from_str(&text).with_context(|| format!("{}: not a devnet.json", p.display()))
     }
 
+    /// The links as `KME_A-KME_B, KME_A-KME_C`.
+    pub fn links_text(&self) -> String {
+        self.links
+            .iter()
+            .map(|[a, b]| format!("{a}-{b}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// A 014 client for SAE `sae` at its site's KME.
     pub fn client(&self, sae: &str) -> Result<etsi_spec::Client> {
         let site = self

@@ -187,13 +187,7 @@ fn bad_input_gets_a_one_line_error_that_says_what_to_do() {
 
 #[test]
 fn a_store_killed_halfway_resumes_and_never_uses_a_key_twice() {
-    // A slow link, so that the store is still running when it is killed.
-    let net = common::start(devnet::Options {
-        rate_bytes_per_sec: 3_000_000,
-        max_key_count: 20_000,
-        block_bytes: 64 * 1024,
-        ..devnet::Options::default()
-    });
+    let net = common::slow_net();
     let dir = tempfile::tempdir().unwrap();
     let f = random_file(dir.path(), "in", 6 << 20);
     let bin = devnet::sibling_binary("backup-client").unwrap();
@@ -399,13 +393,7 @@ fn only_backup_clients_may_read_shares_not_other_agents() {
 
 #[test]
 fn a_restore_killed_halfway_resumes_from_its_checkpoint() {
-    // A slow link, so that the restore is still running when it is killed.
-    let net = common::start(devnet::Options {
-        rate_bytes_per_sec: 3_000_000,
-        max_key_count: 20_000,
-        block_bytes: 64 * 1024,
-        ..devnet::Options::default()
-    });
+    let net = common::slow_net();
     let dir = tempfile::tempdir().unwrap();
     let f = random_file(dir.path(), "in", 6 << 20);
     let id = store(&net.info, 0, &f, SMALL_CHUNKS);

@@ -144,6 +144,44 @@ impl Agent {
         m.client_sae == caller || !self.cfg.allowed_clients.is_empty()
     }
 
+    /// Share `i` of backup `id`, if `caller` may read it (404 otherwise, as if absent).
+    fn readable_share(
+        &self,
+        caller: &str,
+        id: Uuid,
+        i: u8,
+    ) -> Result<Arc<storage::ShareFiles>, ApiError> {
+        Ok(self
+            .storage
+            .get(id, i)?
+            .filter(|s| self.may_read(caller, &s.manifest()))
+            .ok_or(StoreError::NotFound { id, index: i })?)
+    }
+
+    /// Share `i` of backup `id`, if `caller` stored it (only the owner writes a share).
+    fn owned_share(
+        &self,
+        caller: &str,
+        id: Uuid,
+        i: u8,
+    ) -> Result<(Arc<storage::ShareFiles>, Manifest), ApiError> {
+        let share = self
+            .storage
+            .get(id, i)?
+            .ok_or(StoreError::NotFound { id, index: i })?;
+        let m = share.manifest();
+        if m.client_sae != caller {
+            return Err(StoreError::NotOwner {
+                id,
+                index: i,
+                owner: m.client_sae,
+                caller: caller.to_owned(),
+            }
+            .into());
+        }
+        Ok((share, m))
+    }
+
     /// Whether `sae` is at this site, and the KME limits for the pair, from the KME.
     async fn peer(&self, sae: &str) -> Result<Peer, ApiError> {
         if let Some(p) = self.peers.lock().ok().and_then(|m| m.get(sae).cloned()) {
@@ -322,11 +360,7 @@ async fn state(
 ) -> Result<HttpResponse, ApiError> {
     let caller = a.caller(&req)?;
     let (id, i) = ids(&path)?;
-    let s = a
-        .storage
-        .get(id, i)?
-        .filter(|s| a.may_read(&caller, &s.manifest()))
-        .ok_or(StoreError::NotFound { id, index: i })?;
+    let s = a.readable_share(&caller, id, i)?;
     Ok(HttpResponse::Ok().json(ShareState {
         chunks: s.state(),
         complete: s.manifest().complete,
@@ -341,20 +375,7 @@ async fn finalize(
 ) -> Result<HttpResponse, ApiError> {
     let caller = a.caller(&req)?;
     let (id, i) = ids(&path)?;
-    let s = a
-        .storage
-        .get(id, i)?
-        .ok_or(StoreError::NotFound { id, index: i })?;
-    let m = s.manifest();
-    if m.client_sae != caller {
-        return Err(StoreError::NotOwner {
-            id,
-            index: i,
-            owner: m.client_sae,
-            caller,
-        }
-        .into());
-    }
+    let (s, _) = a.owned_share(&caller, id, i)?;
     let h = hex::decode(&body.header_hex).map_err(|_| bad("header_hex is not hex"))?;
     let t = hex::decode(&body.trailer_hex).map_err(|_| bad("trailer_hex is not hex"))?;
     let splits = body.splits.clone();
@@ -373,20 +394,7 @@ async fn upload(
 ) -> Result<HttpResponse, ApiError> {
     let caller = a.caller(&req)?;
     let (id, i) = ids(&path)?;
-    let share = a
-        .storage
-        .get(id, i)?
-        .ok_or(StoreError::NotFound { id, index: i })?;
-    let m = share.manifest();
-    if m.client_sae != caller {
-        return Err(StoreError::NotOwner {
-            id,
-            index: i,
-            owner: m.client_sae,
-            caller,
-        }
-        .into());
-    }
+    let (share, m) = a.owned_share(&caller, id, i)?;
     let cs = m.open.chunk_size as usize;
     let body = read_all(payload, (64 * cs).min(256 << 20) + (1 << 20)).await?;
     // Parse every frame first: the whole request is accepted or refused.
@@ -454,11 +462,7 @@ async fn download(
 ) -> Result<HttpResponse, ApiError> {
     let caller = a.caller(&req)?;
     let (id, i) = ids(&path)?;
-    let share = a
-        .storage
-        .get(id, i)?
-        .filter(|s| a.may_read(&caller, &s.manifest()))
-        .ok_or(StoreError::NotFound { id, index: i })?;
+    let share = a.readable_share(&caller, id, i)?;
     let m = share.manifest();
     if !m.complete {
         return Err(ApiError(

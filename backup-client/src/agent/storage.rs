@@ -298,25 +298,23 @@ impl ShareFiles {
         {
             return Err(fail("header or trailer does not match this share".into()));
         }
-        let chunks = self.chunks.lock().map(|c| c.len() as u64).unwrap_or(0);
-        let have_all = (0..m.open.chunk_count).all(|j| {
-            self.chunks
-                .lock()
-                .map(|c| c.contains_key(&j))
-                .unwrap_or(false)
-        });
-        if !have_all {
+        // One look at the chunk records: coverage and the splits they came from.
+        let (stored, held) = {
+            let c = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
+            let stored = (0..m.open.chunk_count)
+                .filter(|j| c.contains_key(j))
+                .count() as u64;
+            let held = crate::wire::splits_digest(
+                (0..m.open.chunk_count).map(|j| (j, c.get(&j).map_or(0, |&(n, _)| n))),
+            );
+            (stored, held)
+        };
+        if stored != m.open.chunk_count {
             return Err(fail(format!(
-                "only {chunks} of {} chunks are stored",
+                "only {stored} of {} chunks are stored",
                 m.open.chunk_count
             )));
         }
-        let held = {
-            let c = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
-            crate::wire::splits_digest(
-                (0..m.open.chunk_count).map(|j| (j, c.get(&j).map_or(0, |&(n, _)| n))),
-            )
-        };
         if held != splits {
             return Err(fail(
                 "this share holds chunks of other splits than the client's; run the store again"

@@ -177,12 +177,7 @@ fn main() -> Result<()> {
                 "devnet up in {:.1} s: {} sites, links {}",
                 t.elapsed().as_secs_f64(),
                 d.info.sites.len(),
-                d.info
-                    .links
-                    .iter()
-                    .map(|[a, b]| format!("{a}-{b}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                d.info.links_text()
             );
             for s in &d.info.sites {
                 let saes: Vec<&str> = s.saes.iter().map(|x| x.id.as_str()).collect();
@@ -537,12 +532,7 @@ fn demo_steps(dir: &Path, size: u64, seed: u64, opts: &Options) -> Result<()> {
         "devnet up in {:.1} s: {} sites, links {}, key rate {}, pools of {} keys per direction ({})",
         t.elapsed().as_secs_f64(),
         d.info.sites.len(),
-        d.info
-            .links
-            .iter()
-            .map(|[a, b]| format!("{a}-{b}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        d.info.links_text(),
         if opts.rate_bytes_per_sec == 0 {
             "bulk".to_string()
         } else {

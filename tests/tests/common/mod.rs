@@ -182,6 +182,17 @@ pub fn backup_net(links: Option<Vec<(usize, usize)>>) -> Net {
     })
 }
 
+/// A network with agents and a slow (3 MB/s) link with small pools, so that a store or a
+/// restore is still running when a test kills it.
+pub fn slow_net() -> Net {
+    start(Options {
+        rate_bytes_per_sec: 3_000_000,
+        max_key_count: 20_000,
+        block_bytes: 64 * 1024,
+        ..Options::default()
+    })
+}
+
 /// Output of one `backup-client` run.
 pub struct Run {
     pub code: i32,
