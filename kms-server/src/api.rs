@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use crate::error::ApiError;
 use crate::kme::{IssuedKeys, Kme};
 use crate::link;
-use crate::peer::{BlockAnnounce, RegisterBatch, RegisterResults};
+use crate::peer::{BlockAnnounce, RegisterBatch, RegisterResults, SyncRequest};
 use crate::tls::PeerCert;
 
 type Shared = web::Data<Arc<Kme>>;
@@ -38,6 +38,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource(crate::peer::BLOCKS_PATH)
             .route(web::post().to(receive_block))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(crate::peer::SYNC_PATH)
+            .route(web::post().to(receive_sync))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(crate::peer::SOURCE_PATH)
+            .route(web::post().to(source_message))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
@@ -244,7 +254,7 @@ async fn dec_keys_get(
             "Get key with key IDs by GET takes exactly one key_ID; use POST for several",
         ));
     }
-    let keys = kme.dec_keys(&caller, &path, &ids)?;
+    let keys = kme.dec_keys(&caller, &path, &ids).await?;
     Ok(key_container(keys))
 }
 
@@ -258,7 +268,7 @@ async fn dec_keys_post(
     let body = read_body(payload, kme.settings.limits.max_body_bytes).await?;
     let request: KeyIds = parse_json(&body, "Key IDs")?;
     let ids: Vec<String> = request.key_IDs.into_iter().map(|k| k.key_ID).collect();
-    let keys = kme.dec_keys(&caller, &path, &ids)?;
+    let keys = kme.dec_keys(&caller, &path, &ids).await?;
     Ok(key_container(keys))
 }
 
@@ -270,9 +280,39 @@ async fn receive_block(
     let from = caller_kme(&req, &kme)?;
     let mut body = read_body(payload, 64 * 1024).await?;
     let block: Result<BlockAnnounce, _> = parse_json(&body, "block announcement");
-    zeroize::Zeroize::zeroize(&mut body[..]); // it holds the link seed
-    link::receive_block(&kme, &from, &block?)?;
+    zeroize::Zeroize::zeroize(&mut body[..]); // it may hold a simulator seed
+    link::receive_block(&kme, &from, &block?).await?;
     Ok(HttpResponse::Ok().finish())
+}
+
+async fn receive_sync(
+    req: HttpRequest,
+    kme: Shared,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let from = caller_kme(&req, &kme)?;
+    let body = read_body(payload, 4096).await?;
+    let sync: SyncRequest = parse_json(&body, "link synchronisation")?;
+    let reply = link::receive_sync(&kme, &from, &sync).await?;
+    Ok(HttpResponse::Ok().json(reply))
+}
+
+async fn source_message(
+    req: HttpRequest,
+    kme: Shared,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let from = caller_kme(&req, &kme)?;
+    let body = read_body(payload, 64 << 20).await?;
+    let message: serde_json::Value = parse_json(&body, "key source message")?;
+    let source = kme
+        .source(&from)
+        .ok_or_else(|| ApiError::unauthorized(format!("no link with KME {from}")))?;
+    let reply = source
+        .peer_message(message)
+        .await
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(reply))
 }
 
 async fn register(
@@ -283,10 +323,6 @@ async fn register(
     let from = caller_kme(&req, &kme)?;
     let body = read_body(payload, 256 << 20).await?;
     let batch: RegisterBatch = parse_json(&body, "registration")?;
-    let results: Vec<Option<String>> = batch
-        .registrations
-        .into_iter()
-        .map(|reg| kme.register(&from, reg).err().map(|e| e.body.message))
-        .collect();
+    let results = kme.register_many(&from, batch.registrations).await;
     Ok(HttpResponse::Ok().json(RegisterResults { results }))
 }

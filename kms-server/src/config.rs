@@ -104,6 +104,9 @@ pub struct LinkParams {
     pub eavesdropper: f64,
     /// QBER above which the link aborts and produces no key.
     pub abort_qber: f64,
+    /// Where the link's key comes from (`[peers.link.source]`, `kind = "simulated"` by
+    /// default); see [`crate::source`].
+    pub source: crate::source::SourceConfig,
 }
 
 impl Default for LinkParams {
@@ -117,6 +120,7 @@ impl Default for LinkParams {
             device: DeviceParams::default(),
             eavesdropper: 0.0,
             abort_qber: 0.11,
+            source: crate::source::SourceConfig::default(),
         }
     }
 }
@@ -198,6 +202,11 @@ pub struct Settings {
     /// Certificate CNs of operators allowed to use the admin interface.
     #[serde(default)]
     pub operators: Vec<String>,
+    /// Folder of the durable key pool ([`crate::store`]): key bytes, key states, link
+    /// positions, all crash-safe. Without it the pool lives in memory only: a restart then
+    /// loses the keys awaiting slaves (it never hands a byte out twice either way).
+    #[serde(default)]
+    pub store_dir: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -233,6 +242,15 @@ impl Settings {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
+            }
+        }
+        if let Some(base) = path.parent() {
+            if let Some(d) = s.store_dir.as_mut().filter(|d| d.is_relative()) {
+                *d = base.join(&*d);
+            }
+            s.local.source.resolve_paths(base);
+            for p in &mut s.peers {
+                p.link.source.resolve_paths(base);
             }
         }
         s.validate()?;

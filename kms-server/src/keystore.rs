@@ -211,10 +211,87 @@ impl Stream {
         Ok(out)
     }
 
-    /// Wipes everything and starts a new, empty stream.
-    pub fn reset(&mut self) {
+    /// Ranges `[start, end)` that are held and free, in order.
+    pub fn free_ranges(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for (&start, block) in &self.blocks {
+            let bend = start + block.data.len() as u64;
+            let taken: Vec<(u64, u64)> = block
+                .taken
+                .iter()
+                .map(|&(s, e)| (start + s as u64, start + e as u64))
+                .collect();
+            out.extend(crate::store::gaps(&taken, start, bend));
+        }
+        out
+    }
+
+    /// The persistent form of the stream.
+    pub fn meta(&self) -> crate::store::StreamMeta {
+        crate::store::StreamMeta {
+            end: self.end,
+            cursor: self.cursor,
+            taken: crate::store::gaps(&self.free_ranges(), 0, self.end),
+        }
+    }
+
+    /// Rebuilds a stream from its persistent form and the bytes of its free ranges.
+    pub fn restore(meta: &crate::store::StreamMeta, free: Vec<(u64, Zeroizing<Vec<u8>>)>) -> Self {
+        let mut s = Stream {
+            blocks: BTreeMap::new(),
+            cursor: meta.cursor,
+            end: meta.end,
+            unconsumed: 0,
+        };
+        for (off, data) in free {
+            if data.is_empty() {
+                continue;
+            }
+            s.unconsumed += data.len() as u64;
+            let remaining = data.len();
+            s.blocks.insert(
+                off,
+                Block {
+                    data,
+                    taken: Vec::new(),
+                    remaining,
+                },
+            );
+        }
+        s
+    }
+
+    /// The lowest offset still needed by the stream itself (first free byte, else the end).
+    pub fn low_water(&self) -> u64 {
+        self.blocks
+            .iter()
+            .find_map(|(&start, b)| {
+                let bend = start + b.data.len() as u64;
+                crate::store::gaps(
+                    &b.taken
+                        .iter()
+                        .map(|&(s, e)| (start + s as u64, start + e as u64))
+                        .collect::<Vec<_>>(),
+                    start,
+                    bend,
+                )
+                .first()
+                .map(|r| r.0)
+            })
+            .unwrap_or(self.end)
+    }
+
+    /// Link synchronisation: discards every free byte (wiping it) and moves the end (and the
+    /// owner's cursor) to `to`, which must not be below the end. Taken bytes (keys awaiting
+    /// slaves) are unaffected. Returns the ranges discarded.
+    pub fn discard_free_and_skip(&mut self, to: u64) -> Vec<(u64, u64)> {
+        let freed = self.free_ranges();
         // Dropping the blocks zeroizes their data (Zeroizing).
-        *self = Stream::default();
+        self.blocks.clear();
+        self.unconsumed = 0;
+        self.end = self.end.max(to);
+        self.cursor = self.end;
+        freed
     }
 }
 
@@ -225,8 +302,52 @@ pub struct KeyRecord {
     /// Slaves at this KME that have not fetched it yet.
     pub pending: Vec<String>,
     pub bytes: Zeroizing<Vec<u8>>,
-    /// When the master obtained it; keys no slave fetches in time are erased.
-    pub created: std::time::Instant,
+    /// When the master obtained it (seconds since the Unix epoch); keys no slave fetches in
+    /// time are erased.
+    pub created_unix: u64,
+    /// Where the bytes sit in the durable pool: stream name and offset.
+    pub stream: String,
+    pub offset: u64,
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl KeyRecord {
+    /// The persistent form of the record (everything but the bytes).
+    pub fn meta(&self) -> crate::store::RecordMeta {
+        crate::store::RecordMeta {
+            master: self.master.clone(),
+            pending: self.pending.clone(),
+            created_unix: self.created_unix,
+            stream: self.stream.clone(),
+            offset: self.offset,
+            len: self.bytes.len() as u64,
+        }
+    }
+}
+
+/// Record changes to persist: records updated, and records erased with where their bytes sat
+/// (to be overwritten).
+#[derive(Default)]
+pub struct Changes {
+    pub put: Vec<(Uuid, crate::store::RecordMeta)>,
+    pub erased: Vec<(Uuid, String, u64, u64)>,
+}
+
+impl Changes {
+    /// Adds these changes to a store batch.
+    pub fn into_batch(self, batch: &mut crate::store::Batch) {
+        batch.put_records.extend(self.put);
+        for (id, stream, off, len) in self.erased {
+            batch.delete_records.push(id);
+            batch.wipes.push((stream, off, len));
+        }
+    }
 }
 
 /// Why a key could not be delivered to a slave.
@@ -266,18 +387,44 @@ impl Records {
     }
 
     /// Stores a key for its pending slaves; a record without pending slaves is dropped (wiped).
-    pub fn insert(&mut self, id: Uuid, record: KeyRecord) {
-        if !record.pending.is_empty() {
-            self.map.insert(id, record);
+    /// Returns the persistent form of what was stored.
+    pub fn insert(&mut self, id: Uuid, record: KeyRecord) -> Option<crate::store::RecordMeta> {
+        if record.pending.is_empty() {
+            return None;
         }
+        let meta = record.meta();
+        self.map.insert(id, record);
+        Some(meta)
     }
 
-    /// Erases (zeroizes) keys that were obtained more than `max_age` ago and that some slave
-    /// never fetched; returns how many.
-    pub fn expire(&mut self, max_age: std::time::Duration) -> usize {
-        let before = self.map.len();
-        self.map.retain(|_, r| r.created.elapsed() < max_age);
-        before - self.map.len()
+    /// Erases (zeroizes) keys that were obtained more than `max_age_secs` ago and that some
+    /// slave never fetched.
+    pub fn expire(&mut self, max_age_secs: u64) -> Changes {
+        let now = now_unix();
+        let old: Vec<Uuid> = self
+            .map
+            .iter()
+            .filter(|(_, r)| now.saturating_sub(r.created_unix) >= max_age_secs)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut ch = Changes::default();
+        for id in old {
+            if let Some(r) = self.map.remove(&id) {
+                ch.erased
+                    .push((id, r.stream.clone(), r.offset, r.bytes.len() as u64));
+            }
+        }
+        ch
+    }
+
+    /// Per stream, the lowest offset a record's bytes sit at.
+    pub fn low_water(&self) -> HashMap<String, u64> {
+        let mut m: HashMap<String, u64> = HashMap::new();
+        for r in self.map.values() {
+            let e = m.entry(r.stream.clone()).or_insert(u64::MAX);
+            *e = (*e).min(r.offset);
+        }
+        m
     }
 
     /// Delivers the named keys to `slave` for `master`, all or nothing.
@@ -290,7 +437,7 @@ impl Records {
         master: &str,
         slave: &str,
         ids: &[String],
-    ) -> Result<Delivered, Vec<DeliverError>> {
+    ) -> Result<(Delivered, Changes), Vec<DeliverError>> {
         if ids.is_empty() {
             return Err(vec![DeliverError::Empty]);
         }
@@ -317,6 +464,7 @@ impl Records {
             return Err(errors);
         }
         let mut out = Vec::with_capacity(parsed.len());
+        let mut ch = Changes::default();
         for id in parsed {
             let Some(rec) = self.map.get_mut(&id) else {
                 continue; // checked above under the same lock
@@ -324,13 +472,16 @@ impl Records {
             rec.pending.retain(|s| s != slave);
             if rec.pending.is_empty() {
                 if let Some(rec) = self.map.remove(&id) {
+                    ch.erased
+                        .push((id, rec.stream.clone(), rec.offset, rec.bytes.len() as u64));
                     out.push((id, rec.bytes));
                 }
             } else {
+                ch.put.push((id, rec.meta()));
                 out.push((id, Zeroizing::new(rec.bytes.to_vec())));
             }
         }
-        Ok(out)
+        Ok((out, ch))
     }
 }
 
@@ -395,16 +546,21 @@ mod tests {
                 master: "M".into(),
                 pending: vec!["S1".into(), "S2".into()],
                 bytes: Zeroizing::new(vec![9; 4]),
-                created: std::time::Instant::now(),
+                created_unix: now_unix(),
+                stream: "local".into(),
+                offset: 0,
             },
         );
         let ids = [id.to_string()];
         assert!(r.deliver("X", "S1", &ids).is_err(), "wrong master");
         assert!(r.deliver("M", "S3", &ids).is_err(), "not a slave");
-        assert_eq!(&r.deliver("M", "S1", &ids).unwrap()[0].1[..], &[9; 4]);
+        let (got, ch) = r.deliver("M", "S1", &ids).unwrap();
+        assert_eq!(&got[0].1[..], &[9; 4]);
+        assert_eq!(ch.put.len(), 1, "S2 still pending");
         assert!(r.deliver("M", "S1", &ids).is_err(), "second fetch");
         assert_eq!(r.len(), 1);
-        r.deliver("M", "S2", &ids).unwrap();
+        let (_, ch) = r.deliver("M", "S2", &ids).unwrap();
+        assert_eq!(ch.erased.len(), 1, "erased record is reported for wiping");
         assert!(r.is_empty(), "erased after the last slave");
         r.insert(
             id,
@@ -412,15 +568,13 @@ mod tests {
                 master: "M".into(),
                 pending: vec!["S1".into()],
                 bytes: Zeroizing::new(vec![1; 4]),
-                created: std::time::Instant::now(),
+                created_unix: now_unix(),
+                stream: "local".into(),
+                offset: 4,
             },
         );
-        assert_eq!(r.expire(std::time::Duration::from_secs(60)), 0);
-        assert_eq!(
-            r.expire(std::time::Duration::ZERO),
-            1,
-            "unfetched keys expire"
-        );
+        assert_eq!(r.expire(60).erased.len(), 0);
+        assert_eq!(r.expire(0).erased.len(), 1, "unfetched keys expire");
         assert!(r.deliver("M", "S1", &ids).is_err());
     }
 }

@@ -7,7 +7,8 @@
 //! Exchanges between SAEs of the same KME draw on a local pool.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use etsi_spec::{KeyRequest, Status};
 use tokio::sync::Notify;
@@ -16,14 +17,29 @@ use zeroize::Zeroizing;
 
 use crate::config::Settings;
 use crate::error::ApiError;
-use crate::keystore::{DeliverError, KeyRecord, Records, Stream};
-use crate::peer::{PeerClient, PeerError, RegisteredKey, Registrar, Registration};
+use crate::keystore::{now_unix, DeliverError, KeyRecord, Records, Stream};
+use crate::peer::{PeerClient, RegisteredKey, Registrar, Registration};
+use crate::source::KeySource;
+use crate::store::{Batch, Store, StoreError};
+
+/// Name of the local pool's stream in the store.
+pub const LOCAL: &str = "local";
+
+/// Name in the store of the direction of the link to `peer` that this KME allocates from.
+pub fn own_stream(peer: &str) -> String {
+    format!("own:{peer}")
+}
+
+/// Name in the store of the direction of the link to `peer` that the peer allocates from.
+pub fn theirs_stream(peer: &str) -> String {
+    format!("theirs:{peer}")
+}
 
 /// One QKD link as seen from this KME.
-#[derive(Default)]
 pub struct LinkState {
-    /// Identifies the current run of the link; offsets are only meaningful within it.
-    pub session: Uuid,
+    /// Both ends have reconciled since this KME started (or since the last failure); until
+    /// then the link's keys are not served.
+    pub synced: bool,
     /// The direction this KME allocates from (for its masters).
     pub own: Stream,
     /// The direction the peer allocates from (taken here when the peer registers keys).
@@ -33,15 +49,6 @@ pub struct LinkState {
     /// What the physical model last said about the link (producer: computed; far end: as
     /// announced by the producer).
     pub perf: Option<crate::physics::LinkPerformance>,
-}
-
-impl LinkState {
-    /// Starts a new session, wiping all key material of the old one.
-    pub fn reset(&mut self, session: Uuid) {
-        self.session = session;
-        self.own.reset();
-        self.theirs.reset();
-    }
 }
 
 /// Mutable state under one lock; critical sections never await.
@@ -55,6 +62,20 @@ pub struct State {
 /// Keys handed to an SAE: ID and bytes (wiped on drop).
 pub type IssuedKeys = crate::keystore::Delivered;
 
+/// Why a KME could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Peer(#[from] crate::peer::PeerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("key source of the link to {peer}: {error}")]
+    Source {
+        peer: String,
+        error: crate::source::SourceError,
+    },
+}
+
 /// One KME.
 pub struct Kme {
     pub settings: Settings,
@@ -62,29 +83,88 @@ pub struct Kme {
     homes: HashMap<String, String>,
     peers: HashMap<String, PeerClient>,
     registrars: HashMap<String, Registrar>,
+    sources: HashMap<String, Arc<dyn KeySource>>,
     state: Mutex<State>,
+    store: Option<Store>,
     /// Signalled whenever key material is consumed, so link producers refill promptly.
     pub consumed: Notify,
     pub metrics: crate::metrics::Metrics,
 }
 
 impl Kme {
-    pub fn new(settings: Settings) -> Result<Self, PeerError> {
+    /// Sets up the KME: peers, key sources, and the durable store (loading what it holds).
+    pub fn new(settings: Settings) -> Result<Self, StartError> {
         let mut peers = HashMap::new();
+        let mut sources = HashMap::new();
         let mut state = State::default();
         for p in &settings.peers {
-            peers.insert(
-                p.kme_id.clone(),
-                PeerClient::new(&settings, &p.kme_id, &p.url)?,
-            );
+            let client = PeerClient::new(&settings, &p.kme_id, &p.url)?;
+            let source =
+                crate::source::build(&p.link.source).map_err(|error| StartError::Source {
+                    peer: p.kme_id.clone(),
+                    error,
+                })?;
+            source.set_eavesdropper(p.link.eavesdropper);
+            sources.insert(p.kme_id.clone(), source);
+            peers.insert(p.kme_id.clone(), client);
             state.links.insert(
                 p.kme_id.clone(),
                 LinkState {
+                    synced: false,
+                    own: Stream::default(),
+                    theirs: Stream::default(),
                     eavesdropper: p.link.eavesdropper,
-                    ..LinkState::default()
+                    perf: None,
                 },
             );
         }
+        let store = match &settings.store_dir {
+            None => {
+                tracing::warn!("no store_dir: the key pool lives in memory only; a restart loses keys awaiting slaves");
+                None
+            }
+            Some(dir) => {
+                let (store, loaded) = Store::open(dir)?;
+                let (mut n_streams, mut n_records) = (0, 0);
+                for (name, (meta, free)) in loaded.streams {
+                    let stream = Stream::restore(&meta, free);
+                    let slot = if name == LOCAL {
+                        Some(&mut state.local)
+                    } else if let Some(peer) = name.strip_prefix("own:") {
+                        state.links.get_mut(peer).map(|l| &mut l.own)
+                    } else if let Some(peer) = name.strip_prefix("theirs:") {
+                        state.links.get_mut(peer).map(|l| &mut l.theirs)
+                    } else {
+                        None
+                    };
+                    match slot {
+                        Some(s) => {
+                            *s = stream;
+                            n_streams += 1;
+                        }
+                        None => {
+                            tracing::warn!(stream = %name, "stored key stream of a link no longer configured is left unused")
+                        }
+                    }
+                }
+                for (id, meta, bytes) in loaded.records {
+                    n_records += 1;
+                    state.records.insert(
+                        id,
+                        KeyRecord {
+                            master: meta.master,
+                            pending: meta.pending,
+                            bytes,
+                            created_unix: meta.created_unix,
+                            stream: meta.stream,
+                            offset: meta.offset,
+                        },
+                    );
+                }
+                tracing::info!(dir = %dir.display(), streams = n_streams, keys_awaiting_slaves = n_records, "durable key pool opened");
+                Some(store)
+            }
+        };
         let registrars = peers
             .iter()
             .map(|(id, c)| (id.clone(), Registrar::start(c.clone())))
@@ -94,10 +174,42 @@ impl Kme {
             homes: settings.sae_homes(),
             settings,
             peers,
+            sources,
             state: Mutex::new(state),
+            store,
             consumed: Notify::new(),
             metrics: crate::metrics::Metrics::default(),
         })
+    }
+
+    /// The key source of the link to `peer`.
+    pub fn source(&self, peer: &str) -> Option<&Arc<dyn KeySource>> {
+        self.sources.get(peer)
+    }
+
+    /// Queues `batch` for the durable store (call with the state lock held, so batches reach
+    /// the disk in the order of the changes); the returned future resolves once it is
+    /// durable. Without a store it resolves at once.
+    pub fn persist(
+        &self,
+        batch: Batch,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send + 'static {
+        let fut = self.store.as_ref().map(|s| s.submit(batch));
+        async move {
+            match fut {
+                None => Ok(()),
+                Some(f) => f
+                    .await
+                    .map_err(|e| ApiError::unavailable(format!("key store: {e}"))),
+            }
+        }
+    }
+
+    /// Queues housekeeping (wipes) without waiting.
+    pub fn persist_nowait(&self, batch: Batch) {
+        if let Some(s) = &self.store {
+            s.submit_nowait(batch);
+        }
     }
 
     pub fn kme_id(&self) -> &str {
@@ -165,10 +277,11 @@ impl Kme {
             let st = self.lock()?;
             match route {
                 None => (st.local.available(), None),
-                Some(peer) => st
-                    .links
-                    .get(peer)
-                    .map_or((0, None), |link| (link.own.available(), link.perf)),
+                Some(peer) => st.links.get(peer).map_or((0, None), |link| {
+                    // Not served before the link is reconciled.
+                    let held = if link.synced { link.own.available() } else { 0 };
+                    (held, link.perf)
+                }),
             }
         };
         let status_extension = route.zip(perf).map(|(peer, p)| {
@@ -288,31 +401,49 @@ impl Kme {
         }
         let key_bytes = size / 8;
         let lens = vec![key_bytes; number as usize];
-        let (session, allocated) = {
+        let stream_name = remote.map_or_else(|| LOCAL.to_owned(), own_stream);
+        let keep_bytes = !local_slaves.is_empty();
+        let (allocated, durable) = {
             let mut st = self.lock()?;
-            let (session, stream) = match remote {
-                None => (Uuid::nil(), &mut st.local),
+            let stream = match remote {
+                None => &mut st.local,
                 Some(peer) => {
                     let Some(link) = st.links.get_mut(peer) else {
                         return Err(ApiError::unavailable("link state missing"));
                     };
-                    (link.session, &mut link.own)
+                    if !link.synced {
+                        return Err(ApiError::unavailable(format!(
+                            "the QKD link to KME {peer} is reconciling with its peer (after a start or a failure); retry later"
+                        ))
+                        .detail("stored_key_count", 0u64));
+                    }
+                    &mut link.own
                 }
             };
             let have = stream.available() / key_bytes;
-            match stream.allocate(&lens) {
-                Some(a) => (session, a),
-                None => {
-                    return Err(ApiError::unavailable(format!(
-                        "not enough key material: {number} keys of {size} bits asked, {have} available; retry later"
-                    ))
-                    .detail("stored_key_count", have))
-                }
+            let Some(allocated) = stream.allocate(&lens) else {
+                return Err(ApiError::unavailable(format!(
+                    "not enough key material: {number} keys of {size} bits asked, {have} available; retry later"
+                ))
+                .detail("stored_key_count", have));
+            };
+            // The allocation is durable before anyone learns of the keys. Bytes that no
+            // local slave needs are overwritten on disk now; the others when delivered.
+            let mut batch = Batch::default();
+            batch.streams.push((stream_name.clone(), stream.meta()));
+            if !keep_bytes {
+                batch.wipes.extend(
+                    allocated
+                        .iter()
+                        .map(|(off, b)| (stream_name.clone(), *off, b.len() as u64)),
+                );
             }
+            (allocated, self.persist(batch))
         };
         self.consumed.notify_waiters();
         self.metrics
             .consumed(remote.unwrap_or("local"), number * key_bytes);
+        durable.await?;
         let mut keys: IssuedKeys = Vec::with_capacity(allocated.len());
         let mut registered = Vec::with_capacity(allocated.len());
         for (offset, bytes) in allocated {
@@ -326,10 +457,9 @@ impl Kme {
         }
         if let Some(peer) = remote {
             let reg = Registration {
-                session,
                 master: caller.to_owned(),
                 slaves: remote_slaves,
-                keys: registered,
+                keys: registered.clone(),
             };
             let registrar = self
                 .registrars
@@ -338,30 +468,48 @@ impl Kme {
             if let Err(e) = registrar.register(reg).await {
                 // `keys` is dropped here: the bytes are wiped and never handed out.
                 tracing::warn!(peer, error = %e, "key registration failed; allocated key material discarded");
+                if keep_bytes {
+                    let mut batch = Batch::default();
+                    batch.wipes.extend(
+                        registered
+                            .iter()
+                            .map(|k| (stream_name.clone(), k.offset, k.len)),
+                    );
+                    self.persist_nowait(batch);
+                }
                 return Err(ApiError::unavailable(format!(
-                    "the slave's KME {peer} could not be reached to register the keys; retry later"
+                    "the slave's KME {peer} could not register the keys ({e}); retry later"
                 )));
             }
         }
-        if !local_slaves.is_empty() {
-            let mut st = self.lock()?;
-            for (id, bytes) in &keys {
-                st.records.insert(
-                    *id,
-                    KeyRecord {
-                        master: caller.to_owned(),
-                        pending: local_slaves.clone(),
-                        bytes: Zeroizing::new(bytes.to_vec()),
-                        created: std::time::Instant::now(),
-                    },
-                );
-            }
+        if keep_bytes {
+            let durable = {
+                let mut st = self.lock()?;
+                let mut batch = Batch::default();
+                let now = now_unix();
+                for ((id, bytes), k) in keys.iter().zip(&registered) {
+                    let meta = st.records.insert(
+                        *id,
+                        KeyRecord {
+                            master: caller.to_owned(),
+                            pending: local_slaves.clone(),
+                            bytes: Zeroizing::new(bytes.to_vec()),
+                            created_unix: now,
+                            stream: stream_name.clone(),
+                            offset: k.offset,
+                        },
+                    );
+                    batch.put_records.extend(meta.map(|m| (*id, m)));
+                }
+                self.persist(batch)
+            };
+            durable.await?;
         }
         Ok(keys)
     }
 
     /// Get key with key IDs: slave `caller` fetches keys that `master` obtained for it.
-    pub fn dec_keys(
+    pub async fn dec_keys(
         &self,
         caller: &str,
         master: &str,
@@ -376,28 +524,37 @@ impl Kme {
                 ids.len()
             )));
         }
-        let mut st = self.lock()?;
-        st.records.deliver(master, caller, ids).map_err(|errors| {
-            let first = errors.first().map(ToString::to_string).unwrap_or_default();
-            let mut e = ApiError::bad_request(format!(
-                "{first}{}; nothing was delivered",
-                if errors.len() > 1 {
-                    format!(" (and {} more)", errors.len() - 1)
-                } else {
-                    String::new()
-                }
-            ));
-            for err in &errors {
-                let id = match err {
-                    DeliverError::NotDeliverable(id)
-                    | DeliverError::Malformed(id)
-                    | DeliverError::Duplicate(id) => id.as_str(),
-                    DeliverError::Empty => "",
-                };
-                e = e.detail("key_ID", id).detail("reason", err.to_string());
-            }
-            e
-        })
+        let (delivered, durable) = {
+            let mut st = self.lock()?;
+            let (delivered, changes) =
+                st.records.deliver(master, caller, ids).map_err(|errors| {
+                    let first = errors.first().map(ToString::to_string).unwrap_or_default();
+                    let mut e = ApiError::bad_request(format!(
+                        "{first}{}; nothing was delivered",
+                        if errors.len() > 1 {
+                            format!(" (and {} more)", errors.len() - 1)
+                        } else {
+                            String::new()
+                        }
+                    ));
+                    for err in &errors {
+                        let id = match err {
+                            DeliverError::NotDeliverable(id)
+                            | DeliverError::Malformed(id)
+                            | DeliverError::Duplicate(id) => id.as_str(),
+                            DeliverError::Empty => "",
+                        };
+                        e = e.detail("key_ID", id).detail("reason", err.to_string());
+                    }
+                    e
+                })?;
+            let mut batch = Batch::default();
+            changes.into_batch(&mut batch);
+            (delivered, self.persist(batch))
+        };
+        // Delivered only once the store no longer holds them for this slave.
+        durable.await?;
+        Ok(delivered)
     }
 
     /// A peer registers keys it handed to one of its masters, for slaves attached here.
@@ -425,6 +582,9 @@ impl Kme {
             .get_mut(peer)
             .ok_or_else(|| ApiError::unavailable("link state missing"))?;
         link.eavesdropper = fraction;
+        if let Some(src) = self.sources.get(peer) {
+            src.set_eavesdropper(fraction);
+        }
         let perf = cfg
             .link
             .length_km
@@ -438,7 +598,49 @@ impl Kme {
         Ok(perf)
     }
 
-    pub fn register(&self, from_kme: &str, reg: Registration) -> Result<(), ApiError> {
+    /// Registers keys a peer handed to its masters, for slaves attached here; per
+    /// registration `None` (registered, durably) or why not. Each is all or nothing.
+    pub async fn register_many(
+        &self,
+        from_kme: &str,
+        regs: Vec<Registration>,
+    ) -> Vec<Option<String>> {
+        let (results, durable) = {
+            let mut st = match self.lock() {
+                Ok(st) => st,
+                Err(e) => return vec![Some(e.body.message); regs.len()],
+            };
+            let mut batch = Batch::default();
+            let mut results = Vec::with_capacity(regs.len());
+            let mut any = false;
+            for reg in regs {
+                let r = self.register_locked(&mut st, from_kme, reg, &mut batch);
+                any |= r.is_ok();
+                results.push(r.err().map(|e| e.body.message));
+            }
+            if any {
+                if let Some(link) = st.links.get(from_kme) {
+                    batch
+                        .streams
+                        .push((theirs_stream(from_kme), link.theirs.meta()));
+                }
+            }
+            (results, self.persist(batch))
+        };
+        if let Err(e) = durable.await {
+            return vec![Some(e.body.message); results.len()];
+        }
+        self.consumed.notify_waiters();
+        results
+    }
+
+    fn register_locked(
+        &self,
+        st: &mut State,
+        from_kme: &str,
+        reg: Registration,
+        batch: &mut Batch,
+    ) -> Result<(), ApiError> {
         if self.homes.get(&reg.master).map(String::as_str) != Some(from_kme) {
             return Err(ApiError::bad_request(format!(
                 "master SAE {:?} is not attached to KME {from_kme}",
@@ -456,7 +658,6 @@ impl Kme {
                 )));
             }
         }
-        let mut st = self.lock()?;
         if reg.keys.iter().any(|k| st.records.contains(&k.key_id)) {
             return Err(ApiError::bad_request("a registered key ID already exists"));
         }
@@ -464,33 +665,57 @@ impl Kme {
             .links
             .get_mut(from_kme)
             .ok_or_else(|| ApiError::unauthorized(format!("no link with KME {from_kme}")))?;
-        if link.session != reg.session {
-            return Err(ApiError::bad_request(format!(
-                "link session {} is not the current one",
-                reg.session
-            )));
-        }
         let ranges: Vec<(u64, u64)> = reg.keys.iter().map(|k| (k.offset, k.len)).collect();
         let taken = link
             .theirs
             .take_many(&ranges)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let stream = theirs_stream(from_kme);
+        let now = now_unix();
         for (k, bytes) in reg.keys.iter().zip(taken) {
-            st.records.insert(
+            let meta = st.records.insert(
                 k.key_id,
                 KeyRecord {
                     master: reg.master.clone(),
                     pending: reg.slaves.clone(),
                     bytes,
-                    created: std::time::Instant::now(),
+                    created_unix: now,
+                    stream: stream.clone(),
+                    offset: k.offset,
                 },
             );
+            batch.put_records.extend(meta.map(|m| (k.key_id, m)));
         }
-        drop(st);
-        self.consumed.notify_waiters();
         self.metrics
             .consumed(from_kme, ranges.iter().map(|r| r.1).sum());
         Ok(())
+    }
+
+    /// Erases keys no slave fetched within `limits.key_ttl_secs`, and lets the store drop
+    /// segment files that hold nothing live any more. Returns how many keys were erased.
+    pub async fn housekeeping(&self) -> Result<usize, ApiError> {
+        let (n, durable) = {
+            let mut st = self.lock()?;
+            let changes = st.records.expire(self.settings.limits.key_ttl_secs);
+            let n = changes.erased.len();
+            let mut batch = Batch::default();
+            changes.into_batch(&mut batch);
+            let rec_low = st.records.low_water();
+            let low = |name: String, s: &Stream| {
+                let l = s
+                    .low_water()
+                    .min(rec_low.get(&name).copied().unwrap_or(u64::MAX));
+                (name, l)
+            };
+            batch.low_water.push(low(LOCAL.to_owned(), &st.local));
+            for (peer, l) in &st.links {
+                batch.low_water.push(low(own_stream(peer), &l.own));
+                batch.low_water.push(low(theirs_stream(peer), &l.theirs));
+            }
+            (n, self.persist(batch))
+        };
+        durable.await?;
+        Ok(n)
     }
 
     /// The live pool and link gauges, in the Prometheus text format.

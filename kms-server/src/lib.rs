@@ -24,6 +24,8 @@ pub mod link;
 pub mod metrics;
 pub mod peer;
 pub mod physics;
+pub mod source;
+pub mod store;
 pub mod tls;
 
 use std::sync::Arc;
@@ -109,17 +111,19 @@ pub async fn run(settings: config::Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Erases keys that no slave fetched within `limits.key_ttl_secs`.
+/// Erases keys that no slave fetched within `limits.key_ttl_secs` and drops consumed
+/// segments of the durable pool, every 10 s.
 async fn expire_unfetched(kme: Arc<kme::Kme>) {
-    let ttl = std::time::Duration::from_secs(kme.settings.limits.key_ttl_secs);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
     loop {
         tick.tick().await;
-        let Ok(mut st) = kme.lock() else { return };
-        let n = st.records.expire(ttl);
-        drop(st);
-        if n > 0 {
-            tracing::info!(keys = n, "erased keys that no slave fetched in time");
+        match kme.housekeeping().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(keys = n, "erased keys that no slave fetched in time"),
+            Err(e) => {
+                tracing::error!(error = %e.body.message, "housekeeping failed");
+                return;
+            }
         }
     }
 }

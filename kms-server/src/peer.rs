@@ -1,9 +1,14 @@
 //! The KME-to-KME channel: wire types and a client, over mutual TLS with KME certificates.
 //!
-//! Two messages cross it:
-//! - `POST /internal/v1/link/blocks`: the simulated QKD link announces one block of key
-//!   material ([`BlockAnnounce`]); both ends derive the block's bytes from the session seed.
-//!   This stands in for the quantum channel plus post-processing of real hardware.
+//! Messages that cross it:
+//! - `POST /internal/v1/link/sync`: the producing end of a link reconciles both directions
+//!   with the far end ([`SyncRequest`] / [`SyncReply`]) at start and after any failure;
+//!   neither end serves the link's keys before.
+//! - `POST /internal/v1/link/blocks`: the producing end announces one block of key material
+//!   ([`BlockAnnounce`]); the far end obtains the same bytes from its side of the key source
+//!   (see [`crate::source`]) and acknowledges once they are durable.
+//! - `POST /internal/v1/link/source`: protocol messages between the two ends of a key source
+//!   (the faithful BB84 simulator).
 //! - `POST /internal/v1/keys/register`: a KME that handed keys to a master registers their
 //!   IDs and stream ranges at the slaves' KME. Only offsets cross the wire, never key bytes.
 
@@ -13,47 +18,49 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::config::Settings;
+use crate::source::BlockRef;
 
 pub const BLOCKS_PATH: &str = "/internal/v1/link/blocks";
+pub const SYNC_PATH: &str = "/internal/v1/link/sync";
+pub const SOURCE_PATH: &str = "/internal/v1/link/source";
 pub const REGISTER_PATH: &str = "/internal/v1/keys/register";
 
-/// A block of simulated link key: the far end derives its bytes from `seed` and `seq`.
-#[derive(Clone, Serialize, Deserialize)]
+/// A block of link key: where it goes, and how the far end obtains its bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlockAnnounce {
-    pub session: Uuid,
-    /// The session's 256-bit seed, hex (secret: crosses only the mutually authenticated
-    /// KME-to-KME channel, never logged).
-    pub seed: String,
-    /// Block number within the session.
-    pub seq: u64,
     /// KME that allocates from this block.
     pub owner: String,
     /// Offset of the block in the owner's direction of the stream.
     pub offset: u64,
     /// Bytes in the block; 0 for a heartbeat that only reports the link's state.
     pub len: u64,
+    /// How the far end obtains the bytes (absent in heartbeats).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<BlockRef>,
     /// The link's modelled QBER and secure key rate, when it has a physical model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub perf: Option<crate::physics::LinkPerformance>,
 }
 
-impl Drop for BlockAnnounce {
-    fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.seed);
-    }
+/// The producing end's view of the link, sent to reconcile.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRequest {
+    /// End of the direction the producing end owns.
+    pub producer_end: u64,
+    /// End of the direction the far end owns, as held at the producing end.
+    pub far_end: u64,
 }
 
-impl std::fmt::Debug for BlockAnnounce {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockAnnounce")
-            .field("session", &self.session)
-            .field("seq", &self.seq)
-            .field("owner", &self.owner)
-            .field("offset", &self.offset)
-            .field("len", &self.len)
-            .finish_non_exhaustive()
-    }
+/// Where both directions continue after a synchronisation. Both ends discard the free bytes
+/// of the link (neither can know which of them the other still holds unused) and append the
+/// next blocks at these offsets; keys already handed to masters are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncReply {
+    pub producer_end: u64,
+    pub far_end: u64,
 }
 
 /// One key registered at the slaves' KME: its ID and where its bytes sit in the stream
@@ -69,8 +76,6 @@ pub struct RegisteredKey {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Registration {
-    /// Link session the offsets refer to.
-    pub session: Uuid,
     pub master: String,
     /// Slaves attached to the receiving KME.
     pub slaves: Vec<String>,
@@ -283,5 +288,44 @@ impl PeerClient {
             .await
             .map_err(|e| self.transport(e))?;
         self.check(resp).await
+    }
+
+    async fn post_json<T: Serialize + ?Sized, R: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<R, PeerError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        if !resp.status().is_success() {
+            self.check(resp).await?;
+            return Err(PeerError::Config(
+                "unreachable: check accepted an error".into(),
+            ));
+        }
+        let body = resp.bytes().await.map_err(|e| self.transport(e))?;
+        serde_json::from_slice(&body).map_err(|e| PeerError::Refused {
+            kme: self.kme_id.clone(),
+            status: 200,
+            message: format!("malformed reply on {path}: {e}"),
+        })
+    }
+
+    /// Reconciles the link with the far end; returns where both directions continue.
+    pub async fn sync(&self, req: &SyncRequest) -> Result<SyncReply, PeerError> {
+        self.post_json(SYNC_PATH, req).await
+    }
+
+    /// Sends a key-source protocol message to the far end's source of this link.
+    pub async fn source_message(
+        &self,
+        message: &serde_json::Value,
+    ) -> Result<serde_json::Value, PeerError> {
+        self.post_json(SOURCE_PATH, message).await
     }
 }

@@ -38,6 +38,8 @@ pub struct Options {
     pub extra_toml: String,
     /// Fibre length of every link; the rate then comes from the physical model.
     pub length_km: Option<f64>,
+    /// Keep the KMEs' key pools in memory only (no `store_dir`; not crash-safe).
+    pub volatile_kmes: bool,
 }
 
 impl Default for Options {
@@ -54,6 +56,7 @@ impl Default for Options {
             agents: true,
             extra_toml: String::new(),
             length_km: None,
+            volatile_kmes: false,
         }
     }
 }
@@ -353,6 +356,11 @@ impl Devnet {
                     opts.block_bytes
                 ));
             }
+            if !opts.volatile_kmes {
+                // Top-level key, so it goes before the first table.
+                let store = dir.join(format!("kme-store-{}", names[i]));
+                toml.insert_str(0, &format!("store_dir = \"{}\"\n", store.display()));
+            }
             toml.push_str(&opts.extra_toml);
             let cfg = dir.join(format!("kme-{}.toml", names[i]));
             std::fs::write(&cfg, toml)?;
@@ -605,6 +613,41 @@ impl Devnet {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Kills only the KME of site `i` with SIGKILL (a crash).
+    pub fn kill_kme(&mut self, i: usize) {
+        if let Some(mut c) = self.children.get_mut(i).and_then(Option::take) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the KME of site `i` again with its configuration (its log is appended to).
+    pub fn restart_kme(&mut self, i: usize) -> Result<()> {
+        self.kill_kme(i);
+        let site = self.info.sites.get_mut(i).context("no such site")?;
+        let bin = sibling_binary("kms-server")?;
+        let out = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&site.kme_log)?;
+        let err = out.try_clone()?;
+        use std::os::unix::process::CommandExt;
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&site.kme_config)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .context("restarting kms-server")?;
+        site.kme_pid = child.id();
+        if let Some(slot) = self.children.get_mut(i) {
+            *slot = Some(child);
+        }
+        Ok(())
     }
 
     /// Kills the backup agent of site `i` with SIGKILL.

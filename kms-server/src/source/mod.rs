@@ -1,0 +1,251 @@
+//! Key sources: where a link's shared key material comes from.
+//!
+//! Everything above the pool (the 014 interface, registration, delivery) is the same whatever
+//! produces the key; a link only needs a [`KeySource`] at each end. The two ends of a link
+//! play different parts:
+//!
+//! - The **producing end** (the KME with the smaller ID) calls [`KeySource::next_block`]. It
+//!   gets a block of key bytes and a [`BlockRef`] that tells the far end how to obtain the
+//!   *same* bytes from its own side of the source (a file name, key IDs of an upstream
+//!   device, a protocol frame ID...). The reference crosses the mutually authenticated
+//!   KME-to-KME channel inside the block announcement; key bytes never do.
+//! - The **far end** calls [`KeySource::fetch_block`] with that reference when the
+//!   announcement arrives. [`SourceError::NotYet`] means "I do not have it yet" (e.g. the
+//!   device has not written its file here yet): the producer keeps the block and announces it
+//!   again later.
+//! - Once a block is durably in the pool at an end (or the link discarded it), that end calls
+//!   [`KeySource::release`] so the source erases its own copy (a key file is overwritten and
+//!   removed).
+//!
+//! Sources that run a protocol between the two ends (the faithful BB84 simulator) exchange
+//! their messages through [`KeySource::peer_message`], which the KME routes from
+//! `POST /internal/v1/link/source` to the far end's source of the same link.
+//!
+//! ## Built-in sources
+//! - `simulated` ([`simulated`]): blocks derived from a secret seed at both ends.
+//! - `key-files` ([`key_files`]): files of final key that a device drops with identical
+//!   names at both ends; references are `<offset>:<len>:<file name>`, progress survives
+//!   restarts in `.NAME.consumed` markers.
+//! - `upstream-014` ([`upstream`]): a vendor KME with an ETSI GS QKD 014 interface, of which
+//!   this KME is an SAE; references are `<key size in bits>:<key ID>,<key ID>,...`.
+//!
+//! ## Adding a vendor driver
+//! 1. Write a type implementing [`KeySource`] in a module of its own under `source/`:
+//!    `next_block` asks the device for final (privacy-amplified) key and returns it with a
+//!    reference the far end's device understands; `fetch_block` asks the far end's device for
+//!    the key so referenced; `release` tells the device the key is consumed (or erases it).
+//!    Never log key bytes; keep them in `Zeroizing` buffers. Return `NotYet` while the far
+//!    device lags, `Gone` for a reference that can never be served (the producer then drops
+//!    the block), `Failed` for anything else (the link retries after a pause).
+//! 2. Add a variant to [`SourceConfig`] with the driver's settings (paths, URLs,
+//!    credentials) and build it in [`build`].
+//! 3. Configure it per link: `[peers.link.source] kind = "your-driver"` at both KMEs.
+//!
+//! The pool, its durability, the link synchronisation after restarts and the capacity bound
+//! (`max_key_count`, which stops pulling from the source when reached) are the link's job, not
+//! the driver's.
+
+pub mod key_files;
+pub mod simulated;
+pub mod upstream;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// How the far end obtains the bytes of a block from its own side of the source.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockRef {
+    /// The [`KeySource::kind`] that made the block; the far end refuses a block from another
+    /// kind of source.
+    pub source: String,
+    /// Source-specific description, e.g. a file name or upstream key IDs. May be secret (the
+    /// simulator's seed): wiped on drop and never logged.
+    pub detail: String,
+}
+
+impl Drop for BlockRef {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.detail);
+    }
+}
+
+impl std::fmt::Debug for BlockRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockRef")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A block obtained at the producing end.
+pub struct Produced {
+    pub reference: BlockRef,
+    /// The key bytes (at most the `max_len` asked for, never empty).
+    pub data: Zeroizing<Vec<u8>>,
+}
+
+/// Why a source could not deliver.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The far end's side does not hold the block yet; announce it again later.
+    #[error("key not available here yet: {0}")]
+    NotYet(String),
+    /// The block can never be obtained here; the producer discards it.
+    #[error("key gone: {0}")]
+    Gone(String),
+    /// The block reference is malformed or from another kind of source.
+    #[error("bad block reference: {0}")]
+    BadReference(String),
+    /// The source cannot serve right now (device unreachable, I/O error, protocol abort).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Where one end of a link gets its key material. See the module docs for the roles.
+#[async_trait::async_trait]
+pub trait KeySource: Send + Sync {
+    /// Short name, also the [`BlockRef::source`] of its blocks (e.g. `"key-files"`).
+    fn kind(&self) -> &'static str;
+
+    /// Whether the link's physical model paces this source (the simulators). Hardware sources
+    /// deliver at the device's own rate.
+    fn modelled(&self) -> bool {
+        false
+    }
+
+    /// Producing end: the next block of at most `max_len` bytes, or `None` when the source
+    /// has nothing right now (the link waits a little and asks again).
+    async fn next_block(&self, max_len: usize) -> Result<Option<Produced>, SourceError>;
+
+    /// Far end: the bytes of the block the producer described, exactly `len` of them.
+    async fn fetch_block(
+        &self,
+        reference: &BlockRef,
+        len: usize,
+    ) -> Result<Zeroizing<Vec<u8>>, SourceError>;
+
+    /// Either end: the block is durably in the pool here, or the link discarded it; erase the
+    /// source's own copy.
+    async fn release(&self, reference: &BlockRef) -> Result<(), SourceError> {
+        let _ = reference;
+        Ok(())
+    }
+
+    /// Far end: a protocol message from the producer's source (JSON in, JSON out).
+    async fn peer_message(
+        &self,
+        message: serde_json::Value,
+    ) -> Result<serde_json::Value, SourceError> {
+        let _ = message;
+        Err(SourceError::Failed(format!(
+            "the {} source takes no messages from the peer",
+            self.kind()
+        )))
+    }
+
+    /// Operator switch for sources that simulate a quantum channel: the fraction of pulses an
+    /// intercept-resend attacker takes. Others ignore it.
+    fn set_eavesdropper(&self, fraction: f64) {
+        let _ = fraction;
+    }
+}
+
+/// Which source feeds a link, per link in the KME configuration (`[peers.link.source]`).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Simulated link: the producer draws a seed per run and both ends derive blocks from it
+    /// (stands in for a device; computationally secret only). The physical model sets the
+    /// rate.
+    #[default]
+    Simulated,
+    /// A directory where a QKD device drops files of final key, identically named at both
+    /// ends.
+    KeyFiles {
+        /// The directory (relative paths are resolved against the configuration file's
+        /// folder).
+        dir: PathBuf,
+        /// How often to look for new files, milliseconds.
+        #[serde(default = "default_poll_ms")]
+        poll_ms: u64,
+    },
+    /// A vendor KME that exposes ETSI GS QKD 014: this KME is an SAE of it.
+    Upstream014 {
+        /// Base URL of the vendor KME, e.g. `https://10.0.0.1:443`.
+        url: String,
+        /// CA certificate of the vendor KME (PEM).
+        ca: PathBuf,
+        /// This KME's SAE certificate and key at the vendor KME (PEM).
+        cert: PathBuf,
+        key: PathBuf,
+        /// SAE ID under which the *other* end of the link is known to its vendor KME
+        /// (slave ID for enc_keys at the producer, master ID for dec_keys at the far end).
+        peer_sae_id: String,
+        /// Key size asked for, bits.
+        #[serde(default = "default_upstream_key_size")]
+        key_size: u64,
+        /// Keys asked for per request.
+        #[serde(default = "default_upstream_keys")]
+        keys_per_request: u64,
+    },
+}
+
+fn default_poll_ms() -> u64 {
+    200
+}
+fn default_upstream_key_size() -> u64 {
+    256
+}
+fn default_upstream_keys() -> u64 {
+    64
+}
+
+impl SourceConfig {
+    /// Resolves relative paths against `base` (the configuration file's folder).
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match self {
+            SourceConfig::Simulated => {}
+            SourceConfig::KeyFiles { dir, .. } => fix(dir),
+            SourceConfig::Upstream014 { ca, cert, key, .. } => {
+                fix(ca);
+                fix(cert);
+                fix(key);
+            }
+        }
+    }
+}
+
+/// Builds the source of one end of a link.
+pub fn build(config: &SourceConfig) -> Result<std::sync::Arc<dyn KeySource>, SourceError> {
+    match config {
+        SourceConfig::Simulated => Ok(std::sync::Arc::new(simulated::Simulated::new()?)),
+        SourceConfig::KeyFiles { dir, poll_ms } => Ok(std::sync::Arc::new(
+            key_files::KeyFiles::new(dir, *poll_ms)?,
+        )),
+        SourceConfig::Upstream014 {
+            url,
+            ca,
+            cert,
+            key,
+            peer_sae_id,
+            key_size,
+            keys_per_request,
+        } => Ok(std::sync::Arc::new(upstream::Upstream014::new(
+            url,
+            ca,
+            cert,
+            key,
+            peer_sae_id,
+            *key_size,
+            *keys_per_request,
+        )?)),
+    }
+}
