@@ -13,7 +13,8 @@ use clap::Parser;
 ///
 /// Serves /api/v1/keys/{SAE}/status, enc_keys and dec_keys (GET and POST) to SAEs whose
 /// client certificates chain to the configured CA, and shares key material with the peer
-/// KMEs listed in the configuration over a simulated QKD link.
+/// KMEs listed in the configuration over QKD links fed by a key source (simulated, key
+/// files of a device, or a vendor's own 014 interface).
 ///
 /// Configuration (TOML):
 ///
@@ -22,6 +23,8 @@ use clap::Parser;
 ///   sae_id_field = "cn"              # cn | san-dns | san-uri | serial
 ///   saes = ["SAE_A1"]                # SAEs attached here
 ///   operators = ["OPERATOR"]         # certificate CNs allowed on /admin/v1/
+///   store_dir = "kme-store"          # durable, crash-safe key pool (unset: memory only)
+///   metrics_listen = "127.0.0.1:9100" # Prometheus /metrics (plain HTTP; unset: off)
 ///   [tls]   ca, cert, key, peer_cert, peer_key  (PEM paths, relative to the file)
 ///   [limits] key_size=256 min_key_size=64 max_key_size=65536 max_key_per_request=1024
 ///            max_key_count=100000 max_sae_id_count=2 max_body_bytes=262144  (sizes in bits)
@@ -34,6 +37,18 @@ use clap::Parser;
 ///   [peers.link.device] fibre_loss_db_per_km=0.2 bob_efficiency=0.5 detector_efficiency=0.2
 ///                dark_count_probability=1e-5 misalignment=0.02 mean_photon_number=0.5
 ///                error_correction_efficiency=1.16 repetition_rate_hz=1e9 sifting=0.9
+///   [peers.link.source]              # where the link's key comes from (same kind at both ends)
+///                kind = "simulated"      # default: derived from a per-run seed, paced by the model
+///                kind = "bb84"           # faithful: BB84 on simulated photons, Cascade, Toeplitz PA
+///                kind = "key-files"  dir = "keys"  poll_ms = 200
+///                                        # a device drops identically named files of final key
+///                kind = "upstream-014"  url = "https://vendor-kme"  ca = "vendor-ca.pem"
+///                       cert = "me-at-vendor.pem"  key = "me-at-vendor.key"
+///                       peer_sae_id = "OTHER_END_AT_VENDOR"  key_size = 256  keys_per_request = 64
+///
+/// With store_dir, key bytes and the state of every key survive kill -9: after a restart no
+/// key awaiting a slave is lost and none is delivered twice; the two ends of each link
+/// reconcile before its keys are served again (both discard the link's unallocated pool).
 ///
 /// Admin (operator certificate): POST /admin/v1/links/{peer}/eavesdropper {"fraction": 0..1}
 /// puts an intercept-resend attacker on a link (at its producing end, the smaller KME ID).

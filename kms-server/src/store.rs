@@ -124,9 +124,12 @@ impl Batch {
     }
 }
 
+/// The free ranges of a stream with their bytes: (offset, bytes).
+pub type FreeBytes = Vec<(u64, Zeroizing<Vec<u8>>)>;
+
 /// What the store held at start.
 pub struct Loaded {
-    pub streams: HashMap<String, (StreamMeta, Vec<(u64, Zeroizing<Vec<u8>>)>)>,
+    pub streams: HashMap<String, (StreamMeta, FreeBytes)>,
     pub records: Vec<(Uuid, RecordMeta, Zeroizing<Vec<u8>>)>,
 }
 
@@ -293,7 +296,7 @@ impl Segments {
         len: u64,
         touched: &mut HashSet<(String, u64)>,
     ) -> Result<(), StoreError> {
-        const ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
+        static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
         let end = off.saturating_add(len);
         let mut pos = off;
         while pos < end {

@@ -40,6 +40,10 @@ pub struct Options {
     pub length_km: Option<f64>,
     /// Keep the KMEs' key pools in memory only (no `store_dir`; not crash-safe).
     pub volatile_kmes: bool,
+    /// Key source of a link end: `(site, peer site, TOML body of [peers.link.source])`.
+    /// `{dir}` in the body stands for the devnet folder, `{url_N}` for site N's KME URL.
+    /// Links not listed use the simulator.
+    pub link_sources: Vec<(usize, usize, String)>,
 }
 
 impl Default for Options {
@@ -57,6 +61,7 @@ impl Default for Options {
             extra_toml: String::new(),
             length_km: None,
             volatile_kmes: false,
+            link_sources: Vec::new(),
         }
     }
 }
@@ -345,16 +350,27 @@ impl Devnet {
                 };
                 let length = opts
                     .length_km
-                    .map(|l| format!(", length_km = {l:?}"))
+                    .map(|l| format!("length_km = {l:?}\n"))
                     .unwrap_or_default();
                 toml.push_str(&format!(
-                    "\n[[peers]]\nkme_id = \"{}\"\nurl = \"{}\"\nsaes = {:?}\nlink = {{ rate_bytes_per_sec = {}, block_bytes = {}{length} }}\n",
+                    "\n[[peers]]\nkme_id = \"{}\"\nurl = \"{}\"\nsaes = {:?}\n[peers.link]\nrate_bytes_per_sec = {}\nblock_bytes = {}\n{length}",
                     kme_ids[j],
                     url(j),
                     attached(j),
                     opts.rate_bytes_per_sec,
                     opts.block_bytes
                 ));
+                if let Some((_, _, body)) = opts
+                    .link_sources
+                    .iter()
+                    .find(|(a, b, _)| *a == i && *b == j)
+                {
+                    let mut body = body.replace("{dir}", &dir.display().to_string());
+                    for k in 0..opts.sites {
+                        body = body.replace(&format!("{{url_{k}}}"), &url(k));
+                    }
+                    toml.push_str(&format!("[peers.link.source]\n{body}\n"));
+                }
             }
             if !opts.volatile_kmes {
                 // Top-level key, so it goes before the first table.

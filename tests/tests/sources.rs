@@ -255,3 +255,161 @@ async fn wrong_certificates_fail_with_a_clear_message() {
         Ok(_) => panic!("built with missing certificate files"),
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Whole KMEs fed by the sources.
+
+/// Polls `f` until it gives `Some`, for at most `secs` seconds.
+async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    use rand::RngCore;
+    let mut v = vec![0u8; n];
+    rand::rng().fill_bytes(&mut v);
+    v
+}
+
+fn decode(b64: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("base64 key")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_file_directories_feed_a_link_while_the_kmes_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db) = (dir.path().join("keys-A"), dir.path().join("keys-B"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    // The "device" drops the first file at both ends before the KMEs start.
+    let first = random_bytes(24 * 1024);
+    for d in [&da, &db] {
+        std::fs::write(d.join("0001.key"), &first).unwrap();
+    }
+    let source = |d: &str| format!("kind = \"key-files\"\ndir = \"{{dir}}/{d}\"\npoll_ms = 50");
+    let net = devnet::Devnet::start(
+        dir.path(),
+        &Options {
+            sites: 2,
+            agents: false,
+            max_key_count: 1000,
+            block_bytes: 4096,
+            link_sources: vec![(0, 1, source("keys-A")), (1, 0, source("keys-B"))],
+            ..Options::default()
+        },
+    )
+    .expect("devnet with key-file links starts");
+    let info = net.info.clone();
+    let a1 = info.client("SAE_A1").unwrap();
+    let b1 = info.client("SAE_B1").unwrap();
+    let round_trip = |n: u64| {
+        let (a1, b1) = (a1.clone(), b1.clone());
+        async move {
+            let got = a1.get_key("SAE_B1", Some(n), None).await.ok()?;
+            let ids = etsi_spec::KeyIds::from_ids(got.keys.iter().map(|k| k.key_ID.clone()));
+            let back = b1.dec_keys("SAE_A1", &ids).await.expect("slave gets the keys");
+            for (x, y) in got.keys.iter().zip(&back.keys) {
+                assert_eq!(x.key, y.key, "slave gets the master's bytes");
+            }
+            Some(got.keys.iter().map(|k| decode(&k.key)).collect::<Vec<_>>())
+        }
+    };
+    let keys = round_trip(10).await.expect("keys from the first file");
+    for k in &keys {
+        assert!(
+            first.windows(k.len()).any(|w| w == &k[..]),
+            "every key is a piece of the device's file"
+        );
+    }
+    // A second file arrives while the KMEs serve: first at the far end, later at the
+    // producing end (the link picks it up when it appears at both).
+    let second = random_bytes(24 * 1024);
+    std::fs::write(db.join("0002.key"), &second).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(da.join("0002.key"), &second).unwrap();
+    // Drain the pool until keys from the second file come out.
+    eventually(60, "keys from the file that arrived while serving", || {
+        let rt = round_trip(50);
+        let second = second.clone();
+        async move {
+            match rt.await {
+                Some(keys) => keys
+                    .iter()
+                    .any(|k| second.windows(k.len()).any(|w| w == &k[..]))
+                    .then_some(()),
+                None => None,
+            }
+        }
+    })
+    .await;
+    // The first file was consumed at both ends: overwritten and removed.
+    for d in [&da, &db] {
+        let d = d.clone();
+        eventually(30, "the consumed key file is removed", || {
+            let d = d.clone();
+            async move { (!d.join("0001.key").exists()).then_some(()) }
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_014_source_lets_our_kms_front_another_kme() {
+    // Sites A and B are the "vendor" KMEs (simulated link A-B); sites C and D are our KMS,
+    // linked C-D through the vendor: C is SAE A2 of KME_A, D is SAE B2 of KME_B.
+    let upstream = |site: usize, me: &str, peer: &str| {
+        format!(
+            "kind = \"upstream-014\"\nurl = \"{{url_{site}}}\"\nca = \"{{dir}}/pki/ca.pem\"\n\
+             cert = \"{{dir}}/pki/sae-{me}.pem\"\nkey = \"{{dir}}/pki/sae-{me}.key\"\n\
+             peer_sae_id = \"{peer}\"\nkey_size = 256\nkeys_per_request = 32"
+        )
+    };
+    let net = common::start(Options {
+        sites: 4,
+        links: Some(vec![(0, 1), (2, 3)]),
+        agents: false,
+        max_key_count: 2000,
+        block_bytes: 1024,
+        link_sources: vec![
+            (2, 3, upstream(0, "SAE_A2", "SAE_B2")),
+            (3, 2, upstream(1, "SAE_B2", "SAE_A2")),
+        ],
+        ..Options::default()
+    });
+    let info = net.info.clone();
+    let c1 = info.client("SAE_C1").unwrap();
+    let d1 = info.client("SAE_D1").unwrap();
+    let got = c1.get_key("SAE_D1", Some(20), None).await.expect("C hands out keys");
+    let ids = etsi_spec::KeyIds::from_ids(got.keys.iter().map(|k| k.key_ID.clone()));
+    let back = d1.dec_keys("SAE_C1", &ids).await.expect("D delivers them");
+    assert_eq!(got.keys.len(), 20);
+    for (x, y) in got.keys.iter().zip(&back.keys) {
+        assert_eq!(x.key_ID, y.key_ID);
+        assert_eq!(x.key, y.key, "the far end got the same bytes through the vendor");
+    }
+    // The vendor link really was used: its KMEs handed keys to SAE A2 and B2.
+    let metrics = reqwest::get(&info.sites[0].metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("qkd_key_consumed_bytes_total{peer=\"KME_B\"}"),
+        "the vendor KME served its link's key: {metrics}"
+    );
+}

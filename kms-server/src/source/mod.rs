@@ -173,6 +173,7 @@ pub enum SourceConfig {
         poll_ms: u64,
     },
     /// A vendor KME that exposes ETSI GS QKD 014: this KME is an SAE of it.
+    #[serde(rename = "upstream-014")]
     Upstream014 {
         /// Base URL of the vendor KME, e.g. `https://10.0.0.1:443`.
         url: String,
@@ -247,5 +248,29 @@ pub fn build(config: &SourceConfig) -> Result<std::sync::Arc<dyn KeySource>, Sou
             *key_size,
             *keys_per_request,
         )?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_is_spelled_as_documented() {
+        let parse = |s: &str| serde_json::from_str::<SourceConfig>(s);
+        assert!(matches!(
+            parse(r#"{"kind":"simulated"}"#).unwrap(),
+            SourceConfig::Simulated
+        ));
+        assert!(matches!(
+            parse(r#"{"kind":"key-files","dir":"k"}"#).unwrap(),
+            SourceConfig::KeyFiles { poll_ms: 200, .. }
+        ));
+        assert!(matches!(
+            parse(r#"{"kind":"upstream-014","url":"https://x","ca":"a","cert":"b","key":"c","peer_sae_id":"S"}"#).unwrap(),
+            SourceConfig::Upstream014 { key_size: 256, .. }
+        ));
+        assert!(parse(r#"{"kind":"upstream014"}"#).is_err());
+        assert!(parse(r#"{"kind":"key-files","dir":"k","typo":1}"#).is_err());
     }
 }
