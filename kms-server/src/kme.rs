@@ -99,11 +99,12 @@ impl Kme {
         let mut state = State::default();
         for p in &settings.peers {
             let client = PeerClient::new(&settings, &p.kme_id, &p.url)?;
-            let source =
-                crate::source::build(&p.link.source).map_err(|error| StartError::Source {
+            let source = crate::source::build_for_link(&p.link, &client).map_err(|error| {
+                StartError::Source {
                     peer: p.kme_id.clone(),
                     error,
-                })?;
+                }
+            })?;
             source.set_eavesdropper(p.link.eavesdropper);
             sources.insert(p.kme_id.clone(), source);
             peers.insert(p.kme_id.clone(), client);

@@ -7,15 +7,22 @@
 //! slave, then erased.
 //!
 //! Modules: [`config`] (TOML + env), [`tls`] (acceptor, certificate identity), [`api`]
-//! (HTTP handlers), [`kme`] (the operations), [`keystore`] (streams and key records),
-//! [`link`] (the simulated link and local pool), [`peer`] (KME-to-KME channel).
+//! (HTTP handlers), [`kme`] (the operations), [`keystore`] (streams and key records in
+//! memory), [`store`] (the durable pool behind them), [`link`] (moving key from a source into
+//! both ends' pools, synchronisation after restarts, the local pool), [`source`] (key sources:
+//! simulator, faithful BB84, key files, upstream 014; how to add a vendor driver), [`bb84`]
+//! (the faithful protocol engine), [`physics`] (decoy-state BB84 rate model), [`metrics`],
+//! [`peer`] (KME-to-KME channel).
 //!
 //! Dependencies: actix-web with OpenSSL for the mTLS server (OpenSSL exposes the verified
 //! peer certificate per connection); reqwest (native-tls, i.e. the same OpenSSL) for the
 //! KME-to-KME client; `config` for layered TOML/env settings; `zeroize` to wipe key material;
-//! `uuid` for key IDs; `tracing` for logs, which never contain key material.
+//! `uuid` for key IDs; `tracing` for logs, which never contain key material; `redb` for the
+//! durable pool's state (pure Rust, ACID, crash-safe with fsync on commit, no server);
+//! `async-trait` so key sources can be chosen at run time (`dyn KeySource`).
 
 pub mod api;
+pub mod bb84;
 pub mod config;
 pub mod error;
 pub mod keystore;

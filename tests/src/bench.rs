@@ -9,6 +9,8 @@
 //! - Pipeline: store and restore of a synthetic FASTQ file through the real CLI, beside a
 //!   plain copy of the same file (the disk baseline) and the seed's 356 / 502 Mbps.
 //! - Peak RSS (VmHWM) of the client, each site agent and each KME.
+//! - Link: the modelled secure key rate and QBER by fibre length; the bulk fill rate of a
+//!   simulated link into the durable pool, beside the same link with an in-memory pool.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -31,6 +33,8 @@ pub struct BenchOptions {
     pub seconds: f64,
     /// Skip the pipeline part.
     pub kme_only: bool,
+    /// Only the link part.
+    pub link_only: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -312,8 +316,101 @@ fn pipeline_part(net: &Devnet, o: &BenchOptions) -> Result<u64> {
 }
 
 /// Runs the whole benchmark and prints the tables.
+/// Bytes per second at which a bulk (rate 0) simulated link fills the pools of both
+/// directions, measured at the producing end from the `generated` counter while filling.
+fn fill_rate(dir: &Path, volatile: bool) -> Result<f64> {
+    let net = Devnet::start(
+        dir,
+        &Options {
+            sites: 2,
+            agents: false,
+            rate_bytes_per_sec: 0,
+            // 2^21 keys of 256 bit: 64 MiB per direction, 128 MiB in all.
+            max_key_count: 1 << 21,
+            volatile_kmes: volatile,
+            // The local pools stay small and slow, so that only the link works.
+            local_toml: Some(
+                "rate_bytes_per_sec = 4096\nblock_bytes = 1024\nprefill = false".into(),
+            ),
+            ..Options::default()
+        },
+    )?;
+    let url = net.info.sites[0].metrics_url.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let sample = || -> Result<f64> {
+        let text = rt.block_on(async { reqwest::get(&url).await?.text().await })?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix("qkd_key_generated_bytes_total{peer=\"KME_B\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0))
+    };
+    let t0 = Instant::now();
+    let b0 = sample()?;
+    let (mut last_t, mut last_b) = (t0, b0);
+    let mut still = Instant::now();
+    while t0.elapsed() < Duration::from_secs(60) && still.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(50));
+        let b = sample()?;
+        if b > last_b {
+            (last_t, last_b) = (Instant::now(), b);
+            still = Instant::now();
+        }
+    }
+    let secs = last_t.duration_since(t0).as_secs_f64();
+    if secs <= 0.0 || last_b <= b0 {
+        bail!("the link did not fill while measured");
+    }
+    Ok((last_b - b0) / secs)
+}
+
+/// The link part: modelled rates, and the bulk fill rate durable vs in memory.
+fn link_part(o: &BenchOptions) -> Result<()> {
+    println!(
+        "\nQKD link model (decoy-state BB84, default device: 1 GHz, mu 0.5, eta_D 0.2, 0.2 dB/km)"
+    );
+    println!(
+        "{:>10} {:>10} {:>22}",
+        "length km", "QBER %", "secure key rate"
+    );
+    let device = kms_server::physics::DeviceParams::default();
+    for l in [10.0, 25.0, 50.0, 75.0, 100.0, 125.0, 150.0] {
+        let p = device.evaluate(l, 0.0, 0.11);
+        println!(
+            "{:>10} {:>10.2} {:>17.3} Mbps",
+            l,
+            p.qber * 100.0,
+            p.secure_key_rate_bps / 1e6
+        );
+    }
+    let mut durable = Vec::new();
+    let mut memory = Vec::new();
+    for r in 0..o.runs {
+        durable.push(fill_rate(&o.dir.join(format!("fill-durable-{r}")), false)?);
+        memory.push(fill_rate(&o.dir.join(format!("fill-memory-{r}")), true)?);
+    }
+    println!(
+        "{:<52} {:>9.0} MB/s {:>14.0} MB/s",
+        "bulk link fill, both directions, durable pool",
+        median(durable) / 1e6,
+        median(memory) / 1e6
+    );
+    println!("{:<52} {:>14} {:>19}", "", "", "(in-memory pool)");
+    Ok(())
+}
+
 pub fn run(o: &BenchOptions) -> Result<()> {
     std::fs::create_dir_all(&o.dir)?;
+    if o.link_only {
+        println!(
+            "devnet bench (link), {} (2 cores shared by every process), medians of {} run(s)",
+            chrono_free_date(),
+            o.runs
+        );
+        return link_part(o);
+    }
     let net = Devnet::start(
         &o.dir.join("net"),
         &Options {
@@ -337,6 +434,8 @@ pub fn run(o: &BenchOptions) -> Result<()> {
     } else {
         Some(pipeline_part(&net, o)?)
     };
+    drop(rt);
+    link_part(o)?;
     println!("\nPeak RSS (VmHWM)");
     if let Some(p) = client_peak {
         println!("  {:<20} {:>8.1} MiB", "client", p as f64 / 1048576.0);

@@ -44,6 +44,8 @@ pub struct Options {
     /// `{dir}` in the body stands for the devnet folder, `{url_N}` for site N's KME URL.
     /// Links not listed use the simulator.
     pub link_sources: Vec<(usize, usize, String)>,
+    /// Body of every KME's `[local]` table instead of the link rate and block size.
+    pub local_toml: Option<String>,
 }
 
 impl Default for Options {
@@ -62,6 +64,7 @@ impl Default for Options {
             length_km: None,
             volatile_kmes: false,
             link_sources: Vec::new(),
+            local_toml: None,
         }
     }
 }
@@ -324,7 +327,7 @@ impl Devnet {
                 "kme_id = \"{kme}\"\nlisten = \"127.0.0.1:{port}\"\nsaes = {saes:?}\noperators = [\"{OPERATOR}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n\
                  [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\npeer_cert = \"{pc}\"\npeer_key = \"{pk}\"\n\n\
                  [limits]\nmax_key_count = {mkc}\nmax_key_per_request = {mkr}\nmax_key_size = {mks}\n\n\
-                 [local]\nrate_bytes_per_sec = {rate}\nblock_bytes = {bb}\n",
+                 [local]\n{local}\n",
                 kme = kme_ids[i],
                 port = ports[i],
                 mport = metrics_ports[i],
@@ -337,8 +340,10 @@ impl Devnet {
                 mkc = opts.max_key_count,
                 mkr = opts.max_key_per_request,
                 mks = opts.max_key_size,
-                rate = opts.rate_bytes_per_sec,
-                bb = opts.block_bytes,
+                local = opts.local_toml.clone().unwrap_or_else(|| format!(
+                    "rate_bytes_per_sec = {}\nblock_bytes = {}",
+                    opts.rate_bytes_per_sec, opts.block_bytes
+                )),
             );
             for &(a, b) in &links {
                 let j = if a == i {
@@ -558,9 +563,10 @@ impl Devnet {
                     if let Some(c) = c {
                         if let Some(status) = c.try_wait()? {
                             bail!(
-                                "KME of site {} exited ({status}); see {}",
+                                "KME of site {} exited ({status}); see {}:\n{}",
                                 self.info.sites[i].name,
-                                self.info.sites[i].kme_log.display()
+                                self.info.sites[i].kme_log.display(),
+                                log_tail(&self.info.sites[i].kme_log)
                             );
                         }
                     }
@@ -691,6 +697,13 @@ impl Drop for Devnet {
             let _ = c.wait();
         }
     }
+}
+
+/// The last lines of a log, for error messages.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..].join("\n")
 }
 
 fn spawn(bin: &Path, args: &[&str], cfg: &Path, log: &Path) -> Result<Child> {

@@ -288,8 +288,11 @@ fn start_tampering_proxy(
                                     && req.path().ends_with("/chunks")
                                     && t2.load(Ordering::SeqCst) < flips
                                 {
-                                    let mid = body.len() / 2;
-                                    body[mid] ^= 0x01;
+                                    // Inside the last frame's payload, just before its
+                                    // 16-byte tag (a body holds one or more frames, so the
+                                    // middle may be a frame header).
+                                    let pos = body.len().saturating_sub(20);
+                                    body[pos] ^= 0x01;
                                     t2.fetch_add(1, Ordering::SeqCst);
                                 }
                                 let method =

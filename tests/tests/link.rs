@@ -132,3 +132,58 @@ fn a_modelled_link_reports_its_rate_and_an_eavesdropper_stops_it_with_an_alarm()
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faithful_bb84_link_feeds_both_pools_with_keys_the_protocol_made_equal() {
+    // Small frames so that a debug build keeps up.
+    let bb84 = "kind = \"bb84\"\npulses_per_frame = 2000000".to_owned();
+    let net = common::start(devnet::Options {
+        sites: 2,
+        agents: false,
+        length_km: Some(10.0),
+        max_key_count: 300,
+        block_bytes: 4096,
+        link_sources: vec![(0, 1, bb84.clone()), (1, 0, bb84)],
+        ..devnet::Options::default()
+    });
+    let info = net.info.clone();
+    let a1 = info.client("SAE_A1").unwrap();
+    let b1 = info.client("SAE_B1").unwrap();
+    // Both directions: each KME's masters draw on key the protocol produced.
+    for (m, s, mc, sc) in [
+        ("SAE_A1", "SAE_B1", &a1, &b1),
+        ("SAE_B1", "SAE_A1", &b1, &a1),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let got = loop {
+            match mc.get_key(s, Some(40), None).await {
+                Ok(k) => break k,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "keys from the bb84 link: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let ids = etsi_spec::KeyIds::from_ids(got.keys.iter().map(|k| k.key_ID.clone()));
+        let back = sc.dec_keys(m, &ids).await.expect("slave gets them");
+        for (x, y) in got.keys.iter().zip(&back.keys) {
+            assert_eq!(x.key, y.key, "Alice's and Bob's keys agree");
+        }
+    }
+    let log = std::fs::read_to_string(&info.sites[0].kme_log).unwrap();
+    assert!(log.contains("bb84 frame done"), "frames are logged:\n{log}");
+    assert!(log.contains("final_bits="), "{log}");
+    // The pool keeps being refilled by new frames as keys are drawn.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut drawn = 0;
+    while drawn < 600 {
+        match a1.get_key("SAE_B1", Some(20), None).await {
+            Ok(k) => drawn += k.keys.len(),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bb84 link refills: {drawn} keys drawn"
+        );
+    }
+}

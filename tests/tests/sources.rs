@@ -321,7 +321,10 @@ async fn key_file_directories_feed_a_link_while_the_kmes_serve() {
         async move {
             let got = a1.get_key("SAE_B1", Some(n), None).await.ok()?;
             let ids = etsi_spec::KeyIds::from_ids(got.keys.iter().map(|k| k.key_ID.clone()));
-            let back = b1.dec_keys("SAE_A1", &ids).await.expect("slave gets the keys");
+            let back = b1
+                .dec_keys("SAE_A1", &ids)
+                .await
+                .expect("slave gets the keys");
             for (x, y) in got.keys.iter().zip(&back.keys) {
                 assert_eq!(x.key, y.key, "slave gets the master's bytes");
             }
@@ -393,13 +396,19 @@ async fn an_upstream_014_source_lets_our_kms_front_another_kme() {
     let info = net.info.clone();
     let c1 = info.client("SAE_C1").unwrap();
     let d1 = info.client("SAE_D1").unwrap();
-    let got = c1.get_key("SAE_D1", Some(20), None).await.expect("C hands out keys");
+    let got = c1
+        .get_key("SAE_D1", Some(20), None)
+        .await
+        .expect("C hands out keys");
     let ids = etsi_spec::KeyIds::from_ids(got.keys.iter().map(|k| k.key_ID.clone()));
     let back = d1.dec_keys("SAE_C1", &ids).await.expect("D delivers them");
     assert_eq!(got.keys.len(), 20);
     for (x, y) in got.keys.iter().zip(&back.keys) {
         assert_eq!(x.key_ID, y.key_ID);
-        assert_eq!(x.key, y.key, "the far end got the same bytes through the vendor");
+        assert_eq!(
+            x.key, y.key,
+            "the far end got the same bytes through the vendor"
+        );
     }
     // The vendor link really was used: its KMEs handed keys to SAE A2 and B2.
     let metrics = reqwest::get(&info.sites[0].metrics_url)

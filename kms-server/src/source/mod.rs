@@ -45,6 +45,7 @@
 //! (`max_key_count`, which stops pulling from the source when reached) are the link's job, not
 //! the driver's.
 
+pub mod faithful;
 pub mod key_files;
 pub mod simulated;
 pub mod upstream;
@@ -162,6 +163,16 @@ pub enum SourceConfig {
     /// rate.
     #[default]
     Simulated,
+    /// Faithful simulator: both ends run BB84 on simulated photons (sifting, parameter
+    /// estimation, Cascade, verification, Toeplitz privacy amplification) over the
+    /// KME-to-KME channel; see [`crate::bb84`]. Uses the link's `length_km` (10 km if unset),
+    /// `device`, `eavesdropper` and `abort_qber`.
+    Bb84 {
+        /// Pulses per protocol frame (default 12,000,000: about 86 kbit of final key per frame
+        /// at 10 km).
+        #[serde(default = "default_pulses")]
+        pulses_per_frame: u64,
+    },
     /// A directory where a QKD device drops files of final key, identically named at both
     /// ends.
     KeyFiles {
@@ -194,6 +205,9 @@ pub enum SourceConfig {
     },
 }
 
+fn default_pulses() -> u64 {
+    12_000_000
+}
 fn default_poll_ms() -> u64 {
     200
 }
@@ -213,7 +227,7 @@ impl SourceConfig {
             }
         };
         match self {
-            SourceConfig::Simulated => {}
+            SourceConfig::Simulated | SourceConfig::Bb84 { .. } => {}
             SourceConfig::KeyFiles { dir, .. } => fix(dir),
             SourceConfig::Upstream014 { ca, cert, key, .. } => {
                 fix(ca);
@@ -225,9 +239,15 @@ impl SourceConfig {
 }
 
 /// Builds the source of one end of a link.
+///
+/// The faithful simulator needs the link (its model parameters and the channel to the far
+/// end): build it with [`build_for_link`].
 pub fn build(config: &SourceConfig) -> Result<std::sync::Arc<dyn KeySource>, SourceError> {
     match config {
         SourceConfig::Simulated => Ok(std::sync::Arc::new(simulated::Simulated::new()?)),
+        SourceConfig::Bb84 { .. } => Err(SourceError::Failed(
+            "the bb84 source is built with its link (build_for_link)".into(),
+        )),
         SourceConfig::KeyFiles { dir, poll_ms } => Ok(std::sync::Arc::new(
             key_files::KeyFiles::new(dir, *poll_ms)?,
         )),
@@ -248,6 +268,30 @@ pub fn build(config: &SourceConfig) -> Result<std::sync::Arc<dyn KeySource>, Sou
             *key_size,
             *keys_per_request,
         )?)),
+    }
+}
+
+/// Builds the source of one end of the link configured by `link`, whose far end `peer` is.
+pub fn build_for_link(
+    link: &crate::config::LinkParams,
+    peer: &crate::peer::PeerClient,
+) -> Result<std::sync::Arc<dyn KeySource>, SourceError> {
+    match &link.source {
+        SourceConfig::Bb84 { pulses_per_frame } => {
+            let params = crate::bb84::Bb84Params {
+                device: link.device,
+                length_km: link.length_km.unwrap_or(10.0),
+                eavesdropper: link.eavesdropper,
+                abort_qber: link.abort_qber,
+                pulses_per_frame: *pulses_per_frame,
+                ..crate::bb84::Bb84Params::default()
+            };
+            Ok(std::sync::Arc::new(faithful::Faithful::new(
+                params,
+                peer.clone(),
+            )?))
+        }
+        other => build(other),
     }
 }
 

@@ -135,6 +135,9 @@ enum Cmd {
         /// Only the KME part.
         #[arg(long)]
         kme_only: bool,
+        /// Only the link part: modelled rate by length, bulk fill rate (durable vs memory).
+        #[arg(long)]
+        link_only: bool,
     },
 }
 
@@ -146,6 +149,7 @@ fn main() -> Result<()> {
             runs,
             seconds,
             kme_only,
+            link_only,
         } => {
             let tmp = dir.is_none();
             let dir = dir.unwrap_or_else(|| {
@@ -157,6 +161,7 @@ fn main() -> Result<()> {
                 runs: runs.max(1),
                 seconds,
                 kme_only,
+                link_only,
             });
             if tmp {
                 std::fs::remove_dir_all(&dir).ok();
