@@ -23,6 +23,10 @@ pub enum TakeError {
     Overlap,
 }
 
+/// Offsets and ends of every stream stay below this (2^56 bytes: far beyond any link's
+/// lifetime), so that no arithmetic on peer-supplied offsets can overflow.
+pub const MAX_OFFSET: u64 = 1 << 56;
+
 /// Why a block could not be appended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("block at offset {got} does not follow the stream end {expected}")]
@@ -94,7 +98,10 @@ impl Stream {
 
     /// Appends a block at `offset`, which must be the current end.
     pub fn append(&mut self, offset: u64, data: Zeroizing<Vec<u8>>) -> Result<(), GapError> {
-        if offset != self.end {
+        let too_far = offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > MAX_OFFSET);
+        if offset != self.end || too_far {
             return Err(GapError {
                 expected: self.end,
                 got: offset,
@@ -285,6 +292,7 @@ impl Stream {
     /// owner's cursor) to `to`, which must not be below the end. Taken bytes (keys awaiting
     /// slaves) are unaffected. Returns the ranges discarded.
     pub fn discard_free_and_skip(&mut self, to: u64) -> Vec<(u64, u64)> {
+        let to = to.min(MAX_OFFSET);
         let freed = self.free_ranges();
         // Dropping the blocks zeroizes their data (Zeroizing).
         self.blocks.clear();
@@ -308,6 +316,8 @@ pub struct KeyRecord {
     /// Where the bytes sit in the durable pool: stream name and offset.
     pub stream: String,
     pub offset: u64,
+    /// Deliverable: false while the master's KME still registers the key elsewhere.
+    pub ready: bool,
 }
 
 /// Seconds since the Unix epoch, now.
@@ -327,6 +337,7 @@ impl KeyRecord {
             stream: self.stream.clone(),
             offset: self.offset,
             len: self.bytes.len() as u64,
+            ready: self.ready,
         }
     }
 }
@@ -342,9 +353,12 @@ pub struct Changes {
 impl Changes {
     /// Adds these changes to a store batch.
     pub fn into_batch(self, batch: &mut crate::store::Batch) {
-        batch.put_records.extend(self.put);
+        use crate::store::RecordOp;
+        batch
+            .records
+            .extend(self.put.into_iter().map(|(id, m)| RecordOp::Put(id, m)));
         for (id, stream, off, len) in self.erased {
-            batch.delete_records.push(id);
+            batch.records.push(RecordOp::Delete(id));
             batch.wipes.push((stream, off, len));
         }
     }
@@ -417,6 +431,30 @@ impl Records {
         ch
     }
 
+    /// Makes keys deliverable (their registration elsewhere succeeded).
+    pub fn mark_ready(&mut self, ids: &[Uuid]) -> Changes {
+        let mut ch = Changes::default();
+        for id in ids {
+            if let Some(r) = self.map.get_mut(id) {
+                r.ready = true;
+                ch.put.push((*id, r.meta()));
+            }
+        }
+        ch
+    }
+
+    /// Erases the named keys (wiping their bytes).
+    pub fn remove_many(&mut self, ids: &[Uuid]) -> Changes {
+        let mut ch = Changes::default();
+        for id in ids {
+            if let Some(r) = self.map.remove(id) {
+                ch.erased
+                    .push((*id, r.stream.clone(), r.offset, r.bytes.len() as u64));
+            }
+        }
+        ch
+    }
+
     /// Per stream, the lowest offset a record's bytes sit at.
     pub fn low_water(&self) -> HashMap<String, u64> {
         let mut m: HashMap<String, u64> = HashMap::new();
@@ -454,7 +492,9 @@ impl Records {
                 continue;
             }
             match self.map.get(&id) {
-                Some(r) if r.master == master && r.pending.iter().any(|s| s == slave) => {
+                Some(r)
+                    if r.ready && r.master == master && r.pending.iter().any(|s| s == slave) =>
+                {
                     parsed.push(id)
                 }
                 _ => errors.push(DeliverError::NotDeliverable(raw.clone())),
@@ -549,6 +589,7 @@ mod tests {
                 created_unix: now_unix(),
                 stream: "local".into(),
                 offset: 0,
+                ready: true,
             },
         );
         let ids = [id.to_string()];
@@ -571,6 +612,7 @@ mod tests {
                 created_unix: now_unix(),
                 stream: "local".into(),
                 offset: 4,
+                ready: true,
             },
         );
         assert_eq!(r.expire(60).erased.len(), 0);

@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::keystore::{now_unix, DeliverError, KeyRecord, Records, Stream};
 use crate::peer::{PeerClient, RegisteredKey, Registrar, Registration};
 use crate::source::KeySource;
-use crate::store::{Batch, Store, StoreError};
+use crate::store::{Batch, RecordOp, Store, StoreError};
 
 /// Name of the local pool's stream in the store.
 pub const LOCAL: &str = "local";
@@ -159,6 +159,7 @@ impl Kme {
                             created_unix: meta.created_unix,
                             stream: meta.stream,
                             offset: meta.offset,
+                            ready: meta.ready,
                         },
                     );
                 }
@@ -403,13 +404,17 @@ impl Kme {
         let key_bytes = size / 8;
         let lens = vec![key_bytes; number as usize];
         let stream_name = remote.map_or_else(|| LOCAL.to_owned(), own_stream);
-        let keep_bytes = !local_slaves.is_empty();
-        let (allocated, durable) = {
+        let (keys, registered, durable) = {
             let mut st = self.lock()?;
+            let State {
+                local,
+                links,
+                records,
+            } = &mut *st;
             let stream = match remote {
-                None => &mut st.local,
+                None => local,
                 Some(peer) => {
-                    let Some(link) = st.links.get_mut(peer) else {
+                    let Some(link) = links.get_mut(peer) else {
                         return Err(ApiError::unavailable("link state missing"));
                     };
                     if !link.synced {
@@ -428,80 +433,90 @@ impl Kme {
                 ))
                 .detail("stored_key_count", have));
             };
-            // The allocation is durable before anyone learns of the keys. Bytes that no
-            // local slave needs are overwritten on disk now; the others when delivered.
+            // The allocation is durable before anyone learns of the keys. Bytes no local
+            // slave needs are overwritten on disk now; keys for local slaves are recorded in
+            // the same batch (not deliverable until a remote registration succeeded), so their
+            // bytes are never unaccounted for on disk.
             let mut batch = Batch::default();
             batch.streams.push((stream_name.clone(), stream.meta()));
-            if !keep_bytes {
-                batch.wipes.extend(
-                    allocated
-                        .iter()
-                        .map(|(off, b)| (stream_name.clone(), *off, b.len() as u64)),
-                );
-            }
-            (allocated, self.persist(batch))
-        };
-        self.consumed.notify_waiters();
-        self.metrics
-            .consumed(remote.unwrap_or("local"), number * key_bytes);
-        durable.await?;
-        let mut keys: IssuedKeys = Vec::with_capacity(allocated.len());
-        let mut registered = Vec::with_capacity(allocated.len());
-        for (offset, bytes) in allocated {
-            let key_id = Uuid::new_v4();
-            registered.push(RegisteredKey {
-                key_id,
-                offset,
-                len: bytes.len() as u64,
-            });
-            keys.push((key_id, bytes));
-        }
-        if let Some(peer) = remote {
-            let reg = Registration {
-                master: caller.to_owned(),
-                slaves: remote_slaves,
-                keys: registered.clone(),
-            };
-            let registrar = self
-                .registrars
-                .get(peer)
-                .ok_or_else(|| ApiError::unavailable("peer client missing"))?;
-            if let Err(e) = registrar.register(reg).await {
-                // `keys` is dropped here: the bytes are wiped and never handed out.
-                tracing::warn!(peer, error = %e, "key registration failed; allocated key material discarded");
-                if keep_bytes {
-                    let mut batch = Batch::default();
-                    batch.wipes.extend(
-                        registered
-                            .iter()
-                            .map(|k| (stream_name.clone(), k.offset, k.len)),
-                    );
-                    self.persist_nowait(batch);
-                }
-                return Err(ApiError::unavailable(format!(
-                    "the slave's KME {peer} could not register the keys ({e}); retry later"
-                )));
-            }
-        }
-        if keep_bytes {
-            let durable = {
-                let mut st = self.lock()?;
-                let mut batch = Batch::default();
-                let now = now_unix();
-                for ((id, bytes), k) in keys.iter().zip(&registered) {
-                    let meta = st.records.insert(
-                        *id,
+            let mut keys: IssuedKeys = Vec::with_capacity(allocated.len());
+            let mut registered = Vec::with_capacity(allocated.len());
+            let now = now_unix();
+            for (offset, bytes) in allocated {
+                let key_id = Uuid::new_v4();
+                let len = bytes.len() as u64;
+                registered.push(RegisteredKey {
+                    key_id,
+                    offset,
+                    len,
+                });
+                if local_slaves.is_empty() {
+                    batch.wipes.push((stream_name.clone(), offset, len));
+                } else {
+                    let meta = records.insert(
+                        key_id,
                         KeyRecord {
                             master: caller.to_owned(),
                             pending: local_slaves.clone(),
                             bytes: Zeroizing::new(bytes.to_vec()),
                             created_unix: now,
                             stream: stream_name.clone(),
-                            offset: k.offset,
+                            offset,
+                            ready: remote.is_none(),
                         },
                     );
-                    batch.put_records.extend(meta.map(|m| (*id, m)));
+                    batch.records.extend(meta.map(|m| RecordOp::Put(key_id, m)));
                 }
+                keys.push((key_id, bytes));
+            }
+            (keys, registered, self.persist(batch))
+        };
+        self.consumed.notify_waiters();
+        self.metrics
+            .consumed(remote.unwrap_or("local"), number * key_bytes);
+        let Some(peer) = remote else {
+            durable.await?;
+            return Ok(keys);
+        };
+        let registrar = self
+            .registrars
+            .get(peer)
+            .ok_or_else(|| ApiError::unavailable("peer client missing"))?;
+        let reg = Registration {
+            master: caller.to_owned(),
+            slaves: remote_slaves,
+            keys: registered,
+        };
+        // Registration runs while the allocation is written: should this KME crash before
+        // the write, it restarts behind the peer, which refuses those ranges as taken (and
+        // the synchronisation after the restart skips past them anyway). The master hears of
+        // the keys only once both are done.
+        let (durable, registration) = futures_util::join!(durable, registrar.register(reg));
+        let ids: Vec<Uuid> = keys.iter().map(|(id, _)| *id).collect();
+        if let Err(e) = durable
+            .as_ref()
+            .map_err(|e| e.body.message.clone())
+            .and(registration)
+        {
+            // `keys` is dropped here: the bytes are wiped and never handed out.
+            tracing::warn!(peer, error = %e, "key registration failed; allocated key material discarded");
+            if !local_slaves.is_empty() {
+                if let Ok(mut st) = self.lock() {
+                    let mut batch = Batch::default();
+                    st.records.remove_many(&ids).into_batch(&mut batch);
+                    self.persist_nowait(batch);
+                }
+            }
+            durable?;
+            return Err(ApiError::unavailable(format!(
+                "the slave's KME {peer} could not register the keys ({e}); retry later"
+            )));
+        }
+        if !local_slaves.is_empty() {
+            let durable = {
+                let mut st = self.lock()?;
+                let mut batch = Batch::default();
+                st.records.mark_ready(&ids).into_batch(&mut batch);
                 self.persist(batch)
             };
             durable.await?;
@@ -659,8 +674,15 @@ impl Kme {
                 )));
             }
         }
-        if reg.keys.iter().any(|k| st.records.contains(&k.key_id)) {
-            return Err(ApiError::bad_request("a registered key ID already exists"));
+        let mut ids = std::collections::HashSet::with_capacity(reg.keys.len());
+        if reg
+            .keys
+            .iter()
+            .any(|k| !ids.insert(k.key_id) || st.records.contains(&k.key_id))
+        {
+            return Err(ApiError::bad_request(
+                "a registered key ID already exists or is named twice",
+            ));
         }
         let link = st
             .links
@@ -683,9 +705,12 @@ impl Kme {
                     created_unix: now,
                     stream: stream.clone(),
                     offset: k.offset,
+                    ready: true,
                 },
             );
-            batch.put_records.extend(meta.map(|m| (k.key_id, m)));
+            batch
+                .records
+                .extend(meta.map(|m| RecordOp::Put(k.key_id, m)));
         }
         self.metrics
             .consumed(from_kme, ranges.iter().map(|r| r.1).sum());

@@ -30,6 +30,7 @@ use zeroize::Zeroizing;
 
 use crate::config::LinkParams;
 use crate::error::ApiError;
+use crate::keystore::MAX_OFFSET;
 use crate::kme::{own_stream, theirs_stream, Kme, LOCAL};
 use crate::peer::{BlockAnnounce, PeerError, SyncReply, SyncRequest};
 use crate::source::{Produced, SourceError};
@@ -133,6 +134,9 @@ pub async fn run_local(kme: Arc<Kme>, params: LinkParams) {
     }
 }
 
+/// A store write in progress.
+type Durable = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ApiError>> + Send>>;
+
 /// Marks the link to `peer` as needing a synchronisation (stops serving its keys).
 fn unsync(kme: &Kme, peer: &str) {
     if let Ok(mut st) = kme.lock() {
@@ -173,6 +177,18 @@ async fn apply_sync(kme: &Kme, peer: &str, own_end: u64, theirs_end: u64) -> Res
     r
 }
 
+/// Only a link's producing end (the smaller KME ID) announces blocks and synchronises.
+fn check_producer(kme: &Kme, from_kme: &str) -> Result<(), ApiError> {
+    if from_kme < kme.kme_id() {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "KME {from_kme} is not the producing end of its link with KME {}",
+            kme.kme_id()
+        )))
+    }
+}
+
 /// Far end: the producer asks to reconcile. Both directions continue at the larger of the
 /// two ends' offsets.
 pub async fn receive_sync(
@@ -180,6 +196,10 @@ pub async fn receive_sync(
     from_kme: &str,
     req: &SyncRequest,
 ) -> Result<SyncReply, ApiError> {
+    check_producer(kme, from_kme)?;
+    if req.producer_end > MAX_OFFSET || req.far_end > MAX_OFFSET {
+        return Err(ApiError::bad_request("stream offset out of range"));
+    }
     let (mine, theirs) = {
         let st = kme.lock()?;
         let link = st
@@ -214,7 +234,11 @@ async fn sync_with(kme: &Kme, peer: &str) -> Result<(), String> {
         }
     };
     let reply = client.sync(&req).await.map_err(|e| e.to_string())?;
-    if reply.producer_end < req.producer_end || reply.far_end < req.far_end {
+    if reply.producer_end < req.producer_end
+        || reply.far_end < req.far_end
+        || reply.producer_end > MAX_OFFSET
+        || reply.far_end > MAX_OFFSET
+    {
         return Err("peer answered a synchronisation that moves offsets back".into());
     }
     apply_sync(kme, peer, reply.producer_end, reply.far_end)
@@ -266,6 +290,8 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
     // again (after a synchronisation if need be) until the far end has it or says it never
     // will.
     let mut pending: Option<Produced> = None;
+    // The store write of the last block appended here, awaited before the next one.
+    let mut inflight: Option<Durable> = None;
     if let (true, Some(p)) = (modelled, model(&kme, &peer, &params)) {
         tracing::info!(
             peer = %peer,
@@ -446,9 +472,15 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                     batch.streams.push((name, stream.meta()));
                     kme.persist(batch)
                 };
-                if let Err(e) = durable.await {
-                    tracing::error!(peer = %peer, error = %e.body.message, "key store failed; the link stops");
-                    return;
+                // This end's copy becomes durable while the next block is announced: the
+                // store commits in order, so anything that later refers to these bytes (an
+                // allocation, a record) is durable only after them, and a crash before then
+                // leaves this end shorter, which the next synchronisation handles.
+                if let Some(prev) = inflight.replace(Box::pin(durable)) {
+                    if let Err(e) = prev.await {
+                        tracing::error!(peer = %peer, error = %e.body.message, "key store failed; the link stops");
+                        return;
+                    }
                 }
                 kme.metrics.generated(&peer, len);
             }
@@ -517,6 +549,14 @@ pub async fn receive_block(
     block: &BlockAnnounce,
 ) -> Result<(), ApiError> {
     let me = kme.kme_id().to_owned();
+    check_producer(kme, from_kme)?;
+    if block
+        .offset
+        .checked_add(block.len)
+        .is_none_or(|e| e > MAX_OFFSET)
+    {
+        return Err(ApiError::bad_request("block offset out of range"));
+    }
     {
         let mut st = kme.lock()?;
         let link = st
@@ -639,10 +679,23 @@ pub async fn receive_block(
             return Err(e);
         }
     };
-    durable.await?;
-    if let Err(e) = source.release(reference).await {
-        tracing::warn!(peer = from_kme, error = %e, "key source could not release a block held here");
-    }
+    // Acknowledged once queued, not once durable: the store commits in order, so whatever
+    // later refers to these bytes (an allocation here, a registration from the peer) becomes
+    // durable only after them; a crash before that leaves this end shorter, which the next
+    // synchronisation discards. The source's copy is released only once the block is durable.
+    let source = source.clone();
+    let reference = reference.clone();
+    let peer = from_kme.to_owned();
+    tokio::spawn(async move {
+        match durable.await {
+            Ok(()) => {
+                if let Err(e) = source.release(&reference).await {
+                    tracing::warn!(peer, error = %e, "key source could not release a block held here");
+                }
+            }
+            Err(e) => tracing::error!(peer, error = %e.body.message, "a block could not be stored"),
+        }
+    });
     kme.metrics.generated(from_kme, len as u64);
     Ok(())
 }

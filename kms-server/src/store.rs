@@ -85,6 +85,20 @@ pub struct RecordMeta {
     pub stream: String,
     pub offset: u64,
     pub len: u64,
+    /// False while the master's KME is still registering the key at the other slaves' KME:
+    /// not deliverable yet (a record left unready by a crash just expires).
+    #[serde(default = "yes")]
+    pub ready: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A change to the persisted key records.
+pub enum RecordOp {
+    Put(Uuid, RecordMeta),
+    Delete(Uuid),
 }
 
 /// One set of changes, applied atomically with respect to a crash (except that wipes and
@@ -96,8 +110,8 @@ pub struct Batch {
     pub appends: Vec<(String, u64, Zeroizing<Vec<u8>>)>,
     /// The new state of streams (later entries for a stream win).
     pub streams: Vec<(String, StreamMeta)>,
-    pub put_records: Vec<(Uuid, RecordMeta)>,
-    pub delete_records: Vec<Uuid>,
+    /// Record changes, applied in order (a later put or delete of a key wins).
+    pub records: Vec<RecordOp>,
     /// Consumed ranges whose bytes are to be overwritten: (stream, offset, len).
     pub wipes: Vec<(String, u64, u64)>,
     /// Everything below this offset of the stream is consumed: its segment files can go.
@@ -108,8 +122,7 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.appends.is_empty()
             && self.streams.is_empty()
-            && self.put_records.is_empty()
-            && self.delete_records.is_empty()
+            && self.records.is_empty()
             && self.wipes.is_empty()
             && self.low_water.is_empty()
     }
@@ -117,8 +130,7 @@ impl Batch {
     fn merge(&mut self, other: Batch) {
         self.appends.extend(other.appends);
         self.streams.extend(other.streams);
-        self.put_records.extend(other.put_records);
-        self.delete_records.extend(other.delete_records);
+        self.records.extend(other.records);
         self.wipes.extend(other.wipes);
         self.low_water.extend(other.low_water);
     }
@@ -153,9 +165,11 @@ impl Store {
             root: dir.join("pool"),
             files: HashMap::new(),
         };
+        let (wipe_tx, wipe_rx) = mpsc::channel::<Batch>();
         let mut committer = Committer {
             db: database,
             segments,
+            wiper: wipe_tx,
         };
         let loaded = committer.load()?;
         let (tx, rx) = mpsc::channel::<(Batch, Option<Done>)>();
@@ -164,6 +178,25 @@ impl Store {
         std::thread::Builder::new()
             .name("key-store".into())
             .spawn(move || committer.run(rx, flag))
+            .map_err(|e| io(dir, e))?;
+        let mut wiper = Segments {
+            root: dir.join("pool"),
+            files: HashMap::new(),
+        };
+        let flag = failed.clone();
+        std::thread::Builder::new()
+            .name("key-wiper".into())
+            .spawn(move || {
+                while let Ok(mut batch) = wipe_rx.recv() {
+                    while let Ok(more) = wipe_rx.try_recv() {
+                        batch.merge(more);
+                    }
+                    if let Err(e) = wiper.cleanup(&batch) {
+                        tracing::error!(error = %e, "key store could not overwrite consumed key bytes; refusing further key service until restart");
+                        flag.store(true, Ordering::Release);
+                    }
+                }
+            })
             .map_err(|e| io(dir, e))?;
         Ok((Store { tx, failed }, loaded))
     }
@@ -365,10 +398,15 @@ impl Segments {
             else {
                 continue;
             };
-            if (seg + 1) * SEGMENT_BYTES <= low {
+            if seg.saturating_add(1).saturating_mul(SEGMENT_BYTES) <= low {
                 // Its bytes were overwritten when they were consumed; make sure, then unlink.
                 let mut touched = HashSet::new();
-                self.zero(stream, seg * SEGMENT_BYTES, SEGMENT_BYTES, &mut touched)?;
+                self.zero(
+                    stream,
+                    seg.saturating_mul(SEGMENT_BYTES),
+                    SEGMENT_BYTES,
+                    &mut touched,
+                )?;
                 self.sync(&touched)?;
                 self.files.remove(&(stream.to_owned(), seg));
                 std::fs::remove_file(e.path()).map_err(|err| io(&e.path(), err))?;
@@ -377,6 +415,19 @@ impl Segments {
         }
         if removed {
             sync_dir(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// After a commit: overwrite consumed bytes, drop consumed segments.
+    fn cleanup(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        let mut touched = HashSet::new();
+        for (stream, off, len) in &batch.wipes {
+            self.zero(stream, *off, *len, &mut touched)?;
+        }
+        self.sync(&touched)?;
+        for (stream, low) in &batch.low_water {
+            self.drop_below(stream, *low)?;
         }
         Ok(())
     }
@@ -423,6 +474,8 @@ pub fn gaps(ranges: &[(u64, u64)], lo: u64, hi: u64) -> Vec<(u64, u64)> {
 struct Committer {
     db: redb::Database,
     segments: Segments,
+    /// Overwrites consumed bytes and removes consumed segments, off the commit path.
+    wiper: mpsc::Sender<Batch>,
 }
 
 impl Committer {
@@ -491,7 +544,10 @@ impl Committer {
                 }
             }
             for seg in segs {
-                let (lo, hi) = (seg * SEGMENT_BYTES, (seg + 1) * SEGMENT_BYTES);
+                let (lo, hi) = (
+                    seg.saturating_mul(SEGMENT_BYTES),
+                    seg.saturating_add(1).saturating_mul(SEGMENT_BYTES),
+                );
                 let merged = merge(&k);
                 let live = merged.iter().any(|&(s, e)| s < hi && lo < e);
                 for (s, e) in gaps(&merged, lo, hi) {
@@ -532,6 +588,7 @@ impl Committer {
             } else {
                 self.commit(&mut batch)
             };
+
             if let Err(e) = &result {
                 tracing::error!(error = %e, "key store write failed; refusing further key service until restart");
                 failed.store(true, Ordering::Release);
@@ -540,11 +597,18 @@ impl Committer {
             for w in waiters {
                 let _ = w.send(result.clone());
             }
-            if ok {
-                if let Err(e) = self.cleanup(&batch) {
-                    tracing::error!(error = %e, "key store could not overwrite consumed key bytes; refusing further key service until restart");
-                    failed.store(true, Ordering::Release);
+            if ok && !(batch.wipes.is_empty() && batch.low_water.is_empty()) {
+                // This thread no longer writes below the low water: let go of those files.
+                for (stream, low) in &batch.low_water {
+                    self.segments.files.retain(|(s, seg), _| {
+                        s != stream || seg.saturating_add(1).saturating_mul(SEGMENT_BYTES) > *low
+                    });
                 }
+                let _ = self.wiper.send(Batch {
+                    wipes: std::mem::take(&mut batch.wipes),
+                    low_water: std::mem::take(&mut batch.low_water),
+                    ..Batch::default()
+                });
             }
         }
     }
@@ -557,10 +621,7 @@ impl Committer {
         }
         self.segments.sync(&touched)?;
         batch.appends.clear(); // wipes the in-flight copies
-        if batch.streams.is_empty()
-            && batch.put_records.is_empty()
-            && batch.delete_records.is_empty()
-        {
+        if batch.streams.is_empty() && batch.records.is_empty() {
             return Ok(());
         }
         let w = self.db.begin_write().map_err(db)?;
@@ -575,33 +636,27 @@ impl Committer {
                 t.insert(name, v.as_slice()).map_err(db)?;
             }
             let mut t = w.open_table(RECORDS).map_err(db)?;
-            // A key put and deleted within one batch (registered, then fetched by its last
-            // slave) ends deleted; later puts of a key win (fewer pending slaves).
-            let deleted: HashSet<Uuid> = batch.delete_records.iter().copied().collect();
-            for (id, meta) in &batch.put_records {
-                if !deleted.contains(id) {
-                    let v = serde_json::to_vec(meta).map_err(db)?;
-                    t.insert(id.as_u128(), v.as_slice()).map_err(db)?;
-                }
+            // In queue order: the last change of a key wins.
+            let mut last: HashMap<Uuid, Option<&RecordMeta>> = HashMap::new();
+            for op in &batch.records {
+                match op {
+                    RecordOp::Put(id, meta) => last.insert(*id, Some(meta)),
+                    RecordOp::Delete(id) => last.insert(*id, None),
+                };
             }
-            for id in &deleted {
-                t.remove(id.as_u128()).map_err(db)?;
+            for (id, op) in last {
+                match op {
+                    Some(meta) => {
+                        let v = serde_json::to_vec(meta).map_err(db)?;
+                        t.insert(id.as_u128(), v.as_slice()).map_err(db)?;
+                    }
+                    None => {
+                        t.remove(id.as_u128()).map_err(db)?;
+                    }
+                }
             }
         }
         w.commit().map_err(db)?;
-        Ok(())
-    }
-
-    /// After the commit: overwrite consumed bytes, drop consumed segments.
-    fn cleanup(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let mut touched = HashSet::new();
-        for (stream, off, len) in &batch.wipes {
-            self.segments.zero(stream, *off, *len, &mut touched)?;
-        }
-        self.segments.sync(&touched)?;
-        for (stream, low) in &batch.low_water {
-            self.segments.drop_below(stream, *low)?;
-        }
         Ok(())
     }
 }
@@ -657,7 +712,7 @@ mod tests {
                         taken: vec![(0, 20)],
                     },
                 )],
-                put_records: vec![(
+                records: vec![RecordOp::Put(
                     id,
                     RecordMeta {
                         master: "M".into(),
@@ -666,6 +721,7 @@ mod tests {
                         stream: "s".into(),
                         offset: 10,
                         len: 5,
+                        ready: true,
                     },
                 )],
                 wipes: vec![("s".into(), 0, 10), ("s".into(), 15, 5)],

@@ -316,17 +316,24 @@ fn pipeline_part(net: &Devnet, o: &BenchOptions) -> Result<u64> {
 }
 
 /// Runs the whole benchmark and prints the tables.
+/// A counter reading: when, and its value.
+type Sample = (Instant, f64);
+
 /// Bytes per second at which a bulk (rate 0) simulated link fills the pools of both
-/// directions, measured at the producing end from the `generated` counter while filling.
+/// directions, measured at the producing end from its `generated` counter. The pools are
+/// emptied by restarting the far end: the synchronisation after a restart discards the
+/// link's unallocated pool at both ends, so the link then refills from empty.
 fn fill_rate(dir: &Path, volatile: bool) -> Result<f64> {
-    let net = Devnet::start(
+    let mut net = Devnet::start(
         dir,
         &Options {
             sites: 2,
             agents: false,
             rate_bytes_per_sec: 0,
-            // 2^21 keys of 256 bit: 64 MiB per direction, 128 MiB in all.
-            max_key_count: 1 << 21,
+            // 2^22 keys of 256 bit: 128 MiB per direction, 256 MiB in all (held in memory and,
+            // when durable, on disk at both KMEs).
+            max_key_count: 1 << 22,
+            block_bytes: 1 << 20,
             volatile_kmes: volatile,
             // The local pools stay small and slow, so that only the link works.
             local_toml: Some(
@@ -347,23 +354,35 @@ fn fill_rate(dir: &Path, volatile: bool) -> Result<f64> {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0))
     };
-    let t0 = Instant::now();
-    let b0 = sample()?;
-    let (mut last_t, mut last_b) = (t0, b0);
-    let mut still = Instant::now();
-    while t0.elapsed() < Duration::from_secs(60) && still.elapsed() < Duration::from_secs(1) {
-        std::thread::sleep(Duration::from_millis(50));
-        let b = sample()?;
-        if b > last_b {
-            (last_t, last_b) = (Instant::now(), b);
-            still = Instant::now();
+    // Waits until the counter has not moved for a second; returns (first growth, last growth).
+    let settle = |from: f64| -> Result<Option<(Sample, Sample)>> {
+        let start = Instant::now();
+        let mut first = None;
+        let mut last = (Instant::now(), from);
+        while start.elapsed() < Duration::from_secs(120)
+            && last.0.elapsed() < Duration::from_secs(2)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+            let b = sample()?;
+            if b > last.1 {
+                last = (Instant::now(), b);
+                first.get_or_insert(last);
+            }
         }
+        Ok(first.map(|f| (f, last)))
+    };
+    settle(sample()?)?; // the initial fill
+    let before = sample()?;
+    net.kill_kme(1);
+    net.restart_kme(1)?;
+    let Some(((t0, b0), (t1, b1))) = settle(before)? else {
+        bail!("the link did not refill after the restart");
+    };
+    let secs = t1.duration_since(t0).as_secs_f64();
+    if secs <= 0.0 {
+        bail!("the refill was too short to time");
     }
-    let secs = last_t.duration_since(t0).as_secs_f64();
-    if secs <= 0.0 || last_b <= b0 {
-        bail!("the link did not fill while measured");
-    }
-    Ok((last_b - b0) / secs)
+    Ok((b1 - b0) / secs)
 }
 
 /// The link part: modelled rates, and the bulk fill rate durable vs in memory.

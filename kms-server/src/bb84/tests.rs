@@ -68,7 +68,7 @@ fn agreeing_frames(p: Bb84Params, frames: usize) -> Vec<FrameStats> {
 fn both_ends_hold_the_same_key_at_10_km() {
     for s in agreeing_frames(params(10.0), 3) {
         assert!((150_000..250_000).contains(&s.sifted_bits), "{s:?}");
-        assert!(s.round_trips < 100, "{s:?}");
+        assert!(s.round_trips < 250, "{s:?}");
         assert!(s.final_bits > 40_000, "{s:?}");
     }
 }

@@ -51,6 +51,10 @@ struct NetArgs {
     /// modelled rate at start, and Status shows it in `status_extension.qkd_link`.
     #[arg(long)]
     length_km: Option<f64>,
+    /// Keep the KMEs' key pools in memory only (no store_dir): faster in bulk mode, but a
+    /// KME restart loses the keys awaiting slaves. Default: durable, crash-safe pools.
+    #[arg(long)]
+    volatile: bool,
 }
 
 impl NetArgs {
@@ -67,6 +71,7 @@ impl NetArgs {
             rate_bytes_per_sec: self.rate.unwrap_or(base.rate_bytes_per_sec),
             max_key_count: self.max_key_count.unwrap_or(base.max_key_count),
             length_km: self.length_km.or(base.length_km),
+            volatile_kmes: self.volatile || base.volatile_kmes,
             ..base
         })
     }
