@@ -207,6 +207,11 @@ impl Kme {
         }
     }
 
+    /// Whether changes go to a durable store (if not, batches need not be built at all).
+    pub fn durable(&self) -> bool {
+        self.store.is_some()
+    }
+
     /// Queues housekeeping (wipes) without waiting.
     pub fn persist_nowait(&self, batch: Batch) {
         if let Some(s) = &self.store {
@@ -437,8 +442,11 @@ impl Kme {
             // slave needs are overwritten on disk now; keys for local slaves are recorded in
             // the same batch (not deliverable until a remote registration succeeded), so their
             // bytes are never unaccounted for on disk.
+            let durable = self.durable();
             let mut batch = Batch::default();
-            batch.streams.push((stream_name.clone(), stream.meta()));
+            if durable {
+                batch.streams.push((stream_name.clone(), stream.meta()));
+            }
             let mut keys: IssuedKeys = Vec::with_capacity(allocated.len());
             let mut registered = Vec::with_capacity(allocated.len());
             let now = now_unix();
@@ -451,7 +459,9 @@ impl Kme {
                     len,
                 });
                 if local_slaves.is_empty() {
-                    batch.wipes.push((stream_name.clone(), offset, len));
+                    if durable {
+                        batch.wipes.push((stream_name.clone(), offset, len));
+                    }
                 } else {
                     let meta = records.insert(
                         key_id,
@@ -634,7 +644,7 @@ impl Kme {
                 any |= r.is_ok();
                 results.push(r.err().map(|e| e.body.message));
             }
-            if any {
+            if any && self.durable() {
                 if let Some(link) = st.links.get(from_kme) {
                     batch
                         .streams

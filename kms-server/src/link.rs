@@ -96,6 +96,12 @@ async fn wait_for_room(kme: &Kme) {
     let _ = tokio::time::timeout(Duration::from_millis(200), kme.consumed.notified()).await;
 }
 
+/// A pool is topped up once it has room for a whole block (or a quarter of its capacity, if
+/// smaller): not for every key taken, which would move many tiny blocks.
+fn refill_threshold(cap: u64, block_bytes: usize) -> u64 {
+    (block_bytes as u64).min(cap / 4).max(1)
+}
+
 /// Fills the local pool (keys between SAEs of this KME) forever.
 pub async fn run_local(kme: Arc<Kme>, params: LinkParams) {
     let cap = kme.capacity_bytes();
@@ -106,7 +112,7 @@ pub async fn run_local(kme: Arc<Kme>, params: LinkParams) {
             Ok(st) => cap.saturating_sub(st.local.unconsumed()),
             Err(_) => return,
         };
-        if room == 0 {
+        if room < refill_threshold(cap, params.block_bytes) {
             wait_for_room(&kme).await;
             continue;
         }
@@ -117,13 +123,15 @@ pub async fn run_local(kme: Arc<Kme>, params: LinkParams) {
         let durable = {
             let Ok(mut st) = kme.lock() else { return };
             let end = st.local.end();
-            let copy = Zeroizing::new(block.to_vec());
+            let copy = kme.durable().then(|| Zeroizing::new(block.to_vec()));
             if st.local.append(end, block).is_err() {
                 continue;
             }
             let mut batch = Batch::default();
-            batch.appends.push((LOCAL.to_owned(), end, copy));
-            batch.streams.push((LOCAL.to_owned(), st.local.meta()));
+            if let Some(copy) = copy {
+                batch.appends.push((LOCAL.to_owned(), end, copy));
+                batch.streams.push((LOCAL.to_owned(), st.local.meta()));
+            }
             kme.persist(batch)
         };
         if let Err(e) = durable.await {
@@ -280,6 +288,7 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
         return;
     };
     let cap = kme.capacity_bytes();
+    let refill_at = refill_threshold(cap, params.block_bytes);
     let me = kme.kme_id().to_owned();
     let mut pacer = Pacer::new(&params, 2 * cap);
     let modelled = source.modelled();
@@ -363,7 +372,7 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                     (false, l.theirs.end())
                 };
                 let room = cap.saturating_sub(own.min(theirs));
-                (room > 0).then_some((mine, off, room))
+                (room >= refill_at).then_some((mine, off, room))
             }),
             Err(_) => return,
         };
@@ -460,7 +469,7 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                     } else {
                         &mut link.theirs
                     };
-                    let copy = Zeroizing::new(block.data.to_vec());
+                    let copy = kme.durable().then(|| Zeroizing::new(block.data.to_vec()));
                     if stream.append(offset, block.data.clone()).is_err() {
                         // A synchronisation moved the stream meanwhile: the far end has the
                         // block at an offset this end no longer has; reconcile again.
@@ -468,8 +477,10 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                         continue;
                     }
                     let mut batch = Batch::default();
-                    batch.appends.push((name.clone(), offset, copy));
-                    batch.streams.push((name, stream.meta()));
+                    if let Some(copy) = copy {
+                        batch.appends.push((name.clone(), offset, copy));
+                        batch.streams.push((name, stream.meta()));
+                    }
                     kme.persist(batch)
                 };
                 // This end's copy becomes durable while the next block is announced: the
@@ -661,13 +672,15 @@ pub async fn receive_block(
                 } else {
                     &mut link.theirs
                 };
-                let copy = Zeroizing::new(data.to_vec());
+                let copy = kme.durable().then(|| Zeroizing::new(data.to_vec()));
                 stream
                     .append(block.offset, data)
                     .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
                 let mut batch = Batch::default();
-                batch.appends.push((name.clone(), block.offset, copy));
-                batch.streams.push((name, stream.meta()));
+                if let Some(copy) = copy {
+                    batch.appends.push((name.clone(), block.offset, copy));
+                    batch.streams.push((name, stream.meta()));
+                }
                 Ok(kme.persist(batch))
             }
         }

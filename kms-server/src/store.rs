@@ -422,8 +422,19 @@ impl Segments {
     /// After a commit: overwrite consumed bytes, drop consumed segments.
     fn cleanup(&mut self, batch: &Batch) -> Result<(), StoreError> {
         let mut touched = HashSet::new();
+        // Keys are consumed in runs (a batch of keys is one contiguous range): merge first,
+        // so a thousand keys cost one write, not a thousand.
+        let mut by_stream: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
         for (stream, off, len) in &batch.wipes {
-            self.zero(stream, *off, *len, &mut touched)?;
+            by_stream
+                .entry(stream)
+                .or_default()
+                .push((*off, off.saturating_add(*len)));
+        }
+        for (stream, ranges) in by_stream {
+            for (s, e) in merge(&ranges) {
+                self.zero(stream, s, e - s, &mut touched)?;
+            }
         }
         self.sync(&touched)?;
         for (stream, low) in &batch.low_water {

@@ -35,6 +35,8 @@ pub struct BenchOptions {
     pub kme_only: bool,
     /// Only the link part.
     pub link_only: bool,
+    /// KMEs keep their pools in memory only (no durable store), for comparison.
+    pub volatile: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -407,8 +409,11 @@ fn link_part(o: &BenchOptions) -> Result<()> {
     let mut durable = Vec::new();
     let mut memory = Vec::new();
     for r in 0..o.runs {
-        durable.push(fill_rate(&o.dir.join(format!("fill-durable-{r}")), false)?);
-        memory.push(fill_rate(&o.dir.join(format!("fill-memory-{r}")), true)?);
+        for (volatile, out) in [(false, &mut durable), (true, &mut memory)] {
+            let dir = o.dir.join(format!("fill-{r}-{volatile}"));
+            out.push(fill_rate(&dir, volatile)?);
+            std::fs::remove_dir_all(&dir).ok();
+        }
     }
     println!(
         "{:<52} {:>9.0} MB/s {:>14.0} MB/s",
@@ -435,13 +440,15 @@ pub fn run(o: &BenchOptions) -> Result<()> {
         &Options {
             rate_bytes_per_sec: 0,
             max_key_count: 1 << 19,
+            volatile_kmes: o.volatile,
             ..Options::default()
         },
     )?;
     println!(
-        "devnet bench, {} (2 cores shared by every process), medians of {} run(s)",
+        "devnet bench, {} (2 cores shared by every process), medians of {} run(s), {} key pools",
         chrono_free_date(),
-        o.runs
+        o.runs,
+        if o.volatile { "in-memory" } else { "durable" }
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -126,6 +126,7 @@ async fn kill_9_during_traffic_never_loses_or_repeats_a_key() {
     }
     // Kill each KME twice, alternating, at uneven moments of the traffic.
     let started = Instant::now();
+    let mut delivered_between = 0;
     for (round, site) in [0usize, 1, 0, 1].into_iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(700 + 311 * round as u64)).await;
         let before = ledger.lock().unwrap().issued.len();
@@ -134,6 +135,9 @@ async fn kill_9_during_traffic_never_loses_or_repeats_a_key() {
         net.restart_kme(site).expect("restart");
         net.wait_ready(Duration::from_secs(30))
             .expect("network serves again after the restart");
+        // After each restart: every key a master received so far and whose slave has not
+        // asked for it yet is deliverable to that slave.
+        delivered_between += deliver_waiting(&info, &ledger).await;
         assert!(
             before > 0 || round > 0,
             "traffic was flowing before the kill ({} enc_keys refusals)",
@@ -150,12 +154,83 @@ async fn kill_9_during_traffic_never_loses_or_repeats_a_key() {
     }
     assert!(started.elapsed() < Duration::from_secs(120));
 
-    // After the last restart: every waiting key is deliverable to its slave, exactly once.
-    let waiting = std::mem::take(&mut ledger.lock().unwrap().waiting);
-    let cut: Vec<String> = ledger.lock().unwrap().cut.iter().cloned().collect();
     eprintln!("traffic and restarts took {:?}", started.elapsed());
-    // Fetched in batches (all or nothing each); a failing batch is retried key by key so the
-    // message names the key.
+    // After the last restart: every waiting key is deliverable to its slave, exactly once.
+    let cut: Vec<String> = ledger.lock().unwrap().cut.iter().cloned().collect();
+    let waiting_total = deliver_waiting(&info, &ledger).await + delivered_between;
+    // Keys whose fetch a crash cut: delivered at most once in all (now or before).
+    let mut cut_lost = 0;
+    for id in &cut {
+        let (master, slave) = {
+            let l = ledger.lock().unwrap();
+            let (m, s, _) = &l.issued[id];
+            (m.clone(), s.clone())
+        };
+        let s = info.client(&slave).unwrap();
+        match s.dec_keys(&master, &KeyIds::from_ids([id.clone()])).await {
+            Ok(back) => {
+                let mut l = ledger.lock().unwrap();
+                for k in &back.keys {
+                    l.delivered
+                        .push((k.key_ID.clone(), k.key.clone(), slave.clone()));
+                }
+            }
+            Err(e) => {
+                assert_eq!(e.status().map(|s| s.as_u16()), Some(400), "{e}");
+                cut_lost += 1;
+            }
+        }
+    }
+    // A second fetch of a delivered key is refused.
+    let probe = {
+        let l = ledger.lock().unwrap();
+        l.delivered.first().map(|(id, _, slave)| {
+            let (master, _, _) = &l.issued[id];
+            (id.clone(), master.clone(), slave.clone())
+        })
+    };
+    let (id, master, slave) = probe.expect("some key was delivered");
+    let again = info
+        .client(&slave)
+        .unwrap()
+        .dec_keys(&master, &KeyIds::from_ids([id.clone()]))
+        .await;
+    assert!(again.is_err(), "a delivered key is not delivered again");
+
+    let l = ledger.lock().unwrap();
+    assert!(
+        l.issued.len() > 200,
+        "heavy traffic: only {} keys issued",
+        l.issued.len()
+    );
+    let mut seen_ids = HashSet::new();
+    for (id, value, slave) in &l.delivered {
+        assert!(seen_ids.insert(id.clone()), "key {id} delivered twice");
+        let (_, want_slave, want) = &l.issued[id];
+        assert_eq!(value, want, "slave got the master's bytes for {id}");
+        assert_eq!(slave, want_slave);
+    }
+    let values: HashSet<&str> = l.issued.values().map(|(_, _, v)| v.as_str()).collect();
+    assert_eq!(values.len(), l.issued.len(), "no key value issued twice");
+    // Every key issued is delivered, except those whose fetch a crash cut after the KME
+    // had recorded the delivery.
+    assert_eq!(l.delivered.len() + cut_lost, l.issued.len());
+    assert!(cut_lost <= cut.len());
+    eprintln!(
+        "crash test: {} keys issued, {} delivered, {} after restarts, {} cut by a crash ({} of those lost), {} enc_keys refusals",
+        l.issued.len(),
+        l.delivered.len(),
+        waiting_total,
+        cut.len(),
+        cut_lost,
+        l.enc_errors
+    );
+}
+
+/// Delivers every key waiting for its slave (in batches, all or nothing each; a refused batch
+/// is retried key by key so that the failure names the key); returns how many.
+async fn deliver_waiting(info: &devnet::DevnetInfo, ledger: &Arc<Mutex<Ledger>>) -> usize {
+    let waiting = std::mem::take(&mut ledger.lock().unwrap().waiting);
     let mut groups: HashMap<(String, String), Vec<String>> = HashMap::new();
     for (id, master, slave) in &waiting {
         groups
@@ -187,62 +262,5 @@ async fn kill_9_during_traffic_never_loses_or_repeats_a_key() {
             }
         }
     }
-    // Keys whose fetch a crash cut: delivered at most once in all (now or before).
-    let mut cut_lost = 0;
-    for id in &cut {
-        let (master, slave) = {
-            let l = ledger.lock().unwrap();
-            let (m, s, _) = &l.issued[id];
-            (m.clone(), s.clone())
-        };
-        let s = info.client(&slave).unwrap();
-        match s.dec_keys(&master, &KeyIds::from_ids([id.clone()])).await {
-            Ok(back) => {
-                let mut l = ledger.lock().unwrap();
-                for k in &back.keys {
-                    l.delivered
-                        .push((k.key_ID.clone(), k.key.clone(), slave.clone()));
-                }
-            }
-            Err(e) => {
-                assert_eq!(e.status().map(|s| s.as_u16()), Some(400), "{e}");
-                cut_lost += 1;
-            }
-        }
-    }
-    // A second fetch of anything is refused.
-    if let Some((id, master, slave)) = waiting.first() {
-        let s = info.client(slave).unwrap();
-        let again = s.dec_keys(master, &KeyIds::from_ids([id.clone()])).await;
-        assert!(again.is_err(), "a delivered key is not delivered again");
-    }
-
-    let l = ledger.lock().unwrap();
-    assert!(
-        l.issued.len() > 200,
-        "heavy traffic: only {} keys issued",
-        l.issued.len()
-    );
-    let mut seen_ids = HashSet::new();
-    for (id, value, slave) in &l.delivered {
-        assert!(seen_ids.insert(id.clone()), "key {id} delivered twice");
-        let (_, want_slave, want) = &l.issued[id];
-        assert_eq!(value, want, "slave got the master's bytes for {id}");
-        assert_eq!(slave, want_slave);
-    }
-    let values: HashSet<&str> = l.issued.values().map(|(_, _, v)| v.as_str()).collect();
-    assert_eq!(values.len(), l.issued.len(), "no key value issued twice");
-    // Every key issued is delivered, except those whose fetch a crash cut after the KME
-    // had recorded the delivery.
-    assert_eq!(l.delivered.len() + cut_lost, l.issued.len());
-    assert!(cut_lost <= cut.len());
-    eprintln!(
-        "crash test: {} keys issued, {} delivered, {} after restarts, {} cut by a crash ({} of those lost), {} enc_keys refusals",
-        l.issued.len(),
-        l.delivered.len(),
-        waiting.len(),
-        cut.len(),
-        cut_lost,
-        l.enc_errors
-    );
+    waiting.len()
 }

@@ -39,7 +39,7 @@ struct NetArgs {
     #[arg(long, default_value_t = 2)]
     saes_per_site: usize,
     /// Key rate of each link in bytes/s, 0 = bulk (as fast as the machine goes).
-    /// [default: 1250000 for `up`, 0 for `demo`]
+    /// [default for `up`: the modelled rate of 10 km of fibre (see --length-km); for `demo`: 0]
     #[arg(long)]
     rate: Option<u64>,
     /// Pool capacity per link direction, in keys of 256 bits.
@@ -49,6 +49,7 @@ struct NetArgs {
     /// Fibre length of every link, km: the link then runs the decoy-state BB84 model (rate
     /// and QBER from length and device parameters; --rate is ignored). The KME logs the
     /// modelled rate at start, and Status shows it in `status_extension.qkd_link`.
+    /// [default for `up`: 10 km, unless --rate is given]
     #[arg(long)]
     length_km: Option<f64>,
     /// Keep the KMEs' key pools in memory only (no store_dir): faster in bulk mode, but a
@@ -143,6 +144,9 @@ enum Cmd {
         /// Only the link part: modelled rate by length, bulk fill rate (durable vs memory).
         #[arg(long)]
         link_only: bool,
+        /// KMEs without a durable store (pools in memory only), for comparison.
+        #[arg(long)]
+        volatile: bool,
     },
 }
 
@@ -155,6 +159,7 @@ fn main() -> Result<()> {
             seconds,
             kme_only,
             link_only,
+            volatile,
         } => {
             let tmp = dir.is_none();
             let dir = dir.unwrap_or_else(|| {
@@ -167,6 +172,7 @@ fn main() -> Result<()> {
                 seconds,
                 kme_only,
                 link_only,
+                volatile,
             });
             if tmp {
                 std::fs::remove_dir_all(&dir).ok();
@@ -182,7 +188,12 @@ fn main() -> Result<()> {
                 );
             }
             let t = Instant::now();
-            let d = Devnet::start(&dir, &net.options(Options::default())?)?;
+            // The links run the physical model (10 km of fibre) unless a fixed --rate is asked.
+            let base = Options {
+                length_km: net.rate.is_none().then_some(10.0),
+                ..Options::default()
+            };
+            let d = Devnet::start(&dir, &net.options(base)?)?;
             println!(
                 "devnet up in {:.1} s: {} sites, links {}",
                 t.elapsed().as_secs_f64(),
