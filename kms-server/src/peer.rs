@@ -237,19 +237,25 @@ impl PeerClient {
     }
 
     async fn check(&self, resp: reqwest::Response) -> Result<(), PeerError> {
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(());
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.refusal(resp).await)
         }
+    }
+
+    /// The peer's refusal (a non-success reply) as an error, with its message.
+    async fn refusal(&self, resp: reqwest::Response) -> PeerError {
+        let status = resp.status();
         let body = resp.bytes().await.unwrap_or_default();
         let message = serde_json::from_slice::<etsi_spec::Error>(&body)
             .map(|e| e.message)
             .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-        Err(PeerError::Refused {
+        PeerError::Refused {
             kme: self.kme_id.clone(),
             status: status.as_u16(),
             message,
-        })
+        }
     }
 
     /// Sends registrations; returns the peer's verdict on each.
@@ -265,8 +271,7 @@ impl PeerClient {
             .await
             .map_err(|e| self.transport(e))?;
         if !resp.status().is_success() {
-            self.check(resp).await?;
-            return Ok(Vec::new());
+            return Err(self.refusal(resp).await);
         }
         let body = resp.bytes().await.map_err(|e| self.transport(e))?;
         serde_json::from_slice::<RegisterResults>(&body)
@@ -303,10 +308,7 @@ impl PeerClient {
             .await
             .map_err(|e| self.transport(e))?;
         if !resp.status().is_success() {
-            self.check(resp).await?;
-            return Err(PeerError::Config(
-                "unreachable: check accepted an error".into(),
-            ));
+            return Err(self.refusal(resp).await);
         }
         let body = resp.bytes().await.map_err(|e| self.transport(e))?;
         serde_json::from_slice(&body).map_err(|e| PeerError::Refused {
