@@ -270,22 +270,7 @@ impl Stream {
 
     /// The lowest offset still needed by the stream itself (first free byte, else the end).
     pub fn low_water(&self) -> u64 {
-        self.blocks
-            .iter()
-            .find_map(|(&start, b)| {
-                let bend = start + b.data.len() as u64;
-                crate::store::gaps(
-                    &b.taken
-                        .iter()
-                        .map(|&(s, e)| (start + s as u64, start + e as u64))
-                        .collect::<Vec<_>>(),
-                    start,
-                    bend,
-                )
-                .first()
-                .map(|r| r.0)
-            })
-            .unwrap_or(self.end)
+        self.free_ranges().first().map_or(self.end, |r| r.0)
     }
 
     /// Link synchronisation: discards every free byte (wiping it) and moves the end (and the

@@ -263,24 +263,9 @@ impl PeerClient {
         &self,
         batch: &RegisterBatch,
     ) -> Result<Vec<Option<String>>, PeerError> {
-        let resp = self
-            .http
-            .post(format!("{}{REGISTER_PATH}", self.url))
-            .json(batch)
-            .send()
+        self.post_json::<_, RegisterResults>(REGISTER_PATH, batch)
             .await
-            .map_err(|e| self.transport(e))?;
-        if !resp.status().is_success() {
-            return Err(self.refusal(resp).await);
-        }
-        let body = resp.bytes().await.map_err(|e| self.transport(e))?;
-        serde_json::from_slice::<RegisterResults>(&body)
             .map(|r| r.results)
-            .map_err(|e| PeerError::Refused {
-                kme: self.kme_id.clone(),
-                status: 200,
-                message: format!("malformed registration reply: {e}"),
-            })
     }
 
     /// Announces one block of link key to the peer; returns once the peer holds it.
