@@ -43,6 +43,16 @@ struct Block {
 }
 
 impl Block {
+    /// A block none of whose bytes is taken.
+    fn fresh(data: Zeroizing<Vec<u8>>) -> Self {
+        let remaining = data.len();
+        Block {
+            data,
+            taken: Vec::new(),
+            remaining,
+        }
+    }
+
     fn overlaps(&self, start: usize, end: usize) -> bool {
         self.taken.iter().any(|&(s, e)| s < end && start < e)
     }
@@ -112,15 +122,7 @@ impl Stream {
         }
         self.end += data.len() as u64;
         self.unconsumed += data.len() as u64;
-        let remaining = data.len();
-        self.blocks.insert(
-            offset,
-            Block {
-                data,
-                taken: Vec::new(),
-                remaining,
-            },
-        );
+        self.blocks.insert(offset, Block::fresh(data));
         Ok(())
     }
 
@@ -255,15 +257,7 @@ impl Stream {
                 continue;
             }
             s.unconsumed += data.len() as u64;
-            let remaining = data.len();
-            s.blocks.insert(
-                off,
-                Block {
-                    data,
-                    taken: Vec::new(),
-                    remaining,
-                },
-            );
+            s.blocks.insert(off, Block::fresh(data));
         }
         s
     }

@@ -263,7 +263,38 @@ fn unfolder(name: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The stream offsets `[start, end)` that segment `seg` holds.
+fn segment_range(seg: u64) -> (u64, u64) {
+    (
+        seg.saturating_mul(SEGMENT_BYTES),
+        seg.saturating_add(1).saturating_mul(SEGMENT_BYTES),
+    )
+}
+
 impl Segments {
+    /// The segment numbers of `stream` present on disk.
+    fn on_disk(&self, stream: &str) -> Vec<u64> {
+        let Ok(entries) = std::fs::read_dir(self.root.join(folder(stream))) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".key"))
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .collect()
+    }
+
+    /// Unlinks a segment file (its bytes must already be overwritten).
+    fn remove(&mut self, stream: &str, seg: u64) -> Result<(), StoreError> {
+        self.files.remove(&(stream.to_owned(), seg));
+        let p = self.path(stream, seg);
+        std::fs::remove_file(&p).map_err(|e| io(&p, e))
+    }
+
     fn path(&self, stream: &str, seg: u64) -> PathBuf {
         self.root.join(folder(stream)).join(format!("{seg:08}.key"))
     }
@@ -384,37 +415,20 @@ impl Segments {
 
     /// Removes the segment files of `stream` that lie wholly below `low`.
     fn drop_below(&mut self, stream: &str, low: u64) -> Result<(), StoreError> {
-        let dir = self.root.join(folder(stream));
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(());
-        };
         let mut removed = false;
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let Some(seg) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".key"))
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if seg.saturating_add(1).saturating_mul(SEGMENT_BYTES) <= low {
+        for seg in self.on_disk(stream) {
+            let (start, end) = segment_range(seg);
+            if end <= low {
                 // Its bytes were overwritten when they were consumed; make sure, then unlink.
                 let mut touched = HashSet::new();
-                self.zero(
-                    stream,
-                    seg.saturating_mul(SEGMENT_BYTES),
-                    SEGMENT_BYTES,
-                    &mut touched,
-                )?;
+                self.zero(stream, start, end - start, &mut touched)?;
                 self.sync(&touched)?;
-                self.files.remove(&(stream.to_owned(), seg));
-                std::fs::remove_file(e.path()).map_err(|err| io(&e.path(), err))?;
+                self.remove(stream, seg)?;
                 removed = true;
             }
         }
         if removed {
-            sync_dir(&dir)?;
+            sync_dir(&self.root.join(folder(stream)))?;
         }
         Ok(())
     }
@@ -530,49 +544,26 @@ impl Committer {
             let bytes = self.segments.read(&meta.stream, meta.offset, meta.len)?;
             keep.entry(meta.stream.clone())
                 .or_default()
-                .push((meta.offset, meta.offset + meta.len));
+                .push((meta.offset, meta.offset.saturating_add(meta.len)));
             records.push((id, meta, bytes));
         }
         // Scrub: overwrite every byte on disk that is neither free nor held by a record (a
         // crash may have interrupted a wipe), and drop segments with nothing to keep.
         for name in self.segments.streams_on_disk() {
-            let mut k = keep.remove(&name).unwrap_or_default();
-            k.sort_unstable();
-            let dir = self.segments.root.join(folder(&name));
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
+            let keep = merge(&keep.remove(&name).unwrap_or_default());
             let mut touched = HashSet::new();
-            let mut segs = Vec::new();
-            for e in entries.flatten() {
-                if let Some(seg) = e
-                    .file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".key"))
-                    .and_then(|n| n.parse::<u64>().ok())
-                {
-                    segs.push(seg);
-                }
-            }
-            for seg in segs {
-                let (lo, hi) = (
-                    seg.saturating_mul(SEGMENT_BYTES),
-                    seg.saturating_add(1).saturating_mul(SEGMENT_BYTES),
-                );
-                let merged = merge(&k);
-                let live = merged.iter().any(|&(s, e)| s < hi && lo < e);
-                for (s, e) in gaps(&merged, lo, hi) {
+            for seg in self.segments.on_disk(&name) {
+                let (lo, hi) = segment_range(seg);
+                for (s, e) in gaps(&keep, lo, hi) {
                     self.segments.zero(&name, s, e - s, &mut touched)?;
                 }
                 self.segments.sync(&touched)?;
-                if !live {
-                    self.segments.files.remove(&(name.clone(), seg));
-                    let p = self.segments.path(&name, seg);
-                    std::fs::remove_file(&p).map_err(|e| io(&p, e))?;
-                }
                 touched.clear();
+                if !keep.iter().any(|&(s, e)| s < hi && lo < e) {
+                    self.segments.remove(&name, seg)?;
+                }
             }
-            sync_dir(&dir)?;
+            sync_dir(&self.segments.root.join(folder(&name)))?;
         }
         Ok(Loaded {
             streams: out_streams,
@@ -611,9 +602,9 @@ impl Committer {
             if ok && !(batch.wipes.is_empty() && batch.low_water.is_empty()) {
                 // This thread no longer writes below the low water: let go of those files.
                 for (stream, low) in &batch.low_water {
-                    self.segments.files.retain(|(s, seg), _| {
-                        s != stream || seg.saturating_add(1).saturating_mul(SEGMENT_BYTES) > *low
-                    });
+                    self.segments
+                        .files
+                        .retain(|(s, seg), _| s != stream || segment_range(*seg).1 > *low);
                 }
                 let _ = self.wiper.send(Batch {
                     wipes: std::mem::take(&mut batch.wipes),
