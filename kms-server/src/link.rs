@@ -378,14 +378,9 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
         };
         let Some((mine, offset, room)) = pick else {
             // Full: keep the far end informed (and learn early if it restarted).
-            if last_beat.elapsed() > Duration::from_secs(1) {
-                last_beat = tokio::time::Instant::now();
-                if let Err(e) = client.announce_block(&heartbeat(&me, perf)).await {
-                    on_failure(&kme, &peer, &e);
-                    continue;
-                }
+            if beat_if_due(&kme, &peer, &client, &mut last_beat, perf).await {
+                wait_for_room(&kme).await;
             }
-            wait_for_room(&kme).await;
             continue;
         };
         if pending.is_none() {
@@ -406,13 +401,8 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                         pacer.refund(len);
                     }
                     // The device has nothing yet; heartbeat now and then, look again shortly.
-                    if last_beat.elapsed() > Duration::from_secs(1) {
-                        last_beat = tokio::time::Instant::now();
-                        if let Err(e) = client.announce_block(&heartbeat(&me, perf)).await {
-                            on_failure(&kme, &peer, &e);
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    beat_if_due(&kme, &peer, &client, &mut last_beat, perf).await;
+                    tokio::time::sleep(source.poll_interval()).await;
                     continue;
                 }
                 Err(e) => {
@@ -522,6 +512,28 @@ pub async fn run_producer(kme: Arc<Kme>, peer: String, params: LinkParams) {
                 up = false;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+    }
+}
+
+/// Sends a heartbeat if none went out for a second. Returns false if it failed (the link
+/// then reconciles before the next block).
+async fn beat_if_due(
+    kme: &Kme,
+    peer: &str,
+    client: &crate::peer::PeerClient,
+    last: &mut tokio::time::Instant,
+    perf: Option<crate::physics::LinkPerformance>,
+) -> bool {
+    if last.elapsed() <= Duration::from_secs(1) {
+        return true;
+    }
+    *last = tokio::time::Instant::now();
+    match client.announce_block(&heartbeat(kme.kme_id(), perf)).await {
+        Ok(()) => true,
+        Err(e) => {
+            on_failure(kme, peer, &e);
+            false
         }
     }
 }

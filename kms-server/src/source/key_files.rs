@@ -40,8 +40,8 @@
 //! discarded (e.g. a piece re-cut differently after a restart that overlapped what the far
 //! end had consumed, and so was `Gone`). A file the far end never started and the producer
 //! never announces stays until the operator removes it. Each directory must serve exactly
-//! one end of one link. How often to look for new files (`poll_ms`) is the link's business:
-//! `next_block` returns `None` when no ready file is left.
+//! one end of one link. `next_block` returns `None` when no ready file is left; the link then
+//! looks again after `poll_ms` ([`KeySource::poll_interval`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -105,11 +105,6 @@ impl KeyFiles {
             }),
             poll_ms,
         })
-    }
-
-    /// How often the link should look for new files, milliseconds.
-    pub fn poll_ms(&self) -> u64 {
-        self.poll_ms
     }
 
     /// The watched directory.
@@ -567,6 +562,10 @@ impl KeySource for KeyFiles {
         KIND
     }
 
+    fn poll_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.poll_ms)
+    }
+
     async fn next_block(&self, max_len: usize) -> Result<Option<Produced>, SourceError> {
         self.blocking(move |inner| inner.next_block(max_len)).await
     }
@@ -637,7 +636,7 @@ mod tests {
     #[tokio::test]
     async fn files_appearing_while_polling_and_ignored_names() {
         let (a, _b, pa, _pb) = ends();
-        assert_eq!(pa.poll_ms(), 50);
+        assert_eq!(pa.poll_interval(), std::time::Duration::from_millis(50));
         assert!(pa.next_block(100).await.unwrap().is_none());
         // Files still being written, hidden files, directories and empty files give nothing.
         fs::write(a.path().join("k1.part"), b"xxxx").unwrap();

@@ -117,6 +117,12 @@ pub trait KeySource: Send + Sync {
         false
     }
 
+    /// How long the link waits before asking again after [`KeySource::next_block`] had
+    /// nothing.
+    fn poll_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(100)
+    }
+
     /// Producing end: the next block of at most `max_len` bytes, or `None` when the source
     /// has nothing right now (the link waits a little and asks again).
     async fn next_block(&self, max_len: usize) -> Result<Option<Produced>, SourceError>;
