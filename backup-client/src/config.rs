@@ -1,31 +1,15 @@
-//! Configuration of the backup client and of the site agent: TOML plus `BACKUP_`-prefixed
-//! environment overrides (`__` between levels, e.g. `BACKUP_BACKUP__STREAMS=4`). Relative
-//! paths are resolved against the folder of the configuration file.
+//! Configuration of the backup client: TOML plus `BACKUP_`-prefixed environment overrides
+//! (`__` between levels, e.g. `BACKUP_BACKUP__STREAMS=4`). Relative paths are resolved
+//! against the folder of the configuration file.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::wire::SchemeName;
-
-/// A configuration error; the message names the file and the field.
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct ConfigError {
-    pub path: PathBuf,
-    pub message: String,
-}
-
-/// Certificate and key of an SAE, and the CA of the network.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+use share_transfer::config::{load, resolve};
+pub use share_transfer::config::{ConfigError, TlsFiles};
+use share_transfer::wire::SchemeName;
 
 /// One site of the backup network, as the client sees it.
 #[derive(Debug, Clone, Deserialize)]
@@ -108,70 +92,6 @@ pub struct ClientConfig {
     pub backup: BackupDefaults,
 }
 
-/// The site agent's configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentConfig {
-    /// The agent's SAE ID (the CN of `tls.cert`).
-    pub sae_id: String,
-    pub listen: SocketAddr,
-    /// `https://host:port` of this site's KME.
-    pub kme_url: String,
-    /// Server certificate and KME client identity (one certificate for both).
-    pub tls: TlsFiles,
-    /// Where shares are kept.
-    pub store_dir: PathBuf,
-    /// SAEs allowed to store, restore, list and verify (empty = any SAE of the CA).
-    #[serde(default)]
-    pub allowed_clients: Vec<String>,
-    /// Write share chunks with O_DIRECT where the filesystem allows it.
-    #[serde(default = "yes")]
-    pub direct_io: bool,
-    /// HTTP worker threads (0 = one per core).
-    #[serde(default)]
-    pub workers: usize,
-    /// Longest wait for QKD key before a restore stream gives up, seconds.
-    #[serde(default = "default_key_wait")]
-    pub key_wait_secs: u64,
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn default_key_wait() -> u64 {
-    600
-}
-
-fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let err = |message: String| ConfigError {
-        path: path.to_owned(),
-        message,
-    };
-    if !path.is_file() {
-        return Err(err(
-            "no such configuration file (give one with --config)".into()
-        ));
-    }
-    config::Config::builder()
-        .add_source(config::File::from(path).format(config::FileFormat::Toml))
-        .add_source(
-            config::Environment::with_prefix("BACKUP")
-                .prefix_separator("_")
-                .separator("__")
-                .try_parsing(true),
-        )
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .map_err(|e| err(e.to_string()))
-}
-
-fn resolve(base: &Path, p: &mut PathBuf) {
-    if p.is_relative() {
-        *p = base.join(&*p);
-    }
-}
-
 impl ClientConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut c: ClientConfig = load(path)?;
@@ -226,21 +146,5 @@ impl ClientConfig {
             .collect();
         v.extend(self.sites.iter().filter(|s| s.name != self.site).cloned());
         v
-    }
-}
-
-impl AgentConfig {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let mut c: AgentConfig = load(path)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
-            &mut c.tls.ca,
-            &mut c.tls.cert,
-            &mut c.tls.key,
-            &mut c.store_dir,
-        ] {
-            resolve(base, p);
-        }
-        Ok(c)
     }
 }

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use backup_client::config::{AgentConfig, ClientConfig};
+use backup_client::config::ClientConfig;
 use backup_client::transfer::{BackupClient, Progress, StoreOptions};
-use backup_client::wire::SchemeName;
 use clap::{Parser, Subcommand};
+use share_transfer::wire::SchemeName;
+use site_agent::config::AgentConfig;
 use uuid::Uuid;
 
 /// Back up large files across sites as threshold secret shares, each share sent under a
@@ -140,7 +141,7 @@ fn run(cli: Cli) -> Result<i32> {
     };
     if let Cmd::Serve = cli.cmd {
         let cfg = AgentConfig::load(&config)?;
-        actix_web::rt::System::new().block_on(backup_client::agent::serve(cfg))?;
+        actix_web::rt::System::new().block_on(site_agent::serve(cfg))?;
         return Ok(0);
     }
     let cfg = ClientConfig::load(&config)?;

@@ -30,15 +30,15 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::config::{ClientConfig, Site};
-use crate::format::{ShareHeader, ShareTrailer, HEADER_LEN, TRAILER_LEN};
-use crate::keys::{assemble, KeyError, KeyFetcher, KeyPlan, Notice};
-use crate::seal::{open_into, seal_into, SealError};
-use crate::sharing::{Combiner, SharingError, Splitter};
-use crate::wire::{
+use share_transfer::keys::{assemble, KeyError, KeyFetcher, KeyPlan, Notice};
+use share_transfer::seal::{open_into, seal_into, SealError};
+use share_transfer::wire::{
     mac_context, parse_frame, AgentError, Direction, Finalize, FrameHeader, Manifest, SchemeInfo,
     SchemeName, ShareCheck, ShareOpen, ShareState, Stored,
 };
-use crate::{RandomSource, Scheme};
+use sharing::format::{ShareHeader, ShareTrailer, HEADER_LEN, TRAILER_LEN};
+use sharing::sharing::{Combiner, SharingError, Splitter};
+use sharing::{RandomSource, Scheme};
 
 /// What can go wrong in a client command. Messages say what to do.
 #[derive(Debug, thiserror::Error)]
@@ -208,17 +208,12 @@ impl BackupClient {
         };
         let kme = etsi_spec::Client::new(&cfg.kme_url, &ca_pem, Some(&ident))
             .map_err(|e| TransferError::Usage(format!("KME client: {e}")))?;
-        let ca = reqwest::Certificate::from_pem(&ca_pem)
-            .map_err(|e| TransferError::Usage(format!("tls.ca: {e}")))?;
-        let id = reqwest::Identity::from_pkcs8_pem(&ident.cert_pem, &ident.key_pem)
-            .map_err(|e| TransferError::Usage(format!("tls.cert/tls.key: {e}")))?;
-        let http = reqwest::Client::builder()
-            .use_native_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca)
-            .identity(id)
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
+        let id = mtls::client::ClientIdentity {
+            cert_pem: &ident.cert_pem,
+            key_pem: &ident.key_pem,
+        };
+        let http = mtls::client::builder(&ca_pem, Some(id), Duration::from_secs(5))
+            .map_err(|e| TransferError::Usage(format!("tls.ca, tls.cert, tls.key: {e}")))?
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| TransferError::Usage(e.to_string()))?;
@@ -313,10 +308,10 @@ impl BackupClient {
         scheme
             .check_chunk_size(chunk_size)
             .map_err(|e| TransferError::Usage(format!("chunk size: {e}")))?;
-        if chunk_size < crate::format::MIN_STREAM_CHUNK_SIZE {
+        if chunk_size < sharing::format::MIN_STREAM_CHUNK_SIZE {
             return Err(TransferError::Usage(format!(
                 "chunk size must be at least {} bytes",
-                crate::format::MIN_STREAM_CHUNK_SIZE
+                sharing::format::MIN_STREAM_CHUNK_SIZE
             )));
         }
         let file = fs::canonicalize(file).map_err(io_err(file))?;
@@ -542,7 +537,7 @@ impl BackupClient {
             .cfg
             .backup
             .rng
-            .parse::<crate::rng::RngChoice>()
+            .parse::<sharing::rng::RngChoice>()
             .map_err(|e| TransferError::Usage(format!("backup.rng: {e}")))?
             .open()
             .map_err(|e| TransferError::Usage(format!("backup.rng: {e}")))?;
@@ -601,7 +596,7 @@ impl BackupClient {
             )));
         }
         let (digest, total, nonces) = split?;
-        let splits = crate::wire::splits_digest(
+        let splits = share_transfer::wire::splits_digest(
             nonces
                 .iter()
                 .copied()
@@ -1091,16 +1086,12 @@ fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
 
 /// An exclusive advisory lock on `path`, held while the returned file is open.
 fn lock_exclusive(path: &Path) -> std::io::Result<File> {
-    use std::os::fd::AsRawFd;
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    f.try_lock().map_err(std::io::Error::from)?;
     Ok(f)
 }
 

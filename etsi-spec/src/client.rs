@@ -78,22 +78,14 @@ impl Client {
         ca_pem: &[u8],
         identity: Option<&Identity>,
     ) -> Result<Self, ClientError> {
-        let ca = reqwest::Certificate::from_pem(ca_pem)
-            .map_err(|e| ClientError::Config(format!("CA certificate: {e}")))?;
-        let mut builder = reqwest::Client::builder()
-            .use_native_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca)
-            .tcp_nodelay(true)
+        let identity = identity.map(|id| mtls::client::ClientIdentity {
+            cert_pem: &id.cert_pem,
+            key_pem: &id.key_pem,
+        });
+        let http = mtls::client::builder(ca_pem, identity, Duration::from_secs(10))
+            .map_err(|e| ClientError::Config(e.to_string()))?
             .pool_idle_timeout(Duration::from_secs(60))
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60));
-        if let Some(id) = identity {
-            let ident = reqwest::Identity::from_pkcs8_pem(&id.cert_pem, &id.key_pem)
-                .map_err(|e| ClientError::Config(format!("client identity: {e}")))?;
-            builder = builder.identity(ident);
-        }
-        let http = builder
+            .timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| ClientError::Config(e.to_string()))?;
         Ok(Client {

@@ -12,7 +12,7 @@ use crate::error::ApiError;
 use crate::kme::{IssuedKeys, Kme};
 use crate::link;
 use crate::peer::{BlockAnnounce, RegisterBatch, RegisterResults, SyncRequest};
-use crate::tls::PeerCert;
+use mtls::server::PeerCert;
 
 type Shared = web::Data<Arc<Kme>>;
 

@@ -12,27 +12,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::physics::DeviceParams;
+use qkd_sim::physics::DeviceParams;
 
 /// A configuration error; the message names the offending field.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]
 pub struct ConfigError(pub String);
 
-/// Which certificate field carries the SAE ID.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum SaeIdField {
-    /// The subject common name (default).
-    #[default]
-    Cn,
-    /// The first DNS entry of the subject alternative name.
-    SanDns,
-    /// The first URI entry of the subject alternative name; a `urn:qkd:sae:` prefix is removed.
-    SanUri,
-    /// The certificate serial number, upper-case hex.
-    Serial,
-}
+/// Which certificate field carries the SAE ID (`cn`, `san-dns`, `san-uri`, `serial`).
+pub use mtls::server::IdField as SaeIdField;
 
 /// TLS material of the KME.
 #[derive(Debug, Clone, Deserialize)]
@@ -95,7 +83,7 @@ pub struct LinkParams {
     /// Start with full pools (as if the link had been running), then produce at the rate.
     pub prefill: bool,
     /// Fibre length; when set, the rate and QBER come from the decoy-state BB84 model
-    /// ([`crate::physics`]) with the `device` parameters.
+    /// ([`qkd_sim::physics`]) with the `device` parameters.
     pub length_km: Option<f64>,
     /// Device and fibre parameters of the model.
     pub device: DeviceParams,

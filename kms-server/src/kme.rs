@@ -48,7 +48,7 @@ pub struct LinkState {
     pub eavesdropper: f64,
     /// What the physical model last said about the link (producer: computed; far end: as
     /// announced by the producer).
-    pub perf: Option<crate::physics::LinkPerformance>,
+    pub perf: Option<qkd_sim::physics::LinkPerformance>,
 }
 
 /// Mutable state under one lock; critical sections never await.
@@ -590,7 +590,7 @@ impl Kme {
         &self,
         peer: &str,
         fraction: f64,
-    ) -> Result<Option<crate::physics::LinkPerformance>, ApiError> {
+    ) -> Result<Option<qkd_sim::physics::LinkPerformance>, ApiError> {
         if !(0.0..=1.0).contains(&fraction) {
             return Err(ApiError::bad_request("fraction must be within 0..=1"));
         }

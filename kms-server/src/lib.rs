@@ -6,7 +6,7 @@
 //! registered at the slave's KME before the reply, delivered at most once to each named
 //! slave, then erased.
 //!
-//! Modules: [`config`] (TOML + env), [`tls`] (acceptor, certificate identity), [`api`]
+//! Modules: [`config`] (TOML + env), [`api`]
 //! (HTTP handlers), [`kme`] (the operations), [`keystore`] (streams and key records in
 //! memory), [`store`] (the durable pool behind them), [`link`] (moving key from a source into
 //! both ends' pools, synchronisation after restarts, the local pool), [`source`] (key sources:
@@ -22,7 +22,6 @@
 //! `async-trait` so key sources can be chosen at run time (`dyn KeySource`).
 
 pub mod api;
-pub mod bb84;
 pub mod config;
 pub mod error;
 pub mod keystore;
@@ -30,10 +29,8 @@ pub mod kme;
 pub mod link;
 pub mod metrics;
 pub mod peer;
-pub mod physics;
 pub mod source;
 pub mod store;
-pub mod tls;
 
 use std::sync::Arc;
 
@@ -41,7 +38,8 @@ use actix_web::{web, App, HttpServer};
 
 /// Runs a KME until the process is stopped.
 pub async fn run(settings: config::Settings) -> anyhow::Result<()> {
-    let acceptor = tls::acceptor(&settings).map_err(anyhow::Error::msg)?;
+    let t = &settings.tls;
+    let acceptor = mtls::server::acceptor(&t.ca, &t.cert, &t.key)?;
     let kme = Arc::new(kme::Kme::new(settings.clone())?);
     let listen = settings.listen;
     let workers = if settings.workers == 0 {
@@ -110,7 +108,7 @@ pub async fn run(settings: config::Settings) -> anyhow::Result<()> {
             .configure(api::routes)
     })
     .workers(workers)
-    .on_connect(tls::on_connect)
+    .on_connect(mtls::server::on_connect)
     .bind_openssl(listen, acceptor)
     .map_err(|e| anyhow::anyhow!("listen {listen}: {e}"))?;
     tracing::info!(kme = %settings.kme_id, %listen, "KME serving ETSI GS QKD 014");

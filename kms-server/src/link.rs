@@ -16,7 +16,7 @@
 //! bytes the other still holds). Keys already handed to masters and awaiting slaves are kept.
 //! Offsets only grow, so a byte is never appended twice under the same offset.
 //!
-//! The physical model ([`crate::physics`]) paces modelled sources (the simulators) at the
+//! The physical model ([`qkd_sim::physics`]) paces modelled sources (the simulators) at the
 //! secure key rate of the link's length and raises an alarm when the QBER is above the abort
 //! threshold.
 
@@ -263,7 +263,7 @@ async fn sync_with(kme: &Kme, peer: &str) -> Result<(), String> {
 
 /// Updates the physical model of a modelled link; returns the performance and whether the
 /// link may produce key now.
-fn model(kme: &Kme, peer: &str, params: &LinkParams) -> Option<crate::physics::LinkPerformance> {
+fn model(kme: &Kme, peer: &str, params: &LinkParams) -> Option<qkd_sim::physics::LinkPerformance> {
     let l = params.length_km?;
     let eve = kme
         .lock()
@@ -523,7 +523,7 @@ async fn beat_if_due(
     peer: &str,
     client: &crate::peer::PeerClient,
     last: &mut tokio::time::Instant,
-    perf: Option<crate::physics::LinkPerformance>,
+    perf: Option<qkd_sim::physics::LinkPerformance>,
 ) -> bool {
     if last.elapsed() <= Duration::from_secs(1) {
         return true;
@@ -545,7 +545,7 @@ fn on_failure(kme: &Kme, peer: &str, e: &PeerError) {
 }
 
 /// An announcement without key: it only reports the link's modelled state to the far end.
-fn heartbeat(me: &str, perf: Option<crate::physics::LinkPerformance>) -> BlockAnnounce {
+fn heartbeat(me: &str, perf: Option<qkd_sim::physics::LinkPerformance>) -> BlockAnnounce {
     BlockAnnounce {
         owner: me.to_owned(),
         offset: 0,

@@ -40,7 +40,7 @@ pub struct BlockAnnounce {
     pub reference: Option<BlockRef>,
     /// The link's modelled QBER and secure key rate, when it has a physical model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub perf: Option<crate::physics::LinkPerformance>,
+    pub perf: Option<qkd_sim::physics::LinkPerformance>,
 }
 
 /// The producing end's view of the link, sent to reconcile.
@@ -205,23 +205,23 @@ impl PeerClient {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| PeerError::Config(format!("{}: {e}", p.display())))
         };
-        let ca = reqwest::Certificate::from_pem(&read(&settings.tls.ca)?)
-            .map_err(|e| PeerError::Config(format!("tls.ca: {e}")))?;
-        let ident = reqwest::Identity::from_pkcs8_pem(
-            &read(&settings.tls.peer_cert)?,
-            &read(&settings.tls.peer_key)?,
+        let (cert_pem, key_pem) = (
+            read(&settings.tls.peer_cert)?,
+            read(&settings.tls.peer_key)?,
+        );
+        let identity = mtls::client::ClientIdentity {
+            cert_pem: &cert_pem,
+            key_pem: &key_pem,
+        };
+        let http = mtls::client::builder(
+            &read(&settings.tls.ca)?,
+            Some(identity),
+            Duration::from_secs(5),
         )
-        .map_err(|e| PeerError::Config(format!("tls.peer_cert/peer_key: {e}")))?;
-        let http = reqwest::Client::builder()
-            .use_native_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca)
-            .identity(ident)
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| PeerError::Config(e.to_string()))?;
+        .map_err(|e| PeerError::Config(format!("tls.ca, tls.peer_cert, tls.peer_key: {e}")))?
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| PeerError::Config(e.to_string()))?;
         Ok(PeerClient {
             kme_id: kme_id.to_owned(),
             url: url.trim_end_matches('/').to_owned(),

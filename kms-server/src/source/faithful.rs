@@ -1,5 +1,5 @@
 //! The faithful simulator (kind `bb84`): both ends run BB84 on simulated photons
-//! ([`crate::bb84`]) and the keys that reach the pools are the protocol's output.
+//! ([`qkd_sim::bb84`]) and the keys that reach the pools are the protocol's output.
 //!
 //! The producing end plays Alice: for each frame it drives the protocol through the
 //! KME-to-KME channel (`POST /internal/v1/link/source`, one request per round trip) to the
@@ -21,8 +21,8 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::{BlockRef, KeySource, Produced, SourceError};
-use crate::bb84::{Alice, Bb84Error, Bb84Params, Bob, Channel, FromBob, ToBob};
 use crate::peer::PeerClient;
+use qkd_sim::bb84::{Alice, Bb84Error, Bb84Params, Bob, Channel, FromBob, ToBob};
 
 pub const KIND: &str = "bb84";
 

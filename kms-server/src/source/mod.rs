@@ -171,7 +171,7 @@ pub enum SourceConfig {
     Simulated,
     /// Faithful simulator: both ends run BB84 on simulated photons (sifting, parameter
     /// estimation, Cascade, verification, Toeplitz privacy amplification) over the
-    /// KME-to-KME channel; see [`crate::bb84`]. Uses the link's `length_km` (10 km if unset),
+    /// KME-to-KME channel; see [`qkd_sim::bb84`]. Uses the link's `length_km` (10 km if unset),
     /// `device`, `eavesdropper` and `abort_qber`.
     Bb84 {
         /// Pulses per protocol frame (default 12,000,000: about 86 kbit of final key per frame
@@ -284,13 +284,13 @@ pub fn build_for_link(
 ) -> Result<std::sync::Arc<dyn KeySource>, SourceError> {
     match &link.source {
         SourceConfig::Bb84 { pulses_per_frame } => {
-            let params = crate::bb84::Bb84Params {
+            let params = qkd_sim::bb84::Bb84Params {
                 device: link.device,
                 length_km: link.length_km.unwrap_or(10.0),
                 eavesdropper: link.eavesdropper,
                 abort_qber: link.abort_qber,
                 pulses_per_frame: *pulses_per_frame,
-                ..crate::bb84::Bb84Params::default()
+                ..qkd_sim::bb84::Bb84Params::default()
             };
             Ok(std::sync::Arc::new(faithful::Faithful::new(
                 params,

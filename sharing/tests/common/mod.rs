@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use backup_client::rng::{RandomSource, RngError, Secrecy};
+use sharing::rng::{RandomSource, RngError, Secrecy};
 
 /// A deterministic "random" source that replays fixed bytes (cycling).
 pub struct Replay {

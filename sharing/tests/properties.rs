@@ -2,9 +2,9 @@
 
 mod common;
 
-use backup_client::rng::{ChaChaRounds, ChaChaSource};
-use backup_client::{combine, split, Scheme, SchemeKind, SharingError};
 use proptest::prelude::*;
+use sharing::rng::{ChaChaRounds, ChaChaSource};
+use sharing::{combine, split, Scheme, SchemeKind, SharingError};
 
 const CS: usize = 240;
 

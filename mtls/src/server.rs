@@ -1,8 +1,8 @@
-//! TLS set-up of the 014 listener and the identity of the peer certificate.
+//! The server side: the mTLS acceptor and the identity of the peer certificate.
 //!
 //! A client certificate is requested and, when presented, must chain to the configured CA or
 //! the handshake fails. A connection without a certificate is accepted at the TLS level so
-//! that its requests get a proper 401 in the spec's Error format.
+//! that its requests get a proper 401 in the spec's Error format (the server decides).
 
 use std::any::Any;
 
@@ -13,7 +13,22 @@ use openssl::nid::Nid;
 use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod, SslVerifyMode};
 use openssl::x509::X509;
 
-use crate::config::{SaeIdField, Settings};
+use crate::TlsError;
+
+/// Which certificate field carries an SAE ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdField {
+    /// The subject common name (default).
+    #[default]
+    Cn,
+    /// The first DNS entry of the subject alternative name.
+    SanDns,
+    /// The first URI entry of the subject alternative name; a `urn:qkd:sae:` prefix is removed.
+    SanUri,
+    /// The certificate serial number, upper-case hex.
+    Serial,
+}
 
 /// The identity fields of a verified client certificate.
 #[derive(Debug, Clone, Default)]
@@ -59,29 +74,31 @@ impl PeerCert {
     }
 
     /// The SAE ID carried in the configured field.
-    pub fn sae_id(&self, field: SaeIdField) -> Option<String> {
+    pub fn sae_id(&self, field: IdField) -> Option<String> {
         match field {
-            SaeIdField::Cn => self.cn.clone(),
-            SaeIdField::SanDns => self.san_dns.first().cloned(),
-            SaeIdField::SanUri => self.san_uri.first().map(|u| {
+            IdField::Cn => self.cn.clone(),
+            IdField::SanDns => self.san_dns.first().cloned(),
+            IdField::SanUri => self.san_uri.first().map(|u| {
                 u.strip_prefix("urn:qkd:sae:")
                     .unwrap_or(u.as_str())
                     .to_owned()
             }),
-            SaeIdField::Serial => Some(self.serial_hex.clone()).filter(|s| !s.is_empty()),
+            IdField::Serial => Some(self.serial_hex.clone()).filter(|s| !s.is_empty()),
         }
     }
 }
 
-/// Builds the OpenSSL acceptor of a KME: server certificate, CA for client certificates.
-pub fn acceptor(settings: &Settings) -> Result<SslAcceptorBuilder, String> {
-    let t = &settings.tls;
-    server_acceptor(&t.ca, &t.cert, &t.key)
+/// An mTLS acceptor from PEM files: the server certificate chain and key, and the CA that
+/// client certificates must chain to. Error messages name the file (`tls.ca`, ...).
+pub fn acceptor(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<SslAcceptorBuilder, TlsError> {
+    acceptor_inner(ca, cert, key).map_err(TlsError)
 }
 
-/// An mTLS acceptor from PEM files (also used by the backup site agent): the server
-/// certificate chain and key, and the CA that client certificates must chain to.
-pub fn server_acceptor(
+fn acceptor_inner(
     ca: &std::path::Path,
     cert: &std::path::Path,
     key: &std::path::Path,

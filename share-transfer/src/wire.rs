@@ -166,10 +166,10 @@ pub enum SchemeName {
 
 impl SchemeInfo {
     /// The library scheme.
-    pub fn scheme(&self) -> Result<crate::Scheme, crate::scheme::SchemeError> {
+    pub fn scheme(&self) -> Result<sharing::Scheme, sharing::scheme::SchemeError> {
         match self.kind {
-            SchemeName::Xor => crate::Scheme::xor(self.k, self.n),
-            SchemeName::Shamir => crate::Scheme::shamir(self.k, self.n),
+            SchemeName::Xor => sharing::Scheme::xor(self.k, self.n),
+            SchemeName::Shamir => sharing::Scheme::shamir(self.k, self.n),
         }
     }
 }

@@ -3,10 +3,10 @@
 
 mod common;
 
-use backup_client::format::{HEADER_LEN, TRAILER_LEN};
-use backup_client::rng::{ChaChaRounds, ChaChaSource};
-use backup_client::{combine, split, Combiner, Scheme, SchemeKind, SharingError, Splitter};
 use common::{data, subsets, Replay};
+use sharing::format::{HEADER_LEN, TRAILER_LEN};
+use sharing::rng::{ChaChaRounds, ChaChaSource};
+use sharing::{combine, split, Combiner, Scheme, SchemeKind, SharingError, Splitter};
 
 /// A multiple of 1, 2, 4, 6, 10, 12 and 16: valid for every XOR prime up to 17.
 const CS: usize = 240;
@@ -248,7 +248,7 @@ fn wrong_share_sets_are_refused() {
 
 #[test]
 fn forged_header_with_other_params_is_refused() {
-    use backup_client::format::ShareHeader;
+    use sharing::format::ShareHeader;
     let (a, _, _) = two_sets(SchemeKind::Xor);
     let mut hb = [0u8; HEADER_LEN];
     hb.copy_from_slice(&a[1][..HEADER_LEN]);

@@ -3,8 +3,8 @@
 
 mod common;
 
-use backup_client::{Combiner, Scheme, Splitter};
 use common::{subsets, Replay};
+use sharing::{Combiner, Scheme, Splitter};
 
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len())

@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
-use crate::format::{ShareHeader, ShareTrailer, HEADER_LEN, TRAILER_LEN};
-use crate::wire::{Manifest, ShareCheck, ShareOpen};
+use share_transfer::wire::{Manifest, ShareCheck, ShareOpen};
+use sharing::format::{ShareHeader, ShareTrailer, HEADER_LEN, TRAILER_LEN};
 
 /// Alignment of direct I/O buffers, offsets and lengths.
 pub const DIO_ALIGN: usize = 4096;
@@ -304,7 +304,7 @@ impl ShareFiles {
             let stored = (0..m.open.chunk_count)
                 .filter(|j| c.contains_key(j))
                 .count() as u64;
-            let held = crate::wire::splits_digest(
+            let held = share_transfer::wire::splits_digest(
                 (0..m.open.chunk_count).map(|j| (j, c.get(&j).map_or(0, |&(n, _)| n))),
             );
             (stored, held)

@@ -1,4 +1,12 @@
-//! The site agent (`backup-client serve`): receives, keeps and returns shares.
+//! `site-agent`: the backup site agent (`backup-client serve`), which receives, keeps and
+//! returns shares.
+//!
+//! Owns: the agent's HTTP server, its configuration ([`config`]) and its durable share store
+//! ([`storage`]). Shares the frame format, sealing and key plans with the client through
+//! `share-transfer`; takes its mTLS acceptor from `mtls`.
+//!
+//! Must never depend on: `kms-server` (the site's KME is any ETSI 014 KME, reached over
+//! HTTPS), or the backup client's crate.
 //!
 //! It is an SAE of its site's KME and serves HTTPS with mutual TLS; the calling client SAE
 //! is the CN of its certificate. For a store, the client is the master: the agent fetches
@@ -8,7 +16,7 @@
 //! within the agent's own site (client at the same KME) are tagged but not padded; transfers
 //! from other sites without a pad are refused.
 //!
-//! HTTP API (all JSON except chunk bodies, which are frames, see [`crate::wire`]):
+//! HTTP API (all JSON except chunk bodies, which are frames, see [`share_transfer::wire`]):
 //! - `PUT  /v1/backups/{id}/shares/{i}` — open a share ([`ShareOpen`]) → [`Manifest`]
 //! - `GET  /v1/backups/{id}/shares/{i}/state` → [`ShareState`]
 //! - `POST /v1/backups/{id}/shares/{i}/chunks` — frames → [`Stored`]
@@ -17,6 +25,7 @@
 //! - `GET  /v1/backups`, `GET /v1/backups/{id}` → [`Manifest`]s
 //! - `POST /v1/backups/{id}/verify` → [`ShareCheck`]s
 
+pub mod config;
 pub mod storage;
 
 use std::collections::HashMap;
@@ -29,13 +38,13 @@ use futures_util::StreamExt;
 use uuid::Uuid;
 
 use crate::config::AgentConfig;
-use crate::keys::{assemble, KeyError, KeyFetcher, KeyPlan, Notice};
-use crate::seal::{open_into, seal_into};
-use crate::wire::{
+use mtls::server::PeerCert;
+use share_transfer::keys::{assemble, KeyError, KeyFetcher, KeyPlan, Notice};
+use share_transfer::seal::{open_into, seal_into};
+use share_transfer::wire::{
     mac_context, parse_frame, AgentError, Direction, Finalize, FrameHeader, Manifest, ShareOpen,
     ShareState, Stored,
 };
-use kms_server::tls::PeerCert;
 use storage::{AlignedBuf, ChunkWrite, Storage, StoreError};
 
 /// An error reply of the agent.
@@ -206,8 +215,7 @@ impl Agent {
 
 /// Runs the agent until the process ends.
 pub async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
-    let acceptor = kms_server::tls::server_acceptor(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
-        .map_err(anyhow::Error::msg)?;
+    let acceptor = mtls::server::acceptor(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
     let listen = cfg.listen;
     let workers = if cfg.workers == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -224,7 +232,7 @@ pub async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
             .configure(routes)
     })
     .workers(workers)
-    .on_connect(kms_server::tls::on_connect)
+    .on_connect(mtls::server::on_connect)
     .bind_openssl(listen, acceptor)?
     .run()
     .await?;
@@ -555,6 +563,6 @@ fn error_frame(chunk: u64, message: &str) -> web::Bytes {
         error: Some(message.to_owned()),
     };
     let mut out = Vec::new();
-    crate::wire::begin_frame(&mut out, &header);
+    share_transfer::wire::begin_frame(&mut out, &header);
     web::Bytes::from(out)
 }

@@ -1,11 +1,12 @@
 //! One-time pad + Wegman–Carter MAC: any flipped bit in ciphertext or tag is rejected, and a
 //! tag never verifies under a different key.
 
+#[path = "../../sharing/tests/common/mod.rs"]
 mod common;
 
-use backup_client::auth::{self, AuthError, Mac, KEY_LEN};
-use backup_client::otp;
 use common::data;
+use share_transfer::auth::{self, AuthError, Mac, KEY_LEN};
+use share_transfer::otp;
 
 #[test]
 fn encrypt_then_mac_detects_every_bit_flip() {

@@ -396,7 +396,7 @@ fn link_part(o: &BenchOptions) -> Result<()> {
         "{:>10} {:>10} {:>22}",
         "length km", "QBER %", "secure key rate"
     );
-    let device = kms_server::physics::DeviceParams::default();
+    let device = qkd_sim::physics::DeviceParams::default();
     for l in [10.0, 25.0, 50.0, 75.0, 100.0, 125.0, 150.0] {
         let p = device.evaluate(l, 0.0, 0.11);
         println!(

@@ -2,12 +2,12 @@
 //!
 //! Secrecy is information-theoretic only if every key byte is uniformly random, secret and
 //! **never used again** (for data, a MAC, or anything else). The loops are plain XORs over
-//! 64-byte lanes that LLVM auto-vectorises (see [`crate::xor`]).
+//! 64-byte lanes that LLVM auto-vectorises (see [`sharing::xor`]).
 
 use thiserror::Error;
 use zeroize::Zeroize;
 
-use crate::xor;
+use sharing::xor;
 
 /// One-time-pad errors.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

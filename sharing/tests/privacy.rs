@@ -5,8 +5,8 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use backup_client::{Combiner, Scheme, Splitter};
 use common::{subsets, Replay};
+use sharing::{Combiner, Scheme, Splitter};
 
 /// XOR scheme with 1-bit pieces: chunk = p−1 bytes, each byte 0 or 1 (XOR of 0/1 bytes is
 /// XOR of bits). Enumerates every secret and every randomness value.

@@ -1,14 +1,15 @@
 //! Throughput table for the sharing core, OTP and MAC (one thread).
 //!
-//! Run: `cargo bench -p backup-client --bench core`. Each figure is the median of several
+//! Run: `cargo bench -p share-transfer --bench core`. Each figure is the median of several
 //! runs; "GB/s" is 10^9 bytes of *secret* (or message) per second.
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use backup_client::auth::{Mac, KEY_LEN};
-use backup_client::rng::{ChaChaRounds, ChaChaSource, OsSource, RandomSource, RngError, Secrecy};
-use backup_client::{otp, split_stream, Combiner, Scheme, Splitter};
+use share_transfer::auth::{Mac, KEY_LEN};
+use share_transfer::otp;
+use sharing::rng::{ChaChaRounds, ChaChaSource, OsSource, RandomSource, RngError, Secrecy};
+use sharing::{split_stream, Combiner, Scheme, Splitter};
 
 const SECRET_LEN: usize = 64 << 20;
 const RUNS: usize = 5;
@@ -173,13 +174,10 @@ fn bench_scheme(scheme: Scheme, secret: &[u8]) -> f64 {
 
 fn main() {
     println!(
-        "backup-client core benchmark: {} MiB secret, ~1 MiB chunks, 1 thread, median of {RUNS}",
+        "sharing + share-transfer core benchmark: {} MiB secret, ~1 MiB chunks, 1 thread, median of {RUNS}",
         SECRET_LEN >> 20
     );
-    println!(
-        "GF(2^8) kernel: {:?}",
-        backup_client::gf256::Kernel::detect()
-    );
+    println!("GF(2^8) kernel: {:?}", sharing::gf256::Kernel::detect());
     println!();
     println!("| {:<48} | {:>8} | note |", "measurement", "GB/s");
     println!("|{}|{}|------|", "-".repeat(50), "-".repeat(10));
@@ -246,7 +244,7 @@ fn main() {
     let r = measure(SECRET_LEN, || {
         back.clear();
         let mut readers: Vec<&[u8]> = outs[1..].iter().map(Vec::as_slice).collect();
-        backup_client::combine_stream(&mut readers, &mut back).expect("combine");
+        sharing::combine_stream(&mut readers, &mut back).expect("combine");
     });
     assert!(back == secret);
     row(

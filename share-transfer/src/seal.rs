@@ -4,7 +4,7 @@
 use crate::auth::{AuthError, Mac, KEY_LEN};
 use crate::keys::ChunkKeys;
 use crate::wire::{begin_frame, Frame, FrameHeader};
-use crate::xor;
+use sharing::xor;
 
 /// Why a frame could not be sealed or opened.
 #[derive(Debug, thiserror::Error)]

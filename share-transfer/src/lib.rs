@@ -1,0 +1,39 @@
+//! `share-transfer`: moving secret shares between a backup client and site agents under
+//! QKD keys.
+//!
+//! Owns what both ends of a share transfer must agree on, so the client and the agent share
+//! this code (and neither links the KME):
+//!
+//! * [`wire`] — the agent API: route constants, every JSON message, and the chunk frame
+//!   format (header, payload, tag).
+//! * [`seal`] — sealing and opening a frame: one-time pad, then Wegman–Carter tag, nothing
+//!   returned unless the tag verifies.
+//! * [`otp`] — the one-time pad (XOR with key material, wiped after use).
+//! * [`auth`] — the Wegman–Carter MAC over POLYVAL.
+//! * [`keys`] — key plans: how many ETSI 014 keys of which size cover a chunk's pad and MAC
+//!   key, and fetching them (as master or slave) while waiting out an empty pool.
+//! * [`config`] — the configuration file loader and TLS file set both ends use.
+//!
+//! Must never depend on: `kms-server` (any ETSI 014 KME must do), the HTTP server stack, or
+//! the client's or agent's own state.
+//!
+//! # Dependencies and why
+//!
+//! * `polyval` (RustCrypto) — the GF(2^128) polynomial hash for the Wegman–Carter MAC;
+//!   maintained, CLMUL-accelerated with run-time detection, better forgery bound
+//!   (`(ℓ+1)/2^128`) than Poly1305 (`8ℓ/2^106`); `zeroize` feature wipes its key on drop.
+//! * `subtle` — constant-time tag comparison (already a dependency of `polyval`).
+//! * `etsi-spec` — the typed 014 client the key plans use.
+//! * `blake3` — chunk digests in manifests. `config` — layered TOML/env settings.
+//! * `clap` — [`wire::SchemeName`] doubles as a command-line value.
+//!
+//! Dev-only: `blahaj` (a crates.io Shamir implementation used as a benchmark baseline).
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod keys;
+pub mod otp;
+pub mod seal;
+pub mod wire;
