@@ -94,7 +94,7 @@ pub struct LinkParams {
     pub abort_qber: f64,
     /// Where the link's key comes from (`[peers.link.source]`, `kind = "simulated"` by
     /// default); see [`crate::source`].
-    pub source: crate::source::SourceConfig,
+    pub source: SourceConfig,
 }
 
 impl Default for LinkParams {
@@ -108,7 +108,7 @@ impl Default for LinkParams {
             device: DeviceParams::default(),
             eavesdropper: 0.0,
             abort_qber: 0.11,
-            source: crate::source::SourceConfig::default(),
+            source: SourceConfig::default(),
         }
     }
 }
@@ -329,5 +329,89 @@ impl Settings {
             }
         }
         m
+    }
+}
+
+/// Which source feeds a link, per link in the KME configuration (`[peers.link.source]`).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Simulated link: the producer draws a seed per run and both ends derive blocks from it
+    /// (stands in for a device; computationally secret only). The physical model sets the
+    /// rate.
+    #[default]
+    Simulated,
+    /// Faithful simulator: both ends run BB84 on simulated photons (sifting, parameter
+    /// estimation, Cascade, verification, Toeplitz privacy amplification) over the
+    /// KME-to-KME channel; see [`qkd_sim::bb84`] and `crate::source`. Uses the link's `length_km` (10 km if unset),
+    /// `device`, `eavesdropper` and `abort_qber`.
+    Bb84 {
+        /// Pulses per protocol frame (default 12,000,000: about 86 kbit of final key per frame
+        /// at 10 km).
+        #[serde(default = "default_pulses")]
+        pulses_per_frame: u64,
+    },
+    /// A directory where a QKD device drops files of final key, identically named at both
+    /// ends.
+    KeyFiles {
+        /// The directory (relative paths are resolved against the configuration file's
+        /// folder).
+        dir: PathBuf,
+        /// How often to look for new files, milliseconds.
+        #[serde(default = "default_poll_ms")]
+        poll_ms: u64,
+    },
+    /// A vendor KME that exposes ETSI GS QKD 014: this KME is an SAE of it.
+    #[serde(rename = "upstream-014")]
+    Upstream014 {
+        /// Base URL of the vendor KME, e.g. `https://10.0.0.1:443`.
+        url: String,
+        /// CA certificate of the vendor KME (PEM).
+        ca: PathBuf,
+        /// This KME's SAE certificate and key at the vendor KME (PEM).
+        cert: PathBuf,
+        key: PathBuf,
+        /// SAE ID under which the *other* end of the link is known to its vendor KME
+        /// (slave ID for enc_keys at the producer, master ID for dec_keys at the far end).
+        peer_sae_id: String,
+        /// Key size asked for, bits.
+        #[serde(default = "default_upstream_key_size")]
+        key_size: u64,
+        /// Keys asked for per request.
+        #[serde(default = "default_upstream_keys")]
+        keys_per_request: u64,
+    },
+}
+
+fn default_pulses() -> u64 {
+    12_000_000
+}
+fn default_poll_ms() -> u64 {
+    200
+}
+fn default_upstream_key_size() -> u64 {
+    256
+}
+fn default_upstream_keys() -> u64 {
+    64
+}
+
+impl SourceConfig {
+    /// Resolves relative paths against `base` (the configuration file's folder).
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match self {
+            SourceConfig::Simulated | SourceConfig::Bb84 { .. } => {}
+            SourceConfig::KeyFiles { dir, .. } => fix(dir),
+            SourceConfig::Upstream014 { ca, cert, key, .. } => {
+                fix(ca);
+                fix(cert);
+                fix(key);
+            }
+        }
     }
 }

@@ -1,0 +1,36 @@
+//! The operators' interface: switching the modelled eavesdropper of a link.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::{parse_json, peer_cert, read_body, Shared};
+use crate::service::KmeError;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Eavesdropper {
+    /// Fraction of pulses an intercept-resend attacker takes (0 = none, 1 = all).
+    fraction: f64,
+}
+
+/// Operators only: put an intercept-resend attacker on a link (or remove it).
+pub(super) async fn set_eavesdropper(
+    req: HttpRequest,
+    kme: Shared,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, KmeError> {
+    let cn = peer_cert(&req)?.cn.clone().unwrap_or_default();
+    if !kme.settings.operators.contains(&cn) {
+        return Err(KmeError::unauthorized(
+            "the admin interface needs an operator certificate",
+        ));
+    }
+    let body = read_body(payload, 4096).await?;
+    let e: Eavesdropper = parse_json(&body, "eavesdropper setting")?;
+    let perf = kme.set_eavesdropper(&path, e.fraction)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "peer_KME_ID": path.as_str(),
+        "fraction": e.fraction,
+        "model": perf,
+    })))
+}

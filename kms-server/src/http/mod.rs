@@ -1,0 +1,162 @@
+//! The HTTP face of the KME: the 014 interface under `/api/v1/keys/` ([`etsi014`]), the
+//! KME-to-KME channel under `/internal/v1/` ([`internal`]), the operators' interface under
+//! `/admin/v1/` ([`admin`]) and Prometheus metrics on their own listener ([`metrics`]).
+//! Every error reply is the spec's Error JSON; [`error`] is the one place that maps the
+//! service's refusals to status codes.
+
+pub mod admin;
+pub mod error;
+pub mod etsi014;
+pub mod internal;
+pub mod metrics;
+
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use mtls::server::PeerCert;
+
+use crate::peer;
+use crate::service::{IssuedKeys, Kme, KmeError};
+
+type Shared = web::Data<Arc<Kme>>;
+
+/// Registers all routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/v1/keys/{slave}/status")
+            .route(web::get().to(etsi014::status))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/v1/keys/{slave}/enc_keys")
+            .route(web::get().to(etsi014::enc_keys_get))
+            .route(web::post().to(etsi014::enc_keys_post))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/v1/keys/{master}/dec_keys")
+            .route(web::get().to(etsi014::dec_keys_get))
+            .route(web::post().to(etsi014::dec_keys_post))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(peer::BLOCKS_PATH)
+            .route(web::post().to(internal::receive_block))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(peer::SYNC_PATH)
+            .route(web::post().to(internal::receive_sync))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(peer::SOURCE_PATH)
+            .route(web::post().to(internal::source_message))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(peer::REGISTER_PATH)
+            .route(web::post().to(internal::register))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/admin/v1/links/{peer}/eavesdropper")
+            .route(web::post().to(admin::set_eavesdropper))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .default_service(web::to(not_found));
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    error::reply(
+        StatusCode::NOT_FOUND,
+        format!("no such resource: {}", req.path()),
+    )
+}
+
+async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    error::reply(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {} is not allowed on {}", req.method(), req.path()),
+    )
+}
+
+pub(super) fn peer_cert(req: &HttpRequest) -> Result<&PeerCert, KmeError> {
+    req.conn_data::<PeerCert>().ok_or_else(|| {
+        KmeError::unauthorized("a client certificate issued by the KME's CA is required")
+    })
+}
+
+/// The calling SAE, from its client certificate.
+pub(super) fn caller_sae(req: &HttpRequest, kme: &Kme) -> Result<String, KmeError> {
+    let field = kme.settings.sae_id_field;
+    peer_cert(req)?.sae_id(field).ok_or_else(|| {
+        KmeError::unauthorized(format!(
+            "the client certificate carries no SAE ID in its {field:?} field"
+        ))
+    })
+}
+
+/// The calling peer KME, from the CN of its certificate.
+pub(super) fn caller_kme(req: &HttpRequest, kme: &Kme) -> Result<String, KmeError> {
+    let cn = peer_cert(req)?.cn.clone().unwrap_or_default();
+    if kme.peer(&cn).is_some() {
+        Ok(cn)
+    } else {
+        Err(KmeError::unauthorized(
+            "only linked KMEs may use the KME-to-KME interface",
+        ))
+    }
+}
+
+/// Reads a request body, refusing more than `limit` bytes.
+pub(super) async fn read_body(
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, KmeError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| KmeError::bad_request(format!("reading the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(KmeError::bad_request(format!(
+                "request body exceeds {limit} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, KmeError> {
+    serde_json::from_slice(body)
+        .map_err(|e| KmeError::bad_request(format!("malformed {what}: {e}")))
+}
+
+pub(super) fn query_pairs(req: &HttpRequest) -> Result<Vec<(String, String)>, KmeError> {
+    serde_urlencoded::from_str(req.query_string())
+        .map_err(|e| KmeError::bad_request(format!("malformed query string: {e}")))
+}
+
+pub(super) fn parse_u64(name: &str, value: &str) -> Result<u64, KmeError> {
+    value.parse::<u64>().map_err(|_| {
+        KmeError::bad_request(format!(
+            "{name} must be a non-negative integer below 2^64, got {value:?}"
+        ))
+        .detail(name, value)
+    })
+}
+
+pub(super) fn key_container(keys: IssuedKeys) -> HttpResponse {
+    // Written straight into one buffer with SIMD base64 (see etsi_spec::codec).
+    let size: usize = keys.iter().map(|(_, k)| k.len().div_ceil(3) * 4 + 64).sum();
+    let mut body = Vec::with_capacity(size + 16);
+    etsi_spec::codec::write_key_container(keys.iter().map(|(id, k)| (*id, &k[..])), &mut body);
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body)
+}

@@ -1,0 +1,46 @@
+//! The KME-to-KME channel: routes, wire messages ([`messages`]), a client ([`client`]) and
+//! the registration coalescer ([`registrar`]), over mutual TLS with KME certificates.
+//!
+//! Messages that cross it:
+//! - `POST /internal/v1/link/sync`: the producing end of a link reconciles both directions
+//!   with the far end ([`SyncRequest`] / [`SyncReply`]) at start and after any failure;
+//!   neither end serves the link's keys before.
+//! - `POST /internal/v1/link/blocks`: the producing end announces one block of key material
+//!   ([`BlockAnnounce`]); the far end obtains the same bytes from its side of the key source
+//!   (see [`crate::source`]) and acknowledges once they are durable.
+//! - `POST /internal/v1/link/source`: protocol messages between the two ends of a key source
+//!   (the faithful BB84 simulator).
+//! - `POST /internal/v1/keys/register`: a KME that handed keys to a master registers their
+//!   IDs and stream ranges at the slaves' KME. Only offsets cross the wire, never key bytes.
+
+pub mod client;
+pub mod messages;
+pub mod registrar;
+
+pub use client::PeerClient;
+pub use messages::{
+    BlockAnnounce, BlockRef, RegisterBatch, RegisterResults, RegisteredKey, Registration,
+    SyncReply, SyncRequest,
+};
+pub use registrar::Registrar;
+
+/// Routes of the KME-to-KME channel (every message that crosses it is in [`messages`]).
+pub const BLOCKS_PATH: &str = "/internal/v1/link/blocks";
+pub const SYNC_PATH: &str = "/internal/v1/link/sync";
+pub const SOURCE_PATH: &str = "/internal/v1/link/source";
+pub const REGISTER_PATH: &str = "/internal/v1/keys/register";
+
+/// Failure on the KME-to-KME channel.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer KME {kme}: {source}")]
+    Transport { kme: String, source: reqwest::Error },
+    #[error("peer KME {kme} refused: {status} {message}")]
+    Refused {
+        kme: String,
+        status: u16,
+        message: String,
+    },
+    #[error("peer channel configuration: {0}")]
+    Config(String),
+}

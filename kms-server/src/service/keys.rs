@@ -1,0 +1,427 @@
+//! The 014 operations: Get status, Get key (`enc_keys`) and Get key with key IDs
+//! (`dec_keys`).
+//!
+//! Get key runs in four steps: [`Kme::validate_order`] checks the request and resolves where
+//! the slaves sit; [`Kme::allocate`] takes the bytes from the stream and queues the durable
+//! allocation (and the records for local slaves); [`Kme::register_remote`] registers the keys
+//! at the slaves' KME while the allocation is written; the keys are returned only once both
+//! are done.
+
+use etsi_spec::{KeyRequest, Status};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use super::{IssuedKeys, Kme, KmeError};
+use crate::peer::{RegisteredKey, Registration};
+use crate::pool::records::{now_unix, DeliverError};
+use crate::pool::store::{Batch, RecordOp};
+use crate::pool::{KeyRecord, Readiness, State, StreamId};
+
+/// A validated Get key request.
+struct KeyOrder<'a> {
+    master: &'a str,
+    number: u64,
+    size: u64,
+    /// Slaves attached to this KME.
+    local_slaves: Vec<String>,
+    /// The linked KME of the other slaves (None: all slaves are local) and those slaves.
+    remote: Option<&'a str>,
+    remote_slaves: Vec<String>,
+}
+
+impl KeyOrder<'_> {
+    fn key_bytes(&self) -> u64 {
+        self.size / 8
+    }
+
+    fn stream(&self) -> StreamId {
+        self.remote.map_or(StreamId::Local, StreamId::own)
+    }
+}
+
+/// Keys allocated for an order, their durable write under way.
+struct Allocation {
+    keys: IssuedKeys,
+    registered: Vec<RegisteredKey>,
+    durable: super::Durable,
+}
+
+impl Kme {
+    /// Get status for master `caller` and `slave`.
+    pub fn status(&self, caller: &str, slave: &str) -> Result<Status, KmeError> {
+        self.check_local_sae(caller)?;
+        let target = self.home_of(slave, "slave")?.to_owned();
+        let route = self.route(&target)?;
+        let l = &self.settings.limits;
+        let (available, perf) = {
+            let st = self.lock()?;
+            match route {
+                None => (st.local.available(), None),
+                Some(peer) => st.links.get(peer).map_or((0, None), |link| {
+                    // Not served before the link is reconciled.
+                    let held = if link.synced() {
+                        link.own.available()
+                    } else {
+                        0
+                    };
+                    (held, link.perf)
+                }),
+            }
+        };
+        let status_extension = route.zip(perf).map(|(peer, p)| {
+            let length = self
+                .settings
+                .peers
+                .iter()
+                .find(|x| x.kme_id == peer)
+                .and_then(|x| x.link.length_km);
+            let mut link = serde_json::Map::new();
+            link.insert("peer_KME_ID".into(), peer.into());
+            if let Some(l) = length {
+                link.insert("length_km".into(), l.into());
+            }
+            link.insert("qber".into(), p.qber.into());
+            link.insert("secure_key_rate_bps".into(), p.secure_key_rate_bps.into());
+            link.insert("alarm".into(), p.aborted.into());
+            let mut ext = serde_json::Map::new();
+            ext.insert("qkd_link".into(), serde_json::Value::Object(link));
+            ext
+        });
+        Ok(Status {
+            source_KME_ID: self.kme_id().to_owned(),
+            target_KME_ID: target,
+            master_SAE_ID: caller.to_owned(),
+            slave_SAE_ID: slave.to_owned(),
+            key_size: l.key_size,
+            stored_key_count: (available / (l.key_size / 8)).min(l.max_key_count),
+            max_key_count: l.max_key_count,
+            max_key_per_request: l.max_key_per_request,
+            max_key_size: l.max_key_size,
+            min_key_size: l.min_key_size,
+            max_SAE_ID_count: l.max_sae_id_count,
+            status_extension,
+        })
+    }
+
+    /// Get key: master `caller` asks for keys shared with `slave` (and additional slaves).
+    ///
+    /// When a slave is attached to a peer KME, the keys are registered there before this
+    /// returns; if that fails, the allocated bytes are wiped, never reused, and 503 returned.
+    pub async fn enc_keys(
+        &self,
+        caller: &str,
+        slave: &str,
+        req: &KeyRequest,
+    ) -> Result<IssuedKeys, KmeError> {
+        let order = self.validate_order(caller, slave, req)?;
+        let Allocation {
+            keys,
+            registered,
+            durable,
+        } = {
+            let mut st = self.lock()?;
+            self.allocate(&mut st, &order)?
+        };
+        self.consumed.notify_waiters();
+        self.metrics.consumed(
+            order.remote.unwrap_or("local"),
+            order.number * order.key_bytes(),
+        );
+        match order.remote {
+            None => durable.await?,
+            Some(peer) => {
+                let ids: Vec<Uuid> = keys.iter().map(|(id, _)| *id).collect();
+                self.register_remote(&order, peer, registered, &ids, durable)
+                    .await?;
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Checks a Get key request against the limits and resolves where its slaves sit: at
+    /// this KME and/or at one linked KME.
+    fn validate_order<'a>(
+        &'a self,
+        caller: &'a str,
+        slave: &'a str,
+        req: &'a KeyRequest,
+    ) -> Result<KeyOrder<'a>, KmeError> {
+        self.check_local_sae(caller)?;
+        let l = &self.settings.limits;
+        if let Some(ext) = req.extension_mandatory.as_ref().filter(|e| !e.is_empty()) {
+            let names: Vec<String> = ext.iter().flat_map(|m| m.keys().cloned()).collect();
+            let mut e = KmeError::bad_request(format!(
+                "unsupported mandatory extension(s): {}",
+                names.join(", ")
+            ));
+            for n in &names {
+                e = e.detail("unsupported_extension", n.as_str());
+            }
+            return Err(e);
+        }
+        let number = req.number.unwrap_or(1);
+        if number == 0 || number > l.max_key_per_request {
+            return Err(KmeError::bad_request(format!(
+                "number must be within 1..={} (max_key_per_request), got {number}",
+                l.max_key_per_request
+            ))
+            .detail("number", number));
+        }
+        let size = req.size.unwrap_or(l.key_size);
+        if !size.is_multiple_of(8) || size < l.min_key_size || size > l.max_key_size {
+            return Err(KmeError::bad_request(format!(
+                "size must be a multiple of 8 bits within {}..={}, got {size}",
+                l.min_key_size, l.max_key_size
+            ))
+            .detail("size", size));
+        }
+        let slaves = self.named_slaves(caller, slave, req)?;
+        let mut order = KeyOrder {
+            master: caller,
+            number,
+            size,
+            local_slaves: Vec::new(),
+            remote: None,
+            remote_slaves: Vec::new(),
+        };
+        for s in slaves {
+            let home = self.home_of(s, "slave")?;
+            match self.route(home)? {
+                None => order.local_slaves.push(s.to_owned()),
+                Some(peer) => {
+                    if order.remote.is_some_and(|r| r != peer) {
+                        return Err(KmeError::bad_request(
+                            "all slaves must be attached to this KME or to one linked KME",
+                        ));
+                    }
+                    order.remote = Some(peer);
+                    order.remote_slaves.push(s.to_owned());
+                }
+            }
+        }
+        Ok(order)
+    }
+
+    /// The slave and the additional slaves, each once, none the master itself.
+    fn named_slaves<'a>(
+        &self,
+        caller: &str,
+        slave: &'a str,
+        req: &'a KeyRequest,
+    ) -> Result<Vec<&'a str>, KmeError> {
+        let l = &self.settings.limits;
+        let extra = req.additional_slave_SAE_IDs.as_deref().unwrap_or(&[]);
+        if extra.len() as u64 > l.max_sae_id_count {
+            return Err(KmeError::bad_request(format!(
+                "additional_slave_SAE_IDs names {} SAEs; at most {} (max_SAE_ID_count)",
+                extra.len(),
+                l.max_sae_id_count
+            )));
+        }
+        let mut slaves: Vec<&str> = Vec::with_capacity(1 + extra.len());
+        for s in std::iter::once(slave).chain(extra.iter().map(String::as_str)) {
+            if s == caller {
+                return Err(KmeError::bad_request(format!(
+                    "SAE {s:?} cannot be a slave of itself"
+                )));
+            }
+            if slaves.contains(&s) {
+                return Err(KmeError::bad_request(format!(
+                    "slave SAE {s:?} named twice"
+                )));
+            }
+            slaves.push(s);
+        }
+        Ok(slaves)
+    }
+
+    /// Takes the order's bytes from its stream and queues the durable allocation. Bytes no
+    /// local slave needs are overwritten on disk now; keys for local slaves are recorded in
+    /// the same batch (not deliverable until a remote registration succeeded), so their
+    /// bytes are never unaccounted for on disk. Nobody learns of the keys before the batch
+    /// is durable.
+    fn allocate(&self, st: &mut State, order: &KeyOrder<'_>) -> Result<Allocation, KmeError> {
+        let (number, size, key_bytes) = (order.number, order.size, order.key_bytes());
+        let stream_id = order.stream();
+        let State {
+            local,
+            links,
+            records,
+        } = st;
+        let stream = match order.remote {
+            None => local,
+            Some(peer) => {
+                let Some(link) = links.get_mut(peer) else {
+                    return Err(KmeError::unavailable("link state missing"));
+                };
+                if !link.synced() {
+                    return Err(KmeError::unavailable(format!(
+                        "the QKD link to KME {peer} is reconciling with its peer (after a start or a failure); retry later"
+                    ))
+                    .detail("stored_key_count", 0u64));
+                }
+                &mut link.own
+            }
+        };
+        let have = stream.available() / key_bytes;
+        let lens = vec![key_bytes; number as usize];
+        let Some(allocated) = stream.allocate(&lens) else {
+            return Err(KmeError::unavailable(format!(
+                "not enough key material: {number} keys of {size} bits asked, {have} available; retry later"
+            ))
+            .detail("stored_key_count", have));
+        };
+        let durable = self.durable();
+        let mut batch = Batch::default();
+        if durable {
+            batch.streams.push((stream_id.name(), stream.meta()));
+        }
+        let readiness = if order.remote.is_none() {
+            Readiness::Ready
+        } else {
+            Readiness::AwaitingRegistration
+        };
+        let mut keys: IssuedKeys = Vec::with_capacity(allocated.len());
+        let mut registered = Vec::with_capacity(allocated.len());
+        let now = now_unix();
+        for (offset, bytes) in allocated {
+            let key_id = Uuid::new_v4();
+            let len = bytes.len() as u64;
+            registered.push(RegisteredKey {
+                key_id,
+                offset,
+                len,
+            });
+            if order.local_slaves.is_empty() {
+                if durable {
+                    batch.wipes.push((stream_id.name(), offset, len));
+                }
+            } else {
+                let meta = records.insert(
+                    key_id,
+                    KeyRecord {
+                        master: order.master.to_owned(),
+                        pending: order.local_slaves.clone(),
+                        bytes: Zeroizing::new(bytes.to_vec()),
+                        created_unix: now,
+                        stream: stream_id.clone(),
+                        offset,
+                        readiness,
+                    },
+                );
+                batch.records.extend(meta.map(|m| RecordOp::Put(key_id, m)));
+            }
+            keys.push((key_id, bytes));
+        }
+        Ok(Allocation {
+            keys,
+            registered,
+            durable: Box::pin(self.persist(batch)),
+        })
+    }
+
+    /// Registers the keys at the slaves' KME `peer` while the allocation is written, then
+    /// makes the records of local slaves deliverable. On failure the records are erased and
+    /// 503 returned (the caller drops the keys, which wipes them).
+    ///
+    /// Should this KME crash before the allocation is durable, it restarts behind the peer,
+    /// which refuses those ranges as taken (and the synchronisation after the restart skips
+    /// past them anyway).
+    async fn register_remote(
+        &self,
+        order: &KeyOrder<'_>,
+        peer: &str,
+        registered: Vec<RegisteredKey>,
+        ids: &[Uuid],
+        durable: super::Durable,
+    ) -> Result<(), KmeError> {
+        let registrar = self
+            .registrars
+            .get(peer)
+            .ok_or_else(|| KmeError::unavailable("peer client missing"))?;
+        let reg = Registration {
+            master: order.master.to_owned(),
+            slaves: order.remote_slaves.clone(),
+            keys: registered,
+        };
+        let (durable, registration) = futures_util::join!(durable, registrar.register(reg));
+        let has_local = !order.local_slaves.is_empty();
+        if let Err(e) = durable
+            .as_ref()
+            .map_err(|e| e.body.message.clone())
+            .and(registration)
+        {
+            tracing::warn!(peer, error = %e, "key registration failed; allocated key material discarded");
+            if has_local {
+                if let Ok(mut st) = self.lock() {
+                    let mut batch = Batch::default();
+                    st.records.remove_many(ids).into_batch(&mut batch);
+                    self.persist_nowait(batch);
+                }
+            }
+            durable?;
+            return Err(KmeError::unavailable(format!(
+                "the slave's KME {peer} could not register the keys ({e}); retry later"
+            )));
+        }
+        if has_local {
+            let durable = {
+                let mut st = self.lock()?;
+                let mut batch = Batch::default();
+                st.records.mark_ready(ids).into_batch(&mut batch);
+                self.persist(batch)
+            };
+            durable.await?;
+        }
+        Ok(())
+    }
+
+    /// Get key with key IDs: slave `caller` fetches keys that `master` obtained for it.
+    pub async fn dec_keys(
+        &self,
+        caller: &str,
+        master: &str,
+        ids: &[String],
+    ) -> Result<IssuedKeys, KmeError> {
+        self.check_local_sae(caller)?;
+        self.home_of(master, "master")?;
+        let max = self.settings.limits.max_key_per_request;
+        if ids.len() as u64 > max {
+            return Err(KmeError::bad_request(format!(
+                "{} key IDs named; at most {max} (max_key_per_request)",
+                ids.len()
+            )));
+        }
+        let (delivered, durable) = {
+            let mut st = self.lock()?;
+            let (delivered, changes) =
+                st.records.deliver(master, caller, ids).map_err(|errors| {
+                    let first = errors.first().map(ToString::to_string).unwrap_or_default();
+                    let mut e = KmeError::bad_request(format!(
+                        "{first}{}; nothing was delivered",
+                        if errors.len() > 1 {
+                            format!(" (and {} more)", errors.len() - 1)
+                        } else {
+                            String::new()
+                        }
+                    ));
+                    for err in &errors {
+                        let id = match err {
+                            DeliverError::NotDeliverable(id)
+                            | DeliverError::Malformed(id)
+                            | DeliverError::Duplicate(id) => id.as_str(),
+                            DeliverError::Empty => "",
+                        };
+                        e = e.detail("key_ID", id).detail("reason", err.to_string());
+                    }
+                    e
+                })?;
+            let mut batch = Batch::default();
+            changes.into_batch(&mut batch);
+            (delivered, self.persist(batch))
+        };
+        // Delivered only once the store no longer holds them for this slave.
+        durable.await?;
+        Ok(delivered)
+    }
+}

@@ -1,0 +1,116 @@
+//! Keys a peer KME handed to its masters, registered here for slaves attached here: only
+//! IDs and stream ranges cross the wire, the bytes are taken from this KME's copy of the
+//! peer's direction of the link.
+
+use super::{Kme, KmeError};
+use crate::peer::Registration;
+use crate::pool::records::now_unix;
+use crate::pool::store::{Batch, RecordOp};
+use crate::pool::{KeyRecord, Readiness, State, StreamId};
+
+impl Kme {
+    /// Registers keys a peer handed to its masters, for slaves attached here; per
+    /// registration `None` (registered, durably) or why not. Each is all or nothing.
+    pub async fn register_many(
+        &self,
+        from_kme: &str,
+        regs: Vec<Registration>,
+    ) -> Vec<Option<String>> {
+        let (results, durable) = {
+            let mut st = match self.lock() {
+                Ok(st) => st,
+                Err(e) => return vec![Some(e.body.message); regs.len()],
+            };
+            let mut batch = Batch::default();
+            let mut results = Vec::with_capacity(regs.len());
+            let mut any = false;
+            for reg in regs {
+                let r = self.register_locked(&mut st, from_kme, reg, &mut batch);
+                any |= r.is_ok();
+                results.push(r.err().map(|e| e.body.message));
+            }
+            if any && self.durable() {
+                if let Some(link) = st.links.get(from_kme) {
+                    batch
+                        .streams
+                        .push((StreamId::theirs(from_kme).name(), link.theirs.meta()));
+                }
+            }
+            (results, self.persist(batch))
+        };
+        if let Err(e) = durable.await {
+            return vec![Some(e.body.message); results.len()];
+        }
+        self.consumed.notify_waiters();
+        results
+    }
+
+    /// One registration, under the state lock: the master must sit at `from_kme`, every
+    /// slave here, every key ID be new, and every range be free in the peer's direction.
+    fn register_locked(
+        &self,
+        st: &mut State,
+        from_kme: &str,
+        reg: Registration,
+        batch: &mut Batch,
+    ) -> Result<(), KmeError> {
+        if self.homes.get(&reg.master).map(String::as_str) != Some(from_kme) {
+            return Err(KmeError::bad_request(format!(
+                "master SAE {:?} is not attached to KME {from_kme}",
+                reg.master
+            )));
+        }
+        if reg.slaves.is_empty() {
+            return Err(KmeError::bad_request("registration names no slave"));
+        }
+        for s in &reg.slaves {
+            if self.homes.get(s).map(String::as_str) != Some(self.kme_id()) {
+                return Err(KmeError::bad_request(format!(
+                    "slave SAE {s:?} is not attached to KME {}",
+                    self.kme_id()
+                )));
+            }
+        }
+        let mut ids = std::collections::HashSet::with_capacity(reg.keys.len());
+        if reg
+            .keys
+            .iter()
+            .any(|k| !ids.insert(k.key_id) || st.records.contains(&k.key_id))
+        {
+            return Err(KmeError::bad_request(
+                "a registered key ID already exists or is named twice",
+            ));
+        }
+        let link = st
+            .links
+            .get_mut(from_kme)
+            .ok_or_else(|| KmeError::unauthorized(format!("no link with KME {from_kme}")))?;
+        let ranges: Vec<(u64, u64)> = reg.keys.iter().map(|k| (k.offset, k.len)).collect();
+        let taken = link
+            .theirs
+            .take_many(&ranges)
+            .map_err(|e| KmeError::bad_request(e.to_string()))?;
+        let stream = StreamId::theirs(from_kme);
+        let now = now_unix();
+        for (k, bytes) in reg.keys.iter().zip(taken) {
+            let meta = st.records.insert(
+                k.key_id,
+                KeyRecord {
+                    master: reg.master.clone(),
+                    pending: reg.slaves.clone(),
+                    bytes,
+                    created_unix: now,
+                    stream: stream.clone(),
+                    offset: k.offset,
+                    readiness: Readiness::Ready,
+                },
+            );
+            batch
+                .records
+                .extend(meta.map(|m| RecordOp::Put(k.key_id, m)));
+        }
+        self.metrics
+            .consumed(from_kme, ranges.iter().map(|r| r.1).sum());
+        Ok(())
+    }
+}
