@@ -93,7 +93,7 @@ pub struct LinkParams {
     /// QBER above which the link aborts and produces no key.
     pub abort_qber: f64,
     /// Where the link's key comes from (`[peers.link.source]`, `kind = "simulated"` by
-    /// default); see [`crate::source`].
+    /// default); see the `source` module for the drivers.
     pub source: SourceConfig,
 }
 
@@ -190,7 +190,7 @@ pub struct Settings {
     /// Certificate CNs of operators allowed to use the admin interface.
     #[serde(default)]
     pub operators: Vec<String>,
-    /// Folder of the durable key pool ([`crate::store`]): key bytes, key states, link
+    /// Folder of the durable key pool (the `pool::store` module): key bytes, key states, link
     /// positions, all crash-safe. Without it the pool lives in memory only: a restart then
     /// loses the keys awaiting slaves (it never hands a byte out twice either way).
     #[serde(default)]
@@ -343,7 +343,8 @@ pub enum SourceConfig {
     Simulated,
     /// Faithful simulator: both ends run BB84 on simulated photons (sifting, parameter
     /// estimation, Cascade, verification, Toeplitz privacy amplification) over the
-    /// KME-to-KME channel; see [`qkd_sim::bb84`] and `crate::source`. Uses the link's `length_km` (10 km if unset),
+    /// KME-to-KME channel; see [`qkd_sim::bb84`] and the `source` module. Uses the link's
+    /// `length_km` (10 km if unset),
     /// `device`, `eavesdropper` and `abort_qber`.
     Bb84 {
         /// Pulses per protocol frame (default 12,000,000: about 86 kbit of final key per frame

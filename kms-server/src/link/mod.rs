@@ -10,7 +10,7 @@
 //! usable byte is held at both ends.
 //!
 //! **Synchronisation.** Before serving a link's keys, and after any failure on it, the two
-//! ends reconcile ([`SyncRequest`]): both directions continue at the larger of the two ends'
+//! ends reconcile ([`SyncRequest`](crate::peer::SyncRequest)): both directions continue at the larger of the two ends'
 //! offsets, and both ends discard the free bytes they hold of the link (a block announced
 //! just before a crash may be held at one end only, and neither end can tell which free
 //! bytes the other still holds). Keys already handed to masters and awaiting slaves are kept.

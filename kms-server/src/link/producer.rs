@@ -3,11 +3,11 @@
 //! hold `max_key_count` keys, so a full pool stops the link and no key is dropped), announces
 //! it to the far end, and adds its own copy only once the far end holds the block.
 //!
-//! One turn of the loop ([`Producer::turn`]): reconcile if needed
-//! ([`Producer::ensure_synced`]), consult the physical model and raise or clear the alarm
-//! ([`Producer::check_model`]), pick a direction with room ([`Producer::pick_direction`]),
-//! obtain a block from the source unless one is still pending ([`Producer::obtain_block`]),
-//! announce it and, once the far end has it, append it here ([`Producer::deliver`]).
+//! One turn of the loop (`Producer::turn`): reconcile if needed
+//! (`Producer::ensure_synced`), consult the physical model and raise or clear the alarm
+//! (`Producer::check_model`), pick a direction with room (`Producer::pick_direction`),
+//! obtain a block from the source unless one is still pending (`Producer::obtain_block`),
+//! announce it and, once the far end has it, append it here (`Producer::deliver`).
 
 use std::sync::Arc;
 use std::time::Duration;

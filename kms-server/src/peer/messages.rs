@@ -7,8 +7,8 @@ use uuid::Uuid;
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlockRef {
-    /// The [`KeySource::kind`](crate::source::KeySource::kind) that made the block; the far end refuses a block from another
-    /// kind of source.
+    /// The kind of key source (`KeySource::kind`) that made the block; the far end refuses a
+    /// block from another kind of source.
     pub source: String,
     /// Source-specific description, e.g. a file name or upstream key IDs. May be secret (the
     /// simulator's seed): wiped on drop and never logged.

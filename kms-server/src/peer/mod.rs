@@ -7,7 +7,7 @@
 //!   neither end serves the link's keys before.
 //! - `POST /internal/v1/link/blocks`: the producing end announces one block of key material
 //!   ([`BlockAnnounce`]); the far end obtains the same bytes from its side of the key source
-//!   (see [`crate::source`]) and acknowledges once they are durable.
+//!   (see the `source` module) and acknowledges once they are durable.
 //! - `POST /internal/v1/link/source`: protocol messages between the two ends of a key source
 //!   (the faithful BB84 simulator).
 //! - `POST /internal/v1/keys/register`: a KME that handed keys to a master registers their

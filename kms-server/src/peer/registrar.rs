@@ -9,7 +9,7 @@ type Pending = (
 );
 
 /// Coalesces concurrent registrations towards one peer into few requests (at most
-/// [`Registrar::WORKERS`] in flight, each carrying whatever queued meanwhile). Each
+/// `Registrar::WORKERS` in flight, each carrying whatever queued meanwhile). Each
 /// registration still succeeds or fails on its own, all or nothing.
 #[derive(Clone)]
 pub struct Registrar {

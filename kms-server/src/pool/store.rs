@@ -15,7 +15,7 @@
 //! All writes go through one committer thread in the order the KME made its changes (the
 //! caller enqueues under the KME's state lock), batched: one group commit serves every
 //! request that arrived meanwhile. A caller acts on a change (hands a key out, acknowledges a
-//! block or a registration) only after its [`Store::persist`] returned: so after `kill -9`
+//! block or a registration) only after its [`Store::submit`] resolved: so after `kill -9`
 //! the store never shows a byte as free that left the KME, and never misses a key that a
 //! peer or SAE was told is held.
 //!

@@ -1,9 +1,9 @@
 //! The 014 operations: Get status, Get key (`enc_keys`) and Get key with key IDs
 //! (`dec_keys`).
 //!
-//! Get key runs in four steps: [`Kme::validate_order`] checks the request and resolves where
-//! the slaves sit; [`Kme::allocate`] takes the bytes from the stream and queues the durable
-//! allocation (and the records for local slaves); [`Kme::register_remote`] registers the keys
+//! Get key runs in four steps: `Kme::validate_order` checks the request and resolves where
+//! the slaves sit; `Kme::allocate` takes the bytes from the stream and queues the durable
+//! allocation (and the records for local slaves); `Kme::register_remote` registers the keys
 //! at the slaves' KME while the allocation is written; the keys are returned only once both
 //! are done.
 
