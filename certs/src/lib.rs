@@ -11,8 +11,13 @@
 //! - per site agent `sae-<ID>.pem/.key`: as an SAE, plus serverAuth and SAN `127.0.0.1`,
 //!   `::1`, `localhost` (the agent serves HTTPS and is an SAE of its KME).
 //!
+//! Owns: issuing development certificates. Must never depend on: the KME, the backup crates
+//! or any network code; it only writes files.
+//!
 //! Private keys are PKCS#8 PEM with mode 0600. The `openssl` crate is used because the KME
 //! itself is built on OpenSSL, so certificates are produced by the library that checks them.
+
+#![forbid(unsafe_code)]
 
 use std::fs;
 use std::io::Write;

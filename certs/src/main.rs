@@ -1,5 +1,7 @@
 //! `certs`: generate a development PKI for a QKD network.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 
 use clap::Parser;

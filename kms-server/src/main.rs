@@ -1,5 +1,7 @@
 //! `kms-server` binary: load the configuration and serve.
 
+#![forbid(unsafe_code)]
+
 /// mimalloc: large, short-lived key and chunk buffers are reused instead of being mapped,
 /// faulted in and zeroed by the kernel for every request (glibc malloc did that here).
 #[global_allocator]
