@@ -284,6 +284,18 @@ impl ToBob {
             | ToBob::Abort { frame, .. } => *frame,
         }
     }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            ToBob::Pulses { .. } => "pulses",
+            ToBob::Sift { .. } => "sift",
+            ToBob::CascadePass { .. } => "cascade_pass",
+            ToBob::Parities { .. } => "parities",
+            ToBob::Verify { .. } => "verify",
+            ToBob::Amplify { .. } => "amplify",
+            ToBob::Abort { .. } => "abort",
+        }
+    }
 }
 
 /// Replies from Bob to Alice.
@@ -494,17 +506,38 @@ impl Alice {
         )))
     }
 
+    /// Drives one frame through the protocol steps (see the module docs); returns Alice's
+    /// final key.
     async fn frame_steps<C: Channel>(
         &mut self,
         ch: &mut C,
         frame: Uuid,
         stats: &mut FrameStats,
     ) -> Result<Zeroizing<Vec<u8>>, Fail> {
+        stats.pulses = self.params.pulses_per_frame;
+        let detected = self.send_pulses(ch, frame, stats).await?;
+        let (matching, sifted) = sift(detected);
+        stats.sifted_bits = sifted.len() as u64;
+        let (key, est) = self.estimate(ch, frame, matching, sifted, stats).await?;
+        self.correct_errors(ch, frame, &key, est.qber, stats)
+            .await?;
+        let n = key.len();
+        let words = toeplitz::pack(&key);
+        drop(key);
+        self.verify(ch, frame, &words, n, &est, stats).await?;
+        self.amplify(ch, frame, &words, n, &est, stats).await
+    }
+
+    /// Steps 1–2, preparation and the quantum channel: draws the bits and bases, sends what
+    /// reaches Bob's detector and decodes his clicks.
+    async fn send_pulses<C: Channel>(
+        &mut self,
+        ch: &mut C,
+        frame: Uuid,
+        stats: &mut FrameStats,
+    ) -> Result<Detected, Fail> {
         let p = self.params;
         let pulses = p.pulses_per_frame;
-        stats.pulses = pulses;
-
-        // 1–2. Preparation and the quantum channel.
         let bits = sim::random_words(&mut self.rng, pulses);
         let bases = sim::random_words(&mut self.rng, pulses);
         let arrivals = sim::quantum_channel(&bits, &bases, pulses, &p, &mut self.nature);
@@ -529,28 +562,27 @@ impl Alice {
         let clicks = indices.decode("clicks", pulses, MAX_CLICKS as u64)?;
         let bob_bases = bob_bases.to_bits("click bases", Some(clicks.len()))?;
         stats.detections = clicks.len() as u64;
+        Ok(Detected {
+            bits,
+            bases,
+            clicks,
+            bob_bases,
+        })
+    }
 
-        // 3. Sifting.
-        let matching: Vec<u8> = clicks
-            .iter()
-            .zip(bob_bases.iter())
-            .map(|(&i, &b)| u8::from(sim::get(&bases, i) == b))
-            .collect();
-        let mut sifted = Zeroizing::new(Vec::with_capacity(clicks.len() / 2 + 1));
-        sifted.extend(
-            clicks
-                .iter()
-                .zip(&matching)
-                .filter(|(_, &m)| m == 1)
-                .map(|(&i, _)| sim::get(&bits, i)),
-        );
-        drop(bits);
-        drop(bases);
+    /// Step 4, parameter estimation: draws the sample, discloses Alice's bits there (with
+    /// the sifting bits) and compares Bob's; aborts above `abort_qber`. Returns the key
+    /// without the sample.
+    async fn estimate<C: Channel>(
+        &mut self,
+        ch: &mut C,
+        frame: Uuid,
+        matching: Vec<u8>,
+        sifted: Zeroizing<Vec<u8>>,
+        stats: &mut FrameStats,
+    ) -> Result<(Zeroizing<Vec<u8>>, AliceEstimate), Fail> {
         let s = sifted.len();
-        stats.sifted_bits = s as u64;
-
-        // 4. Parameter estimation.
-        let k = sample_size(s, p.sample_fraction);
+        let k = sample_size(s, self.params.sample_fraction);
         if k == 0 {
             return Err(Fail::Local(Bb84Error::NoKey));
         }
@@ -592,19 +624,36 @@ impl Alice {
         stats.sample_bits = k as u64;
         stats.sample_errors = errors;
         stats.qber = qber;
-        if qber > p.abort_qber {
+        if qber > self.params.abort_qber {
             return Err(Fail::Local(Bb84Error::Aborted { qber }));
         }
+        let est = AliceEstimate {
+            sifted: s,
+            sample: k,
+            errors,
+            qber,
+        };
+        Ok((key, est))
+    }
 
-        // 5. Cascade.
+    /// Step 5, error correction: the Cascade passes, each answered until Bob asks nothing
+    /// more. Alice's key does not change; the leak goes to `stats`.
+    async fn correct_errors<C: Channel>(
+        &mut self,
+        ch: &mut C,
+        frame: Uuid,
+        key: &[u8],
+        qber: f64,
+        stats: &mut FrameStats,
+    ) -> Result<(), Fail> {
         let n = key.len();
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
         let first = cascade::first_block_size(qber, n);
         let mut casc = CascadeAlice::new(n, seed);
-        for pass in 0..p.cascade_passes as usize {
+        for pass in 0..self.params.cascade_passes as usize {
             let bs = cascade::block_size(first, pass, n);
-            let parities = casc.start_pass(&key, bs)?;
+            let parities = casc.start_pass(key, bs)?;
             let mut msg = ToBob::CascadePass {
                 frame,
                 pass: pass as u32,
@@ -621,7 +670,7 @@ impl Alice {
                 if queries.is_empty() {
                     break;
                 }
-                let answers = casc.answer(&key, &queries)?;
+                let answers = casc.answer(key, &queries)?;
                 if casc.leaked > n as u64 {
                     return Err(Fail::Local(Bb84Error::NoKey));
                 }
@@ -632,13 +681,22 @@ impl Alice {
             }
         }
         stats.leaked_ec_bits = casc.leaked;
-        drop(casc);
+        Ok(())
+    }
 
-        // 6. Verification.
-        let words = toeplitz::pack(&key);
-        drop(key);
+    /// Step 6, verification: the polynomial tag of the `n`-bit key `words` at a fresh
+    /// random point; Bob compares it with his own.
+    async fn verify<C: Channel>(
+        &mut self,
+        ch: &mut C,
+        frame: Uuid,
+        words: &[u64],
+        n: usize,
+        est: &AliceEstimate,
+        stats: &mut FrameStats,
+    ) -> Result<(), Fail> {
         let hash_key = sim::below(&mut self.rng, toeplitz::P61);
-        let tag = toeplitz::poly_tag(hash_key, &words, n);
+        let tag = toeplitz::poly_tag(hash_key, words, n);
         let reply = Self::call(
             ch,
             frame,
@@ -655,19 +713,31 @@ impl Alice {
         };
         stats.verification_bits = toeplitz::TAG_BITS;
         stats.corrected_bits = corrected;
-        stats.actual_qber = (errors + corrected) as f64 / s as f64;
+        stats.actual_qber = (est.errors + corrected) as f64 / est.sifted as f64;
         if !ok {
             return Err(Fail::Remote(Bb84Error::VerificationFailed));
         }
+        Ok(())
+    }
 
-        // 7. Privacy amplification.
+    /// Step 7, privacy amplification: the final length from [`secure_length`], a fresh
+    /// Toeplitz seed for Bob, and Alice's final key.
+    async fn amplify<C: Channel>(
+        &mut self,
+        ch: &mut C,
+        frame: Uuid,
+        words: &[u64],
+        n: usize,
+        est: &AliceEstimate,
+        stats: &mut FrameStats,
+    ) -> Result<Zeroizing<Vec<u8>>, Fail> {
         let (e_ph, l) = secure_length(
             n as u64,
-            k as u64,
-            errors,
+            est.sample as u64,
+            est.errors,
             stats.leaked_ec_bits,
             stats.verification_bits,
-            p.epsilon_pa,
+            self.params.epsilon_pa,
         );
         stats.phase_error_bound = e_ph;
         let l = if l > 0 { (l as usize / 8) * 8 } else { 0 };
@@ -676,7 +746,7 @@ impl Alice {
         }
         let seed_bits = n + l - 1;
         let seed = sim::random_words(&mut self.rng, seed_bits as u64);
-        let out = toeplitz::toeplitz(&seed, &words, n, l);
+        let out = toeplitz::toeplitz(&seed, words, n, l);
         let msg = ToBob::Amplify {
             frame,
             final_bits: l as u64,
@@ -692,6 +762,54 @@ impl Alice {
         stats.final_bits = l as u64;
         Ok(toeplitz::to_bytes(&out, l))
     }
+}
+
+/// Alice's tables and Bob's clicks after the quantum channel.
+struct Detected {
+    bits: Zeroizing<Vec<u64>>,
+    bases: Zeroizing<Vec<u64>>,
+    clicks: Vec<u64>,
+    bob_bases: Zeroizing<Vec<u8>>,
+}
+
+/// Step 3, sifting at Alice: which of Bob's clicks have matching bases (for Bob), and
+/// Alice's bits there. Alice's bit tables are dropped (and wiped) here.
+fn sift(detected: Detected) -> (Vec<u8>, Zeroizing<Vec<u8>>) {
+    let Detected {
+        bits,
+        bases,
+        clicks,
+        bob_bases,
+    } = detected;
+    let matching: Vec<u8> = clicks
+        .iter()
+        .zip(bob_bases.iter())
+        .map(|(&i, &b)| u8::from(sim::get(&bases, i) == b))
+        .collect();
+    let mut sifted = Zeroizing::new(Vec::with_capacity(clicks.len() / 2 + 1));
+    sifted.extend(
+        clicks
+            .iter()
+            .zip(&matching)
+            .filter(|(_, &m)| m == 1)
+            .map(|(&i, _)| sim::get(&bits, i)),
+    );
+    drop(bits);
+    drop(bases);
+    (matching, sifted)
+}
+
+/// Alice's parameter-estimation outcome.
+#[derive(Debug, Clone, Copy)]
+struct AliceEstimate {
+    /// Sifted bits, sample included.
+    sifted: usize,
+    /// Sample bits.
+    sample: usize,
+    /// Errors in the sample.
+    errors: u64,
+    /// Estimated QBER.
+    qber: f64,
 }
 
 /// The sample outcome Bob keeps for the frame.
@@ -791,37 +909,7 @@ impl Bob {
             ..
         } = &msg
         {
-            if self.current.as_ref().is_some_and(|c| c.0 == frame)
-                || self.finished.iter().any(|(id, _)| *id == frame)
-            {
-                self.current = None;
-                return Err(protocol(format!("frame {frame} already started")));
-            }
-            // A new frame: an unfinished older one is dropped (and wiped).
-            self.current = None;
-            if *pulses == 0 || *pulses > MAX_PULSES {
-                return Err(protocol(format!("{pulses} pulses in a frame")));
-            }
-            let idx = indices.decode("arrivals", *pulses, MAX_CLICKS as u64)?;
-            let bits = bits.to_bits("arriving bits", Some(idx.len()))?;
-            let bases = bases.to_bits("arriving bases", Some(idx.len()))?;
-            let clicks = sim::detect(
-                &idx,
-                &bits,
-                &bases,
-                *pulses,
-                self.params.device.dark_count_probability,
-                MAX_CLICKS,
-                &mut self.rng,
-            )
-            .ok_or_else(|| protocol("too many clicks"))?;
-            let reply = FromBob::Clicks {
-                frame,
-                indices: PackedIndices::encode(&clicks.indices),
-                bases: PackedBits::from_bits(clicks.bases.iter().copied()),
-            };
-            self.current = Some((frame, Stage::Measured(clicks)));
-            return Ok(reply);
+            return self.on_pulses(frame, *pulses, indices, bits, bases);
         }
         let stage = match self.current.take() {
             Some((id, stage)) if id == frame => stage,
@@ -849,6 +937,49 @@ impl Bob {
         Ok(reply)
     }
 
+    /// [`ToBob::Pulses`]: starts a new frame (dropping an unfinished older one) and measures
+    /// the arriving pulses.
+    fn on_pulses(
+        &mut self,
+        frame: Uuid,
+        pulses: u64,
+        indices: &PackedIndices,
+        bits: &PackedBits,
+        bases: &PackedBits,
+    ) -> Result<FromBob, Bb84Error> {
+        if self.current.as_ref().is_some_and(|c| c.0 == frame)
+            || self.finished.iter().any(|(id, _)| *id == frame)
+        {
+            self.current = None;
+            return Err(protocol(format!("frame {frame} already started")));
+        }
+        // A new frame: an unfinished older one is dropped (and wiped).
+        self.current = None;
+        if pulses == 0 || pulses > MAX_PULSES {
+            return Err(protocol(format!("{pulses} pulses in a frame")));
+        }
+        let idx = indices.decode("arrivals", pulses, MAX_CLICKS as u64)?;
+        let bits = bits.to_bits("arriving bits", Some(idx.len()))?;
+        let bases = bases.to_bits("arriving bases", Some(idx.len()))?;
+        let clicks = sim::detect(
+            &idx,
+            &bits,
+            &bases,
+            pulses,
+            self.params.device.dark_count_probability,
+            MAX_CLICKS,
+            &mut self.rng,
+        )
+        .ok_or_else(|| protocol("too many clicks"))?;
+        let reply = FromBob::Clicks {
+            frame,
+            indices: PackedIndices::encode(&clicks.indices),
+            bases: PackedBits::from_bits(clicks.bases.iter().copied()),
+        };
+        self.current = Some((frame, Stage::Measured(clicks)));
+        Ok(reply)
+    }
+
     /// One step of the frame in progress; the stage is consumed (an error drops it).
     fn step(
         &mut self,
@@ -867,52 +998,7 @@ impl Bob {
                     sample_bits,
                     ..
                 },
-            ) => {
-                let matching = matching.to_bits("matching", Some(clicks.indices.len()))?;
-                let mut sifted = Zeroizing::new(Vec::with_capacity(clicks.bits.len() / 2 + 1));
-                sifted.extend(
-                    clicks
-                        .bits
-                        .iter()
-                        .zip(matching.iter())
-                        .filter(|(_, &m)| m == 1)
-                        .map(|(&b, _)| b),
-                );
-                drop(clicks);
-                let in_sample = sample.to_bits("sample", Some(sifted.len()))?;
-                let k = in_sample.iter().filter(|&&m| m == 1).count();
-                if k == 0 || k == sifted.len() {
-                    return Err(protocol("the sample must be a proper, non-empty subset"));
-                }
-                let theirs = sample_bits.to_bits("sample bits", Some(k))?;
-                let mut mine = Zeroizing::new(Vec::with_capacity(k));
-                let mut key = Zeroizing::new(Vec::with_capacity(sifted.len() - k));
-                for (&b, &m) in sifted.iter().zip(in_sample.iter()) {
-                    if m == 1 {
-                        mine.push(b);
-                    } else {
-                        key.push(b);
-                    }
-                }
-                let errors = mine
-                    .iter()
-                    .zip(theirs.iter())
-                    .filter(|(a, b)| a != b)
-                    .count();
-                let qber = errors as f64 / k as f64;
-                let reply = FromBob::Sample {
-                    frame,
-                    bits: PackedBits::from_bits(mine.iter().copied()),
-                };
-                let est = Estimate {
-                    sample: k as u64,
-                    errors: errors as u64,
-                };
-                if qber > self.params.abort_qber {
-                    return Ok((Next::Continue(Stage::Aborted { qber }), reply));
-                }
-                Ok((Next::Continue(Stage::Sampled { key, est }), reply))
-            }
+            ) => self.on_sift(frame, clicks, matching, sample, sample_bits),
             (
                 stage @ (Stage::Sampled { .. } | Stage::Cascade { .. }),
                 ToBob::CascadePass {
@@ -923,117 +1009,212 @@ impl Bob {
                     ..
                 },
             ) => {
-                let (mut cascade, est) = match (stage, seed) {
-                    (Stage::Sampled { key, est }, Some(seed)) if *pass == 0 => {
-                        let seed = wire::decode_seed("cascade seed", seed)?;
-                        (Box::new(CascadeBob::new(key, seed)), est)
-                    }
-                    (Stage::Cascade { cascade, est }, None)
-                        if *pass as usize == cascade.passes() =>
-                    {
-                        (cascade, est)
-                    }
-                    _ => return Err(protocol(format!("unexpected Cascade pass {pass}"))),
-                };
-                let n = cascade.key().len();
-                let parities = parities.to_bits(
-                    "block parities",
-                    Some(n.div_ceil((*block_size).max(1) as usize)),
-                )?;
-                let queries = cascade.start_pass(*block_size, &parities)?;
-                let reply = FromBob::Cascade {
-                    frame,
-                    queries: PackedQueries::encode(&queries),
-                };
-                Ok((Next::Continue(Stage::Cascade { cascade, est }), reply))
+                let seed = seed.as_deref();
+                Self::on_cascade_pass(frame, stage, *pass, *block_size, seed, parities)
             }
-            (Stage::Cascade { mut cascade, est }, ToBob::Parities { parities, .. }) => {
-                if cascade.idle() {
-                    return Err(protocol("parities while no query is pending"));
-                }
-                let parities = parities.to_bits("parities", None)?;
-                let queries = cascade.answer(&parities)?;
-                let reply = FromBob::Cascade {
-                    frame,
-                    queries: PackedQueries::encode(&queries),
-                };
-                Ok((Next::Continue(Stage::Cascade { cascade, est }), reply))
+            (Stage::Cascade { cascade, est }, ToBob::Parities { parities, .. }) => {
+                Self::on_parities(frame, cascade, est, parities)
             }
             (Stage::Cascade { cascade, est }, ToBob::Verify { hash_key, tag, .. }) => {
-                if !cascade.idle() || cascade.passes() == 0 {
-                    return Err(protocol("verification before Cascade finished"));
-                }
-                #[cfg(test)]
-                let cascade = {
-                    let mut c = cascade;
-                    if self.corrupt_before_verify {
-                        if let Some(b) = c.key_mut().first_mut() {
-                            *b ^= 1;
-                        }
-                    }
-                    c
-                };
-                let (leaked, corrected) = (cascade.leaked, cascade.corrected);
-                let key = (*cascade).into_key();
-                let words = toeplitz::pack(&key);
-                let ok = toeplitz::poly_tag(*hash_key, &words, key.len()) == *tag;
-                let reply = FromBob::Verified {
-                    frame,
-                    ok,
-                    corrected,
-                };
-                if !ok {
-                    return Ok((Next::Discard, reply));
-                }
-                Ok((Next::Continue(Stage::Verified { key, est, leaked }), reply))
+                self.on_verify(frame, cascade, est, *hash_key, *tag)
             }
             (
                 Stage::Verified { key, est, leaked },
                 ToBob::Amplify {
                     final_bits, seed, ..
                 },
-            ) => {
-                let n = key.len() as u64;
-                let (_, bound) = secure_length(
-                    n,
-                    est.sample,
-                    est.errors,
-                    leaked,
-                    toeplitz::TAG_BITS,
-                    self.params.epsilon_pa,
-                );
-                let l = *final_bits;
-                if l == 0 || l % 8 != 0 || l > n || (l as i64) > bound {
-                    return Err(protocol(format!(
-                        "final length {l} (bound {bound} for {n} bits)"
-                    )));
-                }
-                let seed_bits = (n + l - 1) as usize;
-                let seed = seed.to_words("toeplitz seed", Some(seed_bits))?;
-                let words = toeplitz::pack(&key);
-                let out = toeplitz::toeplitz(&seed, &words, n as usize, l as usize);
-                let bytes = toeplitz::to_bytes(&out, l as usize);
-                Ok((
-                    Next::Finished(bytes),
-                    FromBob::Done {
-                        frame,
-                        final_bits: l,
-                    },
-                ))
-            }
+            ) => self.on_amplify(frame, key, est, leaked, *final_bits, seed),
             (_, other) => Err(protocol(format!(
                 "message out of order in frame {frame}: {}",
-                match other {
-                    ToBob::Pulses { .. } => "pulses",
-                    ToBob::Sift { .. } => "sift",
-                    ToBob::CascadePass { .. } => "cascade_pass",
-                    ToBob::Parities { .. } => "parities",
-                    ToBob::Verify { .. } => "verify",
-                    ToBob::Amplify { .. } => "amplify",
-                    ToBob::Abort { .. } => "abort",
-                }
+                other.kind()
             ))),
         }
+    }
+
+    /// [`ToBob::Sift`]: keeps the bits where the bases match, compares the sample and
+    /// decides on Bob's own abort.
+    fn on_sift(
+        &self,
+        frame: Uuid,
+        clicks: sim::Clicks,
+        matching: &PackedBits,
+        sample: &PackedBits,
+        sample_bits: &PackedBits,
+    ) -> Result<(Next, FromBob), Bb84Error> {
+        let matching = matching.to_bits("matching", Some(clicks.indices.len()))?;
+        let mut sifted = Zeroizing::new(Vec::with_capacity(clicks.bits.len() / 2 + 1));
+        sifted.extend(
+            clicks
+                .bits
+                .iter()
+                .zip(matching.iter())
+                .filter(|(_, &m)| m == 1)
+                .map(|(&b, _)| b),
+        );
+        drop(clicks);
+        let in_sample = sample.to_bits("sample", Some(sifted.len()))?;
+        let k = in_sample.iter().filter(|&&m| m == 1).count();
+        if k == 0 || k == sifted.len() {
+            return Err(protocol("the sample must be a proper, non-empty subset"));
+        }
+        let theirs = sample_bits.to_bits("sample bits", Some(k))?;
+        let mut mine = Zeroizing::new(Vec::with_capacity(k));
+        let mut key = Zeroizing::new(Vec::with_capacity(sifted.len() - k));
+        for (&b, &m) in sifted.iter().zip(in_sample.iter()) {
+            if m == 1 {
+                mine.push(b);
+            } else {
+                key.push(b);
+            }
+        }
+        let errors = mine
+            .iter()
+            .zip(theirs.iter())
+            .filter(|(a, b)| a != b)
+            .count();
+        let qber = errors as f64 / k as f64;
+        let reply = FromBob::Sample {
+            frame,
+            bits: PackedBits::from_bits(mine.iter().copied()),
+        };
+        let est = Estimate {
+            sample: k as u64,
+            errors: errors as u64,
+        };
+        if qber > self.params.abort_qber {
+            return Ok((Next::Continue(Stage::Aborted { qber }), reply));
+        }
+        Ok((Next::Continue(Stage::Sampled { key, est }), reply))
+    }
+
+    /// [`ToBob::CascadePass`]: starts Cascade at pass 0 (with the seed) or the next pass,
+    /// and asks for the first batch of parities.
+    fn on_cascade_pass(
+        frame: Uuid,
+        stage: Stage,
+        pass: u32,
+        block_size: u32,
+        seed: Option<&str>,
+        parities: &PackedBits,
+    ) -> Result<(Next, FromBob), Bb84Error> {
+        let (mut cascade, est) = match (stage, seed) {
+            (Stage::Sampled { key, est }, Some(seed)) if pass == 0 => {
+                let seed = wire::decode_seed("cascade seed", seed)?;
+                (Box::new(CascadeBob::new(key, seed)), est)
+            }
+            (Stage::Cascade { cascade, est }, None) if pass as usize == cascade.passes() => {
+                (cascade, est)
+            }
+            _ => return Err(protocol(format!("unexpected Cascade pass {pass}"))),
+        };
+        let n = cascade.key().len();
+        let parities = parities.to_bits(
+            "block parities",
+            Some(n.div_ceil(block_size.max(1) as usize)),
+        )?;
+        let queries = cascade.start_pass(block_size, &parities)?;
+        let reply = FromBob::Cascade {
+            frame,
+            queries: PackedQueries::encode(&queries),
+        };
+        Ok((Next::Continue(Stage::Cascade { cascade, est }), reply))
+    }
+
+    /// [`ToBob::Parities`]: Alice's answers to the pending queries; asks for the next batch.
+    fn on_parities(
+        frame: Uuid,
+        mut cascade: Box<CascadeBob>,
+        est: Estimate,
+        parities: &PackedBits,
+    ) -> Result<(Next, FromBob), Bb84Error> {
+        if cascade.idle() {
+            return Err(protocol("parities while no query is pending"));
+        }
+        let parities = parities.to_bits("parities", None)?;
+        let queries = cascade.answer(&parities)?;
+        let reply = FromBob::Cascade {
+            frame,
+            queries: PackedQueries::encode(&queries),
+        };
+        Ok((Next::Continue(Stage::Cascade { cascade, est }), reply))
+    }
+
+    /// [`ToBob::Verify`]: ends Cascade and compares Alice's tag with Bob's; a mismatch
+    /// discards the frame.
+    fn on_verify(
+        &self,
+        frame: Uuid,
+        cascade: Box<CascadeBob>,
+        est: Estimate,
+        hash_key: u64,
+        tag: u64,
+    ) -> Result<(Next, FromBob), Bb84Error> {
+        if !cascade.idle() || cascade.passes() == 0 {
+            return Err(protocol("verification before Cascade finished"));
+        }
+        #[cfg(test)]
+        let cascade = {
+            let mut c = cascade;
+            if self.corrupt_before_verify {
+                if let Some(b) = c.key_mut().first_mut() {
+                    *b ^= 1;
+                }
+            }
+            c
+        };
+        let (leaked, corrected) = (cascade.leaked, cascade.corrected);
+        let key = (*cascade).into_key();
+        let words = toeplitz::pack(&key);
+        let ok = toeplitz::poly_tag(hash_key, &words, key.len()) == tag;
+        let reply = FromBob::Verified {
+            frame,
+            ok,
+            corrected,
+        };
+        if !ok {
+            return Ok((Next::Discard, reply));
+        }
+        Ok((Next::Continue(Stage::Verified { key, est, leaked }), reply))
+    }
+
+    /// [`ToBob::Amplify`]: checks the final length against Bob's own bound and computes the
+    /// final key.
+    fn on_amplify(
+        &self,
+        frame: Uuid,
+        key: Zeroizing<Vec<u8>>,
+        est: Estimate,
+        leaked: u64,
+        final_bits: u64,
+        seed: &PackedBits,
+    ) -> Result<(Next, FromBob), Bb84Error> {
+        let n = key.len() as u64;
+        let (_, bound) = secure_length(
+            n,
+            est.sample,
+            est.errors,
+            leaked,
+            toeplitz::TAG_BITS,
+            self.params.epsilon_pa,
+        );
+        let l = final_bits;
+        if l == 0 || !l.is_multiple_of(8) || l > n || (l as i64) > bound {
+            return Err(protocol(format!(
+                "final length {l} (bound {bound} for {n} bits)"
+            )));
+        }
+        let seed_bits = (n + l - 1) as usize;
+        let seed = seed.to_words("toeplitz seed", Some(seed_bits))?;
+        let words = toeplitz::pack(&key);
+        let out = toeplitz::toeplitz(&seed, &words, n as usize, l as usize);
+        let bytes = toeplitz::to_bytes(&out, l as usize);
+        Ok((
+            Next::Finished(bytes),
+            FromBob::Done {
+                frame,
+                final_bits: l,
+            },
+        ))
     }
 }
 
