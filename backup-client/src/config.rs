@@ -35,7 +35,7 @@ pub struct BackupDefaults {
     pub streams: usize,
     /// Chunks per upload request.
     pub batch_chunks: usize,
-    /// Site names in share order (share i goes to placement[i]); default: this site first,
+    /// Site names in share order (share i goes to `placement[i]`); default: this site first,
     /// then the others in configuration order.
     pub placement: Vec<String>,
     /// Randomness for the shares: `chacha12` (default), `chacha8`, `chacha20`, `os`, or a

@@ -1,20 +1,22 @@
 //! `backup-client`: store files as QKD-secured secret shares at several sites, restore them,
 //! list and verify them; and `serve`, the site agent that keeps the shares.
 
+#![forbid(unsafe_code)]
+
 /// mimalloc: large, short-lived key and chunk buffers are reused instead of being mapped,
 /// faulted in and zeroed by the kernel for every request (glibc malloc did that here).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use backup_client::config::ClientConfig;
-use backup_client::transfer::{BackupClient, Progress, StoreOptions};
+use backup_client::transfer::{BackupClient, Progress, SiteCheck, StoreOptions};
 use clap::{Parser, Subcommand};
 use share_transfer::wire::SchemeName;
 use site_agent::config::AgentConfig;
@@ -227,152 +229,170 @@ async fn client(cli: Cli, cfg: ClientConfig) -> Result<i32> {
                 chunk_size: chunk_size.unwrap_or(defaults.chunk_size),
                 allow_degraded,
             };
-            let bar = Bar::start(bc.progress.clone(), "store", show);
-            let r = bc.store(&file, &opts).await;
-            drop(bar);
-            let r = r?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!("{}", r.backup_id);
-                eprintln!(
-                    "stored {} ({} bytes) in {:.2} s, {:.0} Mbps{}; shares: {}",
-                    r.name,
-                    r.bytes,
-                    r.seconds,
-                    mbps(r.bytes, r.seconds),
-                    if r.resumed { " (resumed)" } else { "" },
-                    r.shares
-                        .iter()
-                        .map(|s| format!(
-                            "{}@{}{}",
-                            s.share_index,
-                            s.site,
-                            if s.stored {
-                                String::new()
-                            } else {
-                                format!(" MISSING ({})", s.error.clone().unwrap_or_default())
-                            }
-                        ))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-            Ok(0)
+            store(&bc, &file, &opts, cli.json, show).await
         }
-        Cmd::Restore { id, out } => {
-            let id = parse_id(&id)?;
-            let bar = Bar::start(bc.progress.clone(), "restore", show);
-            let r = bc.restore(id, &out).await;
-            drop(bar);
-            let r = r?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                eprintln!(
-                    "restored {} bytes into {} in {:.2} s, {:.0} Mbps, from shares {}",
-                    r.bytes,
-                    r.output.display(),
-                    r.seconds,
-                    mbps(r.bytes, r.seconds),
-                    r.used
-                        .iter()
-                        .map(|(s, i)| format!("{i}@{s}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                for (s, i, why) in &r.rejected {
-                    eprintln!("  share {i} at site {s} was not used: {why}");
-                }
-            }
-            Ok(0)
-        }
-        Cmd::List => {
-            let (entries, errors) = bc.list().await;
-            if cli.json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "backups": entries, "unreachable": errors })
-                );
-            } else {
-                for e in &entries {
-                    println!(
-                        "{}  {:>14} bytes  {}  {:?}({},{})  shares: {}",
-                        e.backup_id,
-                        e.bytes,
-                        e.name,
-                        e.scheme.kind,
-                        e.scheme.k,
-                        e.scheme.n,
-                        e.shares
-                            .iter()
-                            .map(|(i, s, c)| format!(
-                                "{i}@{s}{}",
-                                if *c { "" } else { "(incomplete)" }
-                            ))
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    );
-                }
-                for (s, e) in &errors {
-                    eprintln!("site {s} not reachable: {e}");
-                }
-            }
-            Ok(0)
-        }
-        Cmd::Verify { id } => {
-            let id = parse_id(&id)?;
-            let checks = bc.verify(id).await;
-            let found: usize = checks.iter().map(|c| c.shares.len()).sum();
-            let good = checks
-                .iter()
-                .flat_map(|c| &c.shares)
-                .filter(|s| s.complete && s.missing.is_empty() && s.damaged.is_empty())
-                .count();
-            let unreachable = checks.iter().filter(|c| c.error.is_some()).count();
-            if found == 0 && unreachable == 0 {
-                bail!(backup_client::transfer::TransferError::Usage(format!(
-                    "unknown backup ID {id}: no site holds a share of it (see `backup-client list`)"
-                )));
-            }
-            let ok = good == found && unreachable == 0;
-            if cli.json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "backup_id": id, "ok": ok, "sites": checks })
-                );
-            } else {
-                for c in &checks {
-                    if let Some(e) = &c.error {
-                        println!("site {}: UNREACHABLE: {e}", c.site);
-                    }
-                    for s in &c.shares {
-                        let state = if !s.complete {
-                            "INCOMPLETE".to_owned()
-                        } else if s.missing.is_empty() && s.damaged.is_empty() {
-                            "ok".to_owned()
-                        } else {
-                            format!(
-                                "DAMAGED: {} missing, {} damaged chunk(s) {:?}",
-                                s.missing.len(),
-                                s.damaged.len(),
-                                s.damaged
-                                    .iter()
-                                    .chain(&s.missing)
-                                    .take(8)
-                                    .collect::<Vec<_>>()
-                            )
-                        };
-                        println!(
-                            "site {}: share {}: {}/{} chunks ok: {state}",
-                            c.site, s.share_index, s.chunks_ok, s.chunk_count
-                        );
-                    }
-                }
-                println!("{good} of {found} shares intact");
-            }
-            Ok(if ok { 0 } else { 1 })
-        }
+        Cmd::Restore { id, out } => restore(&bc, &id, &out, cli.json, show).await,
+        Cmd::List => list(&bc, cli.json).await,
+        Cmd::Verify { id } => verify(&bc, &id, cli.json).await,
         Cmd::Serve => unreachable!("handled before"),
+    }
+}
+
+async fn store(
+    bc: &BackupClient,
+    file: &Path,
+    opts: &StoreOptions,
+    json: bool,
+    show: bool,
+) -> Result<i32> {
+    let bar = Bar::start(bc.progress.clone(), "store", show);
+    let r = bc.store(file, opts).await;
+    drop(bar);
+    let r = r?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("{}", r.backup_id);
+        eprintln!(
+            "stored {} ({} bytes) in {:.2} s, {:.0} Mbps{}; shares: {}",
+            r.name,
+            r.bytes,
+            r.seconds,
+            mbps(r.bytes, r.seconds),
+            if r.resumed { " (resumed)" } else { "" },
+            r.shares
+                .iter()
+                .map(|s| format!(
+                    "{}@{}{}",
+                    s.share_index,
+                    s.site,
+                    if s.stored {
+                        String::new()
+                    } else {
+                        format!(" MISSING ({})", s.error.clone().unwrap_or_default())
+                    }
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(0)
+}
+
+async fn restore(bc: &BackupClient, id: &str, out: &Path, json: bool, show: bool) -> Result<i32> {
+    let id = parse_id(id)?;
+    let bar = Bar::start(bc.progress.clone(), "restore", show);
+    let r = bc.restore(id, out).await;
+    drop(bar);
+    let r = r?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        eprintln!(
+            "restored {} bytes into {} in {:.2} s, {:.0} Mbps, from shares {}",
+            r.bytes,
+            r.output.display(),
+            r.seconds,
+            mbps(r.bytes, r.seconds),
+            r.used
+                .iter()
+                .map(|(s, i)| format!("{i}@{s}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for (s, i, why) in &r.rejected {
+            eprintln!("  share {i} at site {s} was not used: {why}");
+        }
+    }
+    Ok(0)
+}
+
+async fn list(bc: &BackupClient, json: bool) -> Result<i32> {
+    let (entries, errors) = bc.list().await;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "backups": entries, "unreachable": errors })
+        );
+    } else {
+        for e in &entries {
+            println!(
+                "{}  {:>14} bytes  {}  {:?}({},{})  shares: {}",
+                e.backup_id,
+                e.bytes,
+                e.name,
+                e.scheme.kind,
+                e.scheme.k,
+                e.scheme.n,
+                e.shares
+                    .iter()
+                    .map(|(i, s, c)| format!("{i}@{s}{}", if *c { "" } else { "(incomplete)" }))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+        for (s, e) in &errors {
+            eprintln!("site {s} not reachable: {e}");
+        }
+    }
+    Ok(0)
+}
+
+async fn verify(bc: &BackupClient, id: &str, json: bool) -> Result<i32> {
+    let id = parse_id(id)?;
+    let checks = bc.verify(id).await;
+    let found: usize = checks.iter().map(|c| c.shares.len()).sum();
+    let good = checks
+        .iter()
+        .flat_map(|c| &c.shares)
+        .filter(|s| s.complete && s.missing.is_empty() && s.damaged.is_empty())
+        .count();
+    let unreachable = checks.iter().filter(|c| c.error.is_some()).count();
+    if found == 0 && unreachable == 0 {
+        bail!(backup_client::transfer::TransferError::Usage(format!(
+            "unknown backup ID {id}: no site holds a share of it (see `backup-client list`)"
+        )));
+    }
+    let ok = good == found && unreachable == 0;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "backup_id": id, "ok": ok, "sites": checks })
+        );
+    } else {
+        print_checks(&checks);
+        println!("{good} of {found} shares intact");
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
+/// One line per unreachable site and per share found.
+fn print_checks(checks: &[SiteCheck]) {
+    for c in checks {
+        if let Some(e) = &c.error {
+            println!("site {}: UNREACHABLE: {e}", c.site);
+        }
+        for s in &c.shares {
+            let state = if !s.complete {
+                "INCOMPLETE".to_owned()
+            } else if s.missing.is_empty() && s.damaged.is_empty() {
+                "ok".to_owned()
+            } else {
+                format!(
+                    "DAMAGED: {} missing, {} damaged chunk(s) {:?}",
+                    s.missing.len(),
+                    s.damaged.len(),
+                    s.damaged
+                        .iter()
+                        .chain(&s.missing)
+                        .take(8)
+                        .collect::<Vec<_>>()
+                )
+            };
+            println!(
+                "site {}: share {}: {}/{} chunks ok: {state}",
+                c.site, s.share_index, s.chunks_ok, s.chunk_count
+            );
+        }
     }
 }

@@ -6,9 +6,10 @@
 //!
 //! * [`wire`] — the agent API: route constants, every JSON message, and the chunk frame
 //!   format (header, payload, tag).
-//! * [`seal`] — sealing and opening a frame: one-time pad, then Wegman–Carter tag, nothing
-//!   returned unless the tag verifies.
-//! * [`otp`] — the one-time pad (XOR with key material, wiped after use).
+//! * [`seal`] — sealing and opening a frame: one-time pad (through [`otp`]), then
+//!   Wegman–Carter tag (through [`auth`]), nothing returned unless the tag verifies.
+//! * [`otp`] — the one-time pad (XOR with key material, wiped after use): the one pad path,
+//!   used by [`seal`] and exercised directly by the tests and the bench.
 //! * [`auth`] — the Wegman–Carter MAC over POLYVAL.
 //! * [`keys`] — key plans: how many ETSI 014 keys of which size cover a chunk's pad and MAC
 //!   key, and fetching them (as master or slave) while waiting out an empty pool.
@@ -24,7 +25,8 @@
 //!   (`(ℓ+1)/2^128`) than Poly1305 (`8ℓ/2^106`); `zeroize` feature wipes its key on drop.
 //! * `subtle` — constant-time tag comparison (already a dependency of `polyval`).
 //! * `etsi-spec` — the typed 014 client the key plans use.
-//! * `blake3` — chunk digests in manifests. `config` — layered TOML/env settings.
+//! * `blake3` — the digest of a share's splits ([`wire::splits_digest`]) checked at
+//!   finalisation. `config` — layered TOML/env settings.
 //! * `clap` — [`wire::SchemeName`] doubles as a command-line value.
 //!
 //! Dev-only: `blahaj` (a crates.io Shamir implementation used as a benchmark baseline).

@@ -1,10 +1,13 @@
 //! Sealing and opening of chunk frames: one-time pad, then Wegman–Carter tag
 //! (encrypt-then-MAC), each with the chunk's own fresh keys.
+//!
+//! The pad is applied by [`crate::otp::apply_into`] and the tag computed by
+//! [`crate::auth::Mac`]: the same functions the tests and benches exercise.
 
 use crate::auth::{AuthError, Mac, KEY_LEN};
 use crate::keys::ChunkKeys;
+use crate::otp::{self, OtpError};
 use crate::wire::{begin_frame, Frame, FrameHeader};
-use sharing::xor;
 
 /// Why a frame could not be sealed or opened.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +30,8 @@ pub enum SealError {
     },
     #[error("chunk {chunk}: a one-time pad is required for a transfer between sites")]
     PadRequired { chunk: u64 },
+    #[error("chunk {chunk}: {source}")]
+    Pad { chunk: u64, source: OtpError },
 }
 
 fn mac(keys: &ChunkKeys, pad_len: usize, chunk: u64) -> Result<Mac, SealError> {
@@ -73,7 +78,8 @@ pub fn seal_into(
     match p {
         Some(p) => {
             out.resize(p_start + share.len(), 0);
-            xor::xor_into(&mut out[p_start..], share, p);
+            otp::apply_into(&mut out[p_start..], share, p)
+                .map_err(|source| SealError::Pad { chunk, source })?;
         }
         None => out.extend_from_slice(share),
     }
@@ -114,7 +120,8 @@ pub fn open_into(
         .map_err(|source| SealError::Auth { chunk, source })?;
     if frame.header.pad {
         let p = pad(keys, out.len(), chunk)?;
-        xor::xor_into(out, frame.payload, p);
+        otp::apply_into(out, frame.payload, p)
+            .map_err(|source| SealError::Pad { chunk, source })?;
     } else {
         out.copy_from_slice(frame.payload);
     }
@@ -151,6 +158,13 @@ mod tests {
         seal_into(&mut buf, b"ctx", &h, &share, &k).unwrap();
         let (f, _) = parse_frame(&buf, 1000).unwrap().unwrap();
         assert_ne!(f.payload, &share[..], "padded on the wire");
+        let mut padded = vec![0; 100];
+        crate::otp::apply_into(&mut padded, &share, &k.material[..100]).unwrap();
+        assert_eq!(
+            f.payload,
+            &padded[..],
+            "the pad is otp's, from the key's first bytes"
+        );
         let mut out = vec![0; 100];
         open_into(&f, b"ctx", &k, true, &mut out).unwrap();
         assert_eq!(out, share);

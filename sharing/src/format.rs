@@ -45,7 +45,7 @@
 //! with SHA-NI) would. The digest is of the secret, so it reveals nothing beyond what a
 //! hash of the secret reveals; for a low-entropy secret an adversary holding one share can
 //! test guesses against it. Backups of genome files are high-entropy; if that matters,
-//! encrypt or MAC the shares (see [`crate::auth`]).
+//! encrypt or MAC the shares (as `share-transfer` does in transit: `share_transfer::auth`).
 
 use thiserror::Error;
 

@@ -3,9 +3,10 @@
 //! A file is split with a (k,n) threshold scheme into `n` share files of the same size as the
 //! file; any `k` of them rebuild it, fewer reveal nothing (given good randomness).
 //!
-//! Owns: the schemes, the chunk-level splitter/combiner that every caller uses (the backup
-//! client's store and restore pipelines as well as the tests and benches: there is one
-//! split path and one combine path), the share file format, and the randomness sources.
+//! Owns: the schemes, the chunk-level splitter/combiner and the chunk reader that every
+//! caller uses (the backup client's store and restore pipelines as well as the tests and
+//! benches: there is one read-hash-split path, [`ChunkedSplit`], and one combine path,
+//! [`Combiner`]), the share file format, and the randomness sources.
 //!
 //! Must never depend on: transport, TLS, QKD keys, the KME or any HTTP crate; one-time pads
 //! and authentication live in `share-transfer`, which depends on this crate.
@@ -15,8 +16,10 @@
 //! * [`scheme`] — [`Scheme`]: XOR (Kurihara et al.) or Shamir over GF(2^8), with k, n.
 //! * [`sharing`](mod@sharing) — chunk-level [`Splitter`] / [`Combiner`] and the
 //!   [`SharingError`] enum.
-//! * [`stream`] — [`split_stream`] / [`combine_stream`] over `std::io`, and in-memory
-//!   [`split`] / [`combine`]; bounded memory for inputs of any size.
+//! * [`stream`] — [`ChunkedSplit`], the chunk reader (read, BLAKE3, split on demand) that
+//!   [`split_stream`] and the backup client's store pipeline share; [`split_stream`] /
+//!   [`combine_stream`] over `std::io`, and in-memory [`split`] / [`combine`]; bounded
+//!   memory for inputs of any size.
 //! * [`format`](mod@format) — the share file header/trailer.
 //! * [`rng`] — randomness sources behind the [`RandomSource`] trait.
 //! * [`xor`] — the XOR kernels (also the one-time pad's).
@@ -35,10 +38,12 @@
 //!
 //! Dev-only: `proptest` (property tests).
 
+#![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
 pub mod format;
+#[allow(unsafe_code)] // SIMD kernels; every block carries its SAFETY argument
 pub mod gf256;
 mod kurihara;
 pub mod rng;
@@ -51,4 +56,7 @@ pub mod xor;
 pub use rng::{ChaChaRounds, ChaChaSource, DeviceSource, OsSource, RandomSource, RngChoice};
 pub use scheme::{Scheme, SchemeKind};
 pub use sharing::{Combiner, SharingError, Splitter};
-pub use stream::{combine, combine_stream, split, split_stream, CombineSummary, SplitSummary};
+pub use stream::{
+    combine, combine_stream, split, split_stream, ChunkedSplit, CombineSummary, SecretChunk,
+    SplitDigest, SplitSummary,
+};

@@ -1,4 +1,6 @@
-//! Streaming split/combine of whole secrets into share files (see [`crate::format`]).
+//! Streaming split/combine of whole secrets into share files (see [`crate::format`]), and
+//! [`ChunkedSplit`], the chunk reader (read, hash, split) under [`split_stream`] and the
+//! backup client's store pipeline.
 //!
 //! Memory use is bounded by `(n + 1)·chunk_size` when splitting and `(k + 2)·chunk_size`
 //! when combining, whatever the secret's size.
@@ -60,11 +62,158 @@ fn new_set_id() -> Result<uuid::Uuid, RngError> {
     Ok(uuid::Builder::from_random_bytes(b).into_uuid())
 }
 
+/// Length, chunk count and digest of everything a [`ChunkedSplit`] read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitDigest {
+    /// Secret length in bytes.
+    pub original_len: u64,
+    /// Chunks read (the last one possibly short).
+    pub chunk_count: u64,
+    /// BLAKE3-256 of the secret.
+    pub digest: [u8; 32],
+}
+
+/// Reads a secret chunk by chunk, hashes it with BLAKE3 and splits the chunks asked for.
+///
+/// This is the one read + hash + split path: [`split_stream`] (and so [`split`], the tests
+/// and the benches) and the backup client's store pipeline both run it. Each
+/// [`next_chunk`](Self::next_chunk) reads up to `chunk_size` bytes into one reused buffer
+/// (the final partial chunk zero-padded), adds them to the running digest and returns a
+/// [`SecretChunk`]. The caller splits it into share buffers it owns — reused, as
+/// [`split_stream`] does, or fresh ones handed on to other threads — or drops it unsplit
+/// (a chunk stored by an earlier run must still be read and hashed, but not dealt again).
+///
+/// Memory: one `chunk_size` secret buffer (wiped on drop) plus the splitter's pad.
+pub struct ChunkedSplit<R: RandomSource, I: Read> {
+    splitter: Splitter<R>,
+    input: I,
+    secret: Zeroizing<Vec<u8>>,
+    hasher: blake3::Hasher,
+    original_len: u64,
+    chunk_count: u64,
+    /// End of input seen (empty read, or a short chunk).
+    finished: bool,
+}
+
+impl<R: RandomSource, I: Read> std::fmt::Debug for ChunkedSplit<R, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkedSplit")
+            .field("splitter", &self.splitter)
+            .field("original_len", &self.original_len)
+            .field("chunk_count", &self.chunk_count)
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One secret chunk read by a [`ChunkedSplit`], ready to be split (or skipped by dropping).
+pub struct SecretChunk<'a, R: RandomSource> {
+    /// Chunk index, from 0.
+    pub index: u64,
+    /// Bytes of secret in this chunk (`chunk_size` except for the last chunk).
+    pub len: usize,
+    secret: &'a [u8],
+    splitter: &'a mut Splitter<R>,
+}
+
+impl<R: RandomSource> std::fmt::Debug for SecretChunk<'_, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretChunk")
+            .field("index", &self.index)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: RandomSource> SecretChunk<'_, R> {
+    /// Splits this chunk into `shares` (`n` buffers of `chunk_size` bytes; share `i` goes
+    /// to `shares[i]`), with fresh randomness.
+    ///
+    /// # Errors
+    /// As [`Splitter::split_chunk`].
+    pub fn split_into<S: AsMut<[u8]>>(self, shares: &mut [S]) -> Result<(), SharingError> {
+        self.splitter.split_chunk(self.secret, shares)
+    }
+}
+
+impl<R: RandomSource, I: Read> ChunkedSplit<R, I> {
+    /// Reads `input` in chunks of `chunk_size` bytes, split with `scheme` and `rng`.
+    ///
+    /// # Errors
+    /// [`SharingError::Scheme`] if the chunk size is invalid for the scheme.
+    pub fn new(scheme: Scheme, chunk_size: usize, rng: R, input: I) -> Result<Self, SharingError> {
+        let splitter = Splitter::new(scheme, chunk_size, rng)?;
+        Ok(Self {
+            splitter,
+            input,
+            secret: Zeroizing::new(vec![0u8; chunk_size]),
+            hasher: blake3::Hasher::new(),
+            original_len: 0,
+            chunk_count: 0,
+            finished: false,
+        })
+    }
+
+    /// The scheme.
+    #[must_use]
+    pub fn scheme(&self) -> Scheme {
+        self.splitter.scheme()
+    }
+
+    /// Bytes per chunk.
+    #[must_use]
+    pub fn chunk_size(&self) -> usize {
+        self.splitter.chunk_size()
+    }
+
+    /// Reads and hashes the next chunk; `None` at the end of the input. After a short
+    /// chunk the input is not read again.
+    ///
+    /// # Errors
+    /// [`SharingError::Io`] if reading fails.
+    pub fn next_chunk(&mut self) -> Result<Option<SecretChunk<'_, R>>, SharingError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let got = read_full(&mut self.input, &mut self.secret)?;
+        if got == 0 {
+            self.finished = true;
+            return Ok(None);
+        }
+        self.hasher.update(&self.secret[..got]);
+        if got < self.secret.len() {
+            self.secret[got..].fill(0);
+            self.finished = true;
+        }
+        let index = self.chunk_count;
+        self.chunk_count += 1;
+        self.original_len += got as u64;
+        Ok(Some(SecretChunk {
+            index,
+            len: got,
+            secret: &self.secret,
+            splitter: &mut self.splitter,
+        }))
+    }
+
+    /// Length, chunk count and digest of what was read.
+    #[must_use]
+    pub fn finish(self) -> SplitDigest {
+        SplitDigest {
+            original_len: self.original_len,
+            chunk_count: self.chunk_count,
+            digest: *self.hasher.finalize().as_bytes(),
+        }
+    }
+}
+
 /// Splits everything `input` yields into `outputs.len() == n` share files.
 ///
 /// Each output receives the header, then one share chunk per `chunk_size` bytes of input
 /// (the final partial chunk zero-padded), then the trailer with length and digest. Outputs
 /// are flushed at the end. On error the outputs hold partial data and must be discarded.
+/// Reading, hashing and splitting are [`ChunkedSplit`]'s; the `n` share buffers are reused
+/// for every chunk.
 ///
 /// # Errors
 /// Invalid chunk size ([`SharingError::Scheme`] / [`SharingError::Format`]), wrong output
@@ -73,10 +222,10 @@ pub fn split_stream<R: RandomSource, I: Read, W: Write>(
     scheme: Scheme,
     chunk_size: usize,
     rng: R,
-    mut input: I,
+    input: I,
     outputs: &mut [W],
 ) -> Result<SplitSummary, SharingError> {
-    let mut splitter = Splitter::new(scheme, chunk_size, rng)?;
+    let mut chunks = ChunkedSplit::new(scheme, chunk_size, rng, input)?;
     let n = usize::from(scheme.n());
     if outputs.len() != n {
         return Err(SharingError::ShareCount {
@@ -85,7 +234,46 @@ pub fn split_stream<R: RandomSource, I: Read, W: Write>(
         });
     }
     let set_id = new_set_id()?;
-    let mut headers = Vec::with_capacity(n);
+    let headers = write_headers(scheme, chunk_size, set_id, outputs)?;
+    let mut shares: Vec<Zeroizing<Vec<u8>>> = (0..n)
+        .map(|_| Zeroizing::new(vec![0u8; chunk_size]))
+        .collect();
+    while let Some(chunk) = chunks.next_chunk()? {
+        chunk.split_into(&mut shares)?;
+        for (out, share) in outputs.iter_mut().zip(&shares) {
+            out.write_all(share)?;
+        }
+    }
+    let SplitDigest {
+        original_len,
+        chunk_count,
+        digest,
+    } = chunks.finish();
+    let trailer = ShareTrailer {
+        original_len,
+        chunk_count,
+        digest,
+    };
+    for (out, header) in outputs.iter_mut().zip(&headers) {
+        out.write_all(&trailer.encode(header))?;
+        out.flush()?;
+    }
+    Ok(SplitSummary {
+        set_id,
+        original_len,
+        chunk_count,
+        digest,
+    })
+}
+
+/// Writes share `i`'s header to `outputs[i]`; returns the encoded headers.
+fn write_headers<W: Write>(
+    scheme: Scheme,
+    chunk_size: usize,
+    set_id: uuid::Uuid,
+    outputs: &mut [W],
+) -> Result<Vec<[u8; HEADER_LEN]>, SharingError> {
+    let mut headers = Vec::with_capacity(outputs.len());
     for (i, out) in outputs.iter_mut().enumerate() {
         let header = ShareHeader {
             scheme,
@@ -98,46 +286,7 @@ pub fn split_stream<R: RandomSource, I: Read, W: Write>(
         out.write_all(&header)?;
         headers.push(header);
     }
-    let mut secret = Zeroizing::new(vec![0u8; chunk_size]);
-    let mut shares: Vec<Zeroizing<Vec<u8>>> = (0..n)
-        .map(|_| Zeroizing::new(vec![0u8; chunk_size]))
-        .collect();
-    let mut hasher = blake3::Hasher::new();
-    let mut total: u64 = 0;
-    let mut chunks: u64 = 0;
-    loop {
-        let got = read_full(&mut input, &mut secret)?;
-        if got == 0 {
-            break;
-        }
-        hasher.update(&secret[..got]);
-        total += got as u64;
-        secret[got..].fill(0);
-        splitter.split_chunk(&secret, &mut shares)?;
-        for (out, share) in outputs.iter_mut().zip(&shares) {
-            out.write_all(share)?;
-        }
-        chunks += 1;
-        if got < chunk_size {
-            break;
-        }
-    }
-    let digest = *hasher.finalize().as_bytes();
-    let trailer = ShareTrailer {
-        original_len: total,
-        chunk_count: chunks,
-        digest,
-    };
-    for (out, header) in outputs.iter_mut().zip(&headers) {
-        out.write_all(&trailer.encode(header))?;
-        out.flush()?;
-    }
-    Ok(SplitSummary {
-        set_id,
-        original_len: total,
-        chunk_count: chunks,
-        digest,
-    })
+    Ok(headers)
 }
 
 /// Reads and validates the header of one share file.

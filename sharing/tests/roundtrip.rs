@@ -6,7 +6,9 @@ mod common;
 use common::{data, subsets, Replay};
 use sharing::format::{HEADER_LEN, TRAILER_LEN};
 use sharing::rng::{ChaChaRounds, ChaChaSource};
-use sharing::{combine, split, Combiner, Scheme, SchemeKind, SharingError, Splitter};
+use sharing::{
+    combine, split, ChunkedSplit, Combiner, Scheme, SchemeKind, SharingError, SplitDigest, Splitter,
+};
 
 /// A multiple of 1, 2, 4, 6, 10, 12 and 16: valid for every XOR prime up to 17.
 const CS: usize = 240;
@@ -268,4 +270,55 @@ fn more_than_k_shares_uses_first_k() {
     let secret = data(1000, 5);
     let shares = split(scheme, CS, rng(9), &secret).expect("split");
     assert_eq!(combine(&shares).expect("combine"), secret);
+}
+
+/// The chunk reader under `split_stream` and the client's store: every chunk is read and
+/// hashed whether it is split or skipped; the last one is short and zero-padded; input is
+/// not read past a short chunk.
+#[test]
+fn chunked_split_reads_hashes_and_splits_on_demand() {
+    for scheme in [
+        Scheme::xor(2, 3).expect("valid"),
+        Scheme::shamir(3, 5).expect("valid"),
+    ] {
+        let secret = data(4 * CS + 17, 21);
+        let mut input = secret.as_slice();
+        let mut chunks = ChunkedSplit::new(scheme, CS, rng(4), &mut input).expect("valid");
+        let n = usize::from(scheme.n());
+        let k = usize::from(scheme.k());
+        let mut shares = vec![vec![0u8; CS]; n];
+        let mut seen = Vec::new();
+        while let Some(chunk) = chunks.next_chunk().expect("read") {
+            let (j, len) = (chunk.index, chunk.len);
+            seen.push((j, len));
+            if j % 2 == 1 {
+                continue; // skipped: read and hashed, not split
+            }
+            chunk.split_into(&mut shares).expect("split");
+            let idx: Vec<u8> = (0..k as u8).collect();
+            let c = Combiner::new(scheme, CS, &idx).expect("combiner");
+            let mut out = vec![0u8; CS];
+            c.combine_chunk(&shares[..k], &mut out).expect("combine");
+            let start = j as usize * CS;
+            assert_eq!(&out[..len], &secret[start..start + len], "chunk {j}");
+            assert!(out[len..].iter().all(|&b| b == 0), "zero-padded");
+        }
+        assert!(
+            chunks.next_chunk().expect("read").is_none(),
+            "stays at the end"
+        );
+        assert_eq!(
+            seen,
+            vec![(0, CS), (1, CS), (2, CS), (3, CS), (4, 17)],
+            "{scheme:?}"
+        );
+        assert_eq!(
+            chunks.finish(),
+            SplitDigest {
+                original_len: secret.len() as u64,
+                chunk_count: 5,
+                digest: *blake3::hash(&secret).as_bytes(),
+            }
+        );
+    }
 }

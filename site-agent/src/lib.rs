@@ -8,6 +8,12 @@
 //! Must never depend on: `kms-server` (the site's KME is any ETSI 014 KME, reached over
 //! HTTPS), or the backup client's crate.
 //!
+//! Modules: this one (the HTTP handlers and [`Agent`]), [`config`] (`AgentConfig`),
+//! [`storage`] (share files, chunk logs, O_DIRECT writes, finalisation and checks; its
+//! doc has the on-disk layout) and `aligned` ([`storage::AlignedBuf`], the direct-I/O
+//! buffer: the crate's only `unsafe` code, allowed there alone under a crate-wide
+//! `deny(unsafe_code)`).
+//!
 //! It is an SAE of its site's KME and serves HTTPS with mutual TLS; the calling client SAE
 //! is the CN of its certificate. For a store, the client is the master: the agent fetches
 //! the chunk keys with `dec_keys`, verifies each tag, removes the one-time pad and writes the
@@ -23,8 +29,12 @@
 //! - `POST /v1/backups/{id}/shares/{i}/finalize` — [`Finalize`] → [`Manifest`]
 //! - `GET  /v1/backups/{id}/shares/{i}/chunks?from=&to=` → frames (restore)
 //! - `GET  /v1/backups`, `GET /v1/backups/{id}` → [`Manifest`]s
-//! - `POST /v1/backups/{id}/verify` → [`ShareCheck`]s
+//! - `POST /v1/backups/{id}/verify` → [`ShareCheck`](share_transfer::wire::ShareCheck)s
 
+#![deny(unsafe_code)]
+
+#[allow(unsafe_code)] // the aligned direct-I/O buffer; every block carries its SAFETY argument
+mod aligned;
 pub mod config;
 pub mod storage;
 
@@ -487,16 +497,55 @@ async fn download(
         .unwrap_or(m.open.chunk_count)
         .min(m.open.chunk_count);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(4);
-    let agent = a.get_ref().clone();
-    actix_web::rt::spawn(async move {
+    let served = ServedShare {
+        agent: a.get_ref().clone(),
+        share,
+        caller,
+        plan,
+        id,
+        i,
+        cs,
+    };
+    actix_web::rt::spawn(served.stream(from, to, tx));
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .streaming(stream))
+}
+
+type FrameTx = tokio::sync::mpsc::Sender<Result<web::Bytes, std::io::Error>>;
+
+/// One share being streamed back to a restoring client, sealed chunk by chunk.
+struct ServedShare {
+    agent: Arc<Agent>,
+    share: Arc<storage::ShareFiles>,
+    caller: String,
+    plan: KeyPlan,
+    id: Uuid,
+    i: u8,
+    cs: usize,
+}
+
+impl ServedShare {
+    /// Sends chunks `from..to` as frames, in batches that share one key request; a chunk
+    /// that cannot be served ends the stream with an error frame.
+    async fn stream(self, from: u64, to: u64, tx: FrameTx) {
+        let (id, i, cs) = (self.id, self.i, self.cs);
         let ctx = mac_context(id, i, Direction::Restore);
-        let batch = plan.chunks_per_request().clamp(1, 4) as u64;
+        let batch = self.plan.chunks_per_request().clamp(1, 4) as u64;
         let mut j = from;
         let mut buf = vec![0u8; cs];
-        let nonce_of: HashMap<u64, u64> = share.state().into_iter().collect();
+        let nonce_of: HashMap<u64, u64> = self.share.state().into_iter().collect();
         while j < to {
             let n = batch.min(to - j);
-            let keys = match agent.keys.take(&caller, &plan, n as usize).await {
+            let keys = match self
+                .agent
+                .keys
+                .take(&self.caller, &self.plan, n as usize)
+                .await
+            {
                 Ok(k) => k,
                 Err(e) => {
                     let _ = tx.send(Ok(error_frame(j, &e.to_string()))).await;
@@ -505,20 +554,7 @@ async fn download(
             };
             let mut out = Vec::with_capacity((cs + 512) * n as usize);
             for (ck, chunk) in keys.iter().zip(j..j + n) {
-                let s2 = share.clone();
-                let read = {
-                    let mut b = std::mem::take(&mut buf);
-                    let r = web::block(move || s2.read_chunk(chunk, &mut b).map(|()| b)).await;
-                    match r {
-                        Ok(Ok(b)) => {
-                            buf = b;
-                            Ok(())
-                        }
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    }
-                };
-                if let Err(e) = read {
+                if let Err(e) = self.read_chunk(chunk, &mut buf).await {
                     tracing::warn!(backup = %id, share = i, chunk, error = %e, "cannot serve chunk");
                     if !out.is_empty() {
                         let _ = tx.send(Ok(web::Bytes::from(out))).await;
@@ -530,7 +566,7 @@ async fn download(
                     chunk,
                     nonce: nonce_of.get(&chunk).copied().unwrap_or(0),
                     key_ids: ck.ids.clone(),
-                    pad: plan.pad_bytes > 0,
+                    pad: self.plan.pad_bytes > 0,
                     len: cs as u32,
                     error: None,
                 };
@@ -544,13 +580,22 @@ async fn download(
             }
             j += n;
         }
-    });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    Ok(HttpResponse::Ok()
-        .content_type("application/octet-stream")
-        .streaming(stream))
+    }
+
+    /// Reads chunk `chunk` into `buf` on the blocking pool (`buf` is moved there and back).
+    async fn read_chunk(&self, chunk: u64, buf: &mut Vec<u8>) -> Result<(), String> {
+        let s2 = self.share.clone();
+        let mut b = std::mem::take(buf);
+        let r = web::block(move || s2.read_chunk(chunk, &mut b).map(|()| b)).await;
+        match r {
+            Ok(Ok(b)) => {
+                *buf = b;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
 }
 
 fn error_frame(chunk: u64, message: &str) -> web::Bytes {

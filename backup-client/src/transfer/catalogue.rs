@@ -1,0 +1,73 @@
+//! What the sites hold: `list` (every backup found, by ID) and `verify` (every share of one
+//! backup checked at its site, without reconstructing).
+
+use std::collections::HashMap;
+
+use uuid::Uuid;
+
+use super::{BackupClient, BackupEntry, SiteCheck};
+use share_transfer::wire::{Manifest, ShareCheck};
+
+impl BackupClient {
+    /// Every backup found at the reachable sites, and the sites that could not be asked.
+    pub async fn list(&self) -> (Vec<BackupEntry>, Vec<(String, String)>) {
+        let mut by_id: HashMap<Uuid, BackupEntry> = HashMap::new();
+        let mut errors = Vec::new();
+        for site in &self.cfg.sites {
+            match self
+                .agent_call::<Vec<Manifest>>(site, reqwest::Method::GET, "/v1/backups", None)
+                .await
+            {
+                Ok(ms) => {
+                    for m in ms {
+                        let e = by_id.entry(m.backup_id).or_insert_with(|| BackupEntry {
+                            backup_id: m.backup_id,
+                            name: m.open.name.clone(),
+                            bytes: m.open.original_len,
+                            created: m.open.created,
+                            scheme: m.open.scheme,
+                            shares: Vec::new(),
+                        });
+                        e.shares
+                            .push((m.share_index, site.name.clone(), m.complete));
+                    }
+                }
+                Err(e) => errors.push((site.name.clone(), e.to_string())),
+            }
+        }
+        let mut v: Vec<BackupEntry> = by_id.into_values().collect();
+        for e in &mut v {
+            e.shares.sort();
+        }
+        v.sort_by_key(|e| (e.created, e.backup_id));
+        (v, errors)
+    }
+
+    /// Checks every share of backup `id` at every site, without reconstructing.
+    pub async fn verify(&self, id: Uuid) -> Vec<SiteCheck> {
+        let mut out = Vec::new();
+        for site in &self.cfg.sites {
+            let r = self
+                .agent_call::<Vec<ShareCheck>>(
+                    site,
+                    reqwest::Method::POST,
+                    &format!("/v1/backups/{id}/verify"),
+                    None,
+                )
+                .await;
+            out.push(match r {
+                Ok(shares) => SiteCheck {
+                    site: site.name.clone(),
+                    shares,
+                    error: None,
+                },
+                Err(e) => SiteCheck {
+                    site: site.name.clone(),
+                    shares: Vec::new(),
+                    error: Some(e.to_string()),
+                },
+            });
+        }
+        out
+    }
+}

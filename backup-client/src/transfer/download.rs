@@ -1,0 +1,318 @@
+//! The restore's downloads: a [`Downloader`] streams one share back from its site, checks
+//! and opens every frame; [`ShareStreams`] keeps `k` of them running and replaces a failing
+//! share by the next usable one, from the chunk where it failed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use super::{agent_message, BackupClient};
+use crate::config::Site;
+use share_transfer::keys::{assemble, KeyFetcher};
+use share_transfer::seal::{open_into, SealError};
+use share_transfer::wire::{mac_context, parse_frame, Direction, Frame};
+
+/// A share that can be read: where, which, and the KME's key limit for that site.
+#[derive(Clone)]
+pub(super) struct ShareSource {
+    pub(super) site: Site,
+    pub(super) share: u8,
+    pub(super) max_per_request: usize,
+}
+
+/// Chunks of one share on their way to the combiner: `(chunk, split nonce, plaintext)` or
+/// why the share failed.
+type ChunkMsg = Result<(u64, u64, Zeroizing<Vec<u8>>), String>;
+type ChunkTx = tokio::sync::mpsc::Sender<ChunkMsg>;
+type ChunkRx = tokio::sync::mpsc::Receiver<ChunkMsg>;
+
+/// Every usable share has been tried; chunk `j` cannot be gathered from `k` shares.
+pub(super) struct NoSpare;
+
+/// Chunk `j` from each active share, in slot order.
+pub(super) struct Received {
+    pub(super) pieces: Vec<Zeroizing<Vec<u8>>>,
+    /// Some share was replaced: the combiner must be rebuilt for the new subset.
+    pub(super) replaced: bool,
+}
+
+/// The `k` shares a restore reads at a time, and the spares that replace a failing one.
+pub(super) struct ShareStreams<'a> {
+    client: &'a BackupClient,
+    backup: Uuid,
+    chunk_size: usize,
+    chunk_count: u64,
+    sources: Vec<ShareSource>,
+    /// `(index into sources, its chunk stream)`.
+    active: Vec<(usize, ChunkRx)>,
+    next_spare: usize,
+}
+
+impl<'a> ShareStreams<'a> {
+    /// Starts the first `k` usable shares at chunk `from`.
+    pub(super) fn start(
+        client: &'a BackupClient,
+        backup: Uuid,
+        chunk_size: usize,
+        chunk_count: u64,
+        sources: Vec<ShareSource>,
+        k: usize,
+        from: u64,
+    ) -> Self {
+        let mut s = ShareStreams {
+            client,
+            backup,
+            chunk_size,
+            chunk_count,
+            sources,
+            active: Vec::new(),
+            next_spare: 0,
+        };
+        while s.active.len() < k && s.next_spare < s.sources.len() {
+            let rx = s.spawn(s.next_spare, from);
+            s.active.push((s.next_spare, rx));
+            s.next_spare += 1;
+        }
+        s
+    }
+
+    fn spawn(&self, idx: usize, from: u64) -> ChunkRx {
+        let ShareSource {
+            site,
+            share,
+            max_per_request,
+        } = self.sources[idx].clone();
+        let require_pad = site.name != self.client.cfg.site;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let dl = Downloader {
+            http: self.client.http.clone(),
+            keys: self.client.keys.clone(),
+            site,
+            share,
+            backup: self.backup,
+            chunk_size: self.chunk_size,
+            max_per_request,
+            require_pad,
+            idle: self.client.cfg.backup.key_wait() + Duration::from_secs(60),
+        };
+        let to = self.chunk_count;
+        tokio::spawn(async move { dl.run(from, to, tx).await });
+        rx
+    }
+
+    /// Share indices of the active shares, in slot order (the combiner's subset).
+    pub(super) fn subset(&self) -> Vec<u8> {
+        self.active
+            .iter()
+            .map(|(i, _)| self.sources[*i].share)
+            .collect()
+    }
+
+    /// `(site, share index)` of the active shares.
+    pub(super) fn used(&self) -> Vec<(String, u8)> {
+        self.active
+            .iter()
+            .map(|(i, _)| (self.sources[*i].site.name.clone(), self.sources[*i].share))
+            .collect()
+    }
+
+    /// Receives chunk `j` from every active share. A share that fails, sends another chunk
+    /// or holds the chunk from another split than the shares before it is recorded in
+    /// `rejected` and replaced by the next spare, which starts at `j`.
+    pub(super) async fn receive(
+        &mut self,
+        j: u64,
+        k: usize,
+        rejected: &mut Vec<(String, u8, String)>,
+    ) -> Result<Received, NoSpare> {
+        let mut pieces: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(k);
+        let mut split_nonce = None;
+        let mut replaced = false;
+        let mut slot = 0;
+        while slot < self.active.len() {
+            match self.active[slot].1.recv().await {
+                Some(Ok((c, nonce, data))) if c == j && split_nonce.is_none_or(|n| n == nonce) => {
+                    split_nonce = Some(nonce);
+                    pieces.push(data);
+                    slot += 1;
+                }
+                other => {
+                    let why = match other {
+                        Some(Err(e)) => e,
+                        Some(Ok((c, _, _))) if c != j => {
+                            format!("sent chunk {c} where {j} was expected")
+                        }
+                        Some(Ok(_)) => {
+                            "holds this chunk from another split than the other shares".into()
+                        }
+                        None => "stream ended early".into(),
+                    };
+                    self.replace(slot, j, why, rejected)?;
+                    replaced = true;
+                    // retry this slot with the new share (earlier slots already delivered)
+                }
+            }
+        }
+        Ok(Received { pieces, replaced })
+    }
+
+    /// Rejects the share in `slot` and starts the next spare there, from chunk `j`.
+    fn replace(
+        &mut self,
+        slot: usize,
+        j: u64,
+        why: String,
+        rejected: &mut Vec<(String, u8, String)>,
+    ) -> Result<(), NoSpare> {
+        let ShareSource { site, share, .. } = &self.sources[self.active[slot].0];
+        tracing::warn!(site = %site.name, share, chunk = j, reason = %why, "share rejected; trying another");
+        rejected.push((site.name.clone(), *share, format!("at chunk {j}: {why}")));
+        if self.next_spare >= self.sources.len() {
+            return Err(NoSpare);
+        }
+        self.active[slot] = (self.next_spare, self.spawn(self.next_spare, j));
+        self.next_spare += 1;
+        Ok(())
+    }
+}
+
+/// Streams one share back from its site.
+struct Downloader {
+    http: reqwest::Client,
+    keys: Arc<KeyFetcher>,
+    site: Site,
+    share: u8,
+    backup: Uuid,
+    chunk_size: usize,
+    max_per_request: usize,
+    /// The share comes from another site: it must arrive one-time-padded.
+    require_pad: bool,
+    /// Longest silence of the site before the share is given up (the agent may be waiting
+    /// for QKD key itself).
+    idle: Duration,
+}
+
+impl Downloader {
+    async fn run(self, from: u64, to: u64, tx: ChunkTx) {
+        if let Err(e) = self.pump(from, to, &tx).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    }
+
+    /// Asks the site for chunks `from..to`; the reply is a stream of frames.
+    async fn request(&self, from: u64, to: u64) -> Result<reqwest::Response, String> {
+        let url = format!(
+            "{}/v1/backups/{}/shares/{}/chunks?from={from}&to={to}",
+            self.site.agent_url.trim_end_matches('/'),
+            self.backup,
+            self.share
+        );
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("agent at {} unreachable: {e}", self.site.agent_url))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let msg = agent_message(&bytes);
+            return Err(format!("agent answered {status}: {msg}"));
+        }
+        Ok(resp)
+    }
+
+    async fn pump(&self, from: u64, to: u64, tx: &ChunkTx) -> Result<(), String> {
+        if from >= to {
+            return Ok(());
+        }
+        let resp = self.request(from, to).await?;
+        let ctx = mac_context(self.backup, self.share, Direction::Restore);
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::with_capacity(4 * (self.chunk_size + 1024));
+        let mut expect = from;
+        loop {
+            // Parse every complete frame in the buffer, then fetch their keys in one call.
+            let (delivered, used) = {
+                let (frames, used) = self.complete_frames(&buf)?;
+                if frames.is_empty() {
+                    (true, 0)
+                } else {
+                    (self.deliver(&frames, &mut expect, &ctx, tx).await?, used)
+                }
+            };
+            if !delivered {
+                return Ok(()); // restore no longer needs this share
+            }
+            buf.drain(..used);
+            if expect >= to {
+                return Ok(());
+            }
+            let next = tokio::time::timeout(self.idle, stream.next())
+                .await
+                .map_err(|_| format!("no data from the site for {:?}", self.idle))?;
+            match next {
+                Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
+                Some(Err(e)) => return Err(format!("connection lost: {e}")),
+                None => return Err(format!("stream ended at chunk {expect} of {to}")),
+            }
+        }
+    }
+
+    /// Every complete frame at the start of `buf`, and the bytes they take; a frame that
+    /// carries the site's error ends the share.
+    fn complete_frames<'b>(&self, buf: &'b [u8]) -> Result<(Vec<Frame<'b>>, usize), String> {
+        let mut pos = 0;
+        let mut frames = Vec::new();
+        while let Some((f, used)) =
+            parse_frame(&buf[pos..], self.chunk_size).map_err(|e| e.to_string())?
+        {
+            if let Some(err) = &f.header.error {
+                return Err(format!("site reports chunk {}: {err}", f.header.chunk));
+            }
+            frames.push(f);
+            pos += used;
+        }
+        Ok((frames, pos))
+    }
+
+    /// Fetches the keys of `frames` in one call, opens them in order (from chunk `expect`)
+    /// and passes the plaintexts on; `false` when the restore no longer listens.
+    async fn deliver(
+        &self,
+        frames: &[Frame<'_>],
+        expect: &mut u64,
+        ctx: &[u8],
+        tx: &ChunkTx,
+    ) -> Result<bool, String> {
+        let ids: Vec<Uuid> = frames
+            .iter()
+            .flat_map(|f| f.header.key_ids.iter().copied())
+            .collect();
+        let mut keys = self
+            .keys
+            .fetch(&self.site.agent_sae_id, &ids, self.max_per_request)
+            .await
+            .map_err(|e| e.to_string())?;
+        for f in frames {
+            if f.header.chunk != *expect || f.payload.len() != self.chunk_size {
+                return Err(format!(
+                    "unexpected chunk {} (wanted {expect})",
+                    f.header.chunk
+                ));
+            }
+            let ck = assemble(&f.header, &mut keys).ok_or("keys missing")?;
+            let mut plain = Zeroizing::new(vec![0u8; self.chunk_size]);
+            open_into(f, ctx, &ck, self.require_pad, &mut plain)
+                .map_err(|e: SealError| e.to_string())?;
+            if tx.send(Ok((*expect, f.header.nonce, plain))).await.is_err() {
+                return Ok(false);
+            }
+            *expect += 1;
+        }
+        Ok(true)
+    }
+}
