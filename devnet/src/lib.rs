@@ -250,10 +250,51 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     bail!("cannot find the `{name}` binary next to {}; build the workspace first (`cargo build --release`) or set {env}", exe.display())
 }
 
-impl Devnet {
-    /// Generates a PKI and configs in `dir`, starts one KME per site, and waits until every
-    /// link delivers key.
-    pub fn start(dir: &Path, opts: &Options) -> Result<Self> {
+/// SAE IDs of the site named `site`: `SAE_<site>1`, `SAE_<site>2`, ...
+fn site_sae_ids(site: &str, count: usize) -> Vec<String> {
+    (1..=count).map(|j| format!("SAE_{site}{j}")).collect()
+}
+
+/// SAE ID of the backup agent of the site named `site`.
+fn site_agent_id(site: &str) -> String {
+    format!("AGENT_{site}")
+}
+
+/// `n` free ports (see [`free_port`]).
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    (0..n).map(|_| free_port()).collect()
+}
+
+/// Everything about a network that is fixed before any process starts: the sites' names,
+/// KME and SAE identities, links, PKI and ports.
+struct Plan<'a> {
+    opts: &'a Options,
+    dir: PathBuf,
+    links: Vec<(usize, usize)>,
+    names: Vec<String>,
+    kme_ids: Vec<String>,
+    pki: certs::DevPki,
+    operator: certs::IdentityFiles,
+    ports: Vec<u16>,
+    metrics_ports: Vec<u16>,
+    agent_ports: Vec<u16>,
+}
+
+/// The files of one site in the devnet folder.
+struct SiteFiles {
+    kme_config: PathBuf,
+    kme_log: PathBuf,
+    site_dir: PathBuf,
+    /// Where the agent keeps its shares.
+    store_dir: PathBuf,
+    agent_config: PathBuf,
+    client_config: PathBuf,
+    agent_log: PathBuf,
+}
+
+impl<'a> Plan<'a> {
+    /// Checks the options, creates `dir`, generates the PKI and picks the ports.
+    fn new(dir: &Path, opts: &'a Options) -> Result<Self> {
         if opts.sites == 0 || opts.sites > 26 {
             bail!("--sites must be within 1..=26");
         }
@@ -265,23 +306,12 @@ impl Devnet {
         };
         let names: Vec<String> = (0..opts.sites).map(site_name).collect();
         let kme_ids: Vec<String> = names.iter().map(|n| format!("KME_{n}")).collect();
-        let sae_ids = |i: usize| -> Vec<String> {
-            (1..=opts.saes_per_site)
-                .map(|j| format!("SAE_{}{j}", names[i]))
-                .collect()
-        };
-        let agent_id = |i: usize| format!("AGENT_{}", names[i]);
-        // SAEs attached to site i's KME: its users, then its agent.
-        let attached = |i: usize| -> Vec<String> {
-            let mut v = sae_ids(i);
-            if opts.agents {
-                v.push(agent_id(i));
-            }
-            v
-        };
-        let all_saes: Vec<String> = (0..opts.sites).flat_map(sae_ids).collect();
+        let all_saes: Vec<String> = names
+            .iter()
+            .flat_map(|n| site_sae_ids(n, opts.saes_per_site))
+            .collect();
         let all_agents: Vec<String> = if opts.agents {
-            (0..opts.sites).map(agent_id).collect()
+            names.iter().map(|n| site_agent_id(n)).collect()
         } else {
             Vec::new()
         };
@@ -289,29 +319,343 @@ impl Devnet {
         let pki = certs::DevPki::generate_with_agents(&pki_dir, &kme_ids, &all_saes, &all_agents)?;
         let ca = certs::Ca::load(&pki.ca.cert, &pki.ca.key)?;
         let operator = ca.issue_to(&pki_dir, OPERATOR, certs::Purpose::Sae)?;
-        let ports: Vec<u16> = (0..opts.sites)
-            .map(|_| free_port())
-            .collect::<Result<_>>()?;
-        let metrics_ports: Vec<u16> = (0..opts.sites)
-            .map(|_| free_port())
-            .collect::<Result<_>>()?;
-        let agent_ports: Vec<u16> = (0..opts.sites)
-            .map(|_| free_port())
-            .collect::<Result<_>>()?;
-        let url = |i: usize| format!("https://127.0.0.1:{}", ports[i]);
-        let agent_url = |i: usize| format!("https://127.0.0.1:{}", agent_ports[i]);
+        let ports = free_ports(opts.sites)?;
+        let metrics_ports = free_ports(opts.sites)?;
+        let agent_ports = free_ports(opts.sites)?;
+        Ok(Plan {
+            opts,
+            dir,
+            links,
+            names,
+            kme_ids,
+            pki,
+            operator,
+            ports,
+            metrics_ports,
+            agent_ports,
+        })
+    }
+
+    /// The user SAEs of site `i`.
+    fn sae_ids(&self, i: usize) -> Vec<String> {
+        site_sae_ids(&self.names[i], self.opts.saes_per_site)
+    }
+
+    /// The SAE ID of site `i`'s backup agent.
+    fn agent_id(&self, i: usize) -> String {
+        site_agent_id(&self.names[i])
+    }
+
+    /// SAEs attached to site i's KME: its users, then its agent.
+    fn attached(&self, i: usize) -> Vec<String> {
+        let mut v = self.sae_ids(i);
+        if self.opts.agents {
+            v.push(self.agent_id(i));
+        }
+        v
+    }
+
+    /// The KME URL of site `i`.
+    fn url(&self, i: usize) -> String {
+        format!("https://127.0.0.1:{}", self.ports[i])
+    }
+
+    /// The backup agent URL of site `i`.
+    fn agent_url(&self, i: usize) -> String {
+        format!("https://127.0.0.1:{}", self.agent_ports[i])
+    }
+
+    /// The sites linked to site `i`, in the order of the links.
+    fn peers(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
+        self.links.iter().filter_map(move |&(a, b)| {
+            if a == i {
+                Some(b)
+            } else if b == i {
+                Some(a)
+            } else {
+                None
+            }
+        })
+    }
+
+    fn files(&self, i: usize) -> SiteFiles {
+        let name = &self.names[i];
+        let site_dir = self.dir.join(format!("site-{name}"));
+        SiteFiles {
+            kme_config: self.dir.join(format!("kme-{name}.toml")),
+            kme_log: self.dir.join("logs").join(format!("kme-{name}.log")),
+            store_dir: site_dir.join("shares"),
+            site_dir,
+            agent_config: self.dir.join(format!("agent-{name}.toml")),
+            client_config: self.dir.join(format!("client-{name}.toml")),
+            agent_log: self.dir.join("logs").join(format!("agent-{name}.log")),
+        }
+    }
+
+    /// The configuration of site `i`'s KME.
+    fn kme_toml(&self, i: usize) -> String {
+        let mut toml = self.kme_tables_toml(i);
+        for j in self.peers(i) {
+            toml.push_str(&self.peer_toml(i, j));
+        }
+        if !self.opts.volatile_kmes {
+            // Top-level key, so it goes before the first table.
+            let store = self.dir.join(format!("kme-store-{}", self.names[i]));
+            toml.insert_str(0, &format!("store_dir = \"{}\"\n", store.display()));
+        }
+        toml.push_str(&self.opts.extra_toml);
+        toml
+    }
+
+    /// Site `i`'s KME configuration up to the `[[peers]]` tables.
+    fn kme_tables_toml(&self, i: usize) -> String {
+        let opts = self.opts;
+        let pki = &self.pki;
+        format!(
+            "kme_id = \"{kme}\"\nlisten = \"127.0.0.1:{port}\"\nsaes = {saes:?}\noperators = [\"{OPERATOR}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n\
+             [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\npeer_cert = \"{pc}\"\npeer_key = \"{pk}\"\n\n\
+             [limits]\nmax_key_count = {mkc}\nmax_key_per_request = {mkr}\nmax_key_size = {mks}\n\n\
+             [local]\n{local}\n",
+            kme = self.kme_ids[i],
+            port = self.ports[i],
+            mport = self.metrics_ports[i],
+            saes = self.attached(i),
+            ca = pki.ca.cert.display(),
+            cert = pki.kme_servers[i].cert.display(),
+            key = pki.kme_servers[i].key.display(),
+            pc = pki.kme_peers[i].cert.display(),
+            pk = pki.kme_peers[i].key.display(),
+            mkc = opts.max_key_count,
+            mkr = opts.max_key_per_request,
+            mks = opts.max_key_size,
+            local = opts.local_toml.clone().unwrap_or_else(|| format!(
+                "rate_bytes_per_sec = {}\nblock_bytes = {}",
+                opts.rate_bytes_per_sec, opts.block_bytes
+            )),
+        )
+    }
+
+    /// The `[[peers]]` table of site `i`'s KME for its link to site `j`.
+    fn peer_toml(&self, i: usize, j: usize) -> String {
+        let opts = self.opts;
+        let length = opts
+            .length_km
+            .map(|l| format!("length_km = {l:?}\n"))
+            .unwrap_or_default();
+        let mut toml = format!(
+            "\n[[peers]]\nkme_id = \"{}\"\nurl = \"{}\"\nsaes = {:?}\n[peers.link]\nrate_bytes_per_sec = {}\nblock_bytes = {}\n{length}",
+            self.kme_ids[j],
+            self.url(j),
+            self.attached(j),
+            opts.rate_bytes_per_sec,
+            opts.block_bytes
+        );
+        if let Some((_, _, body)) = opts
+            .link_sources
+            .iter()
+            .find(|(a, b, _)| *a == i && *b == j)
+        {
+            let mut body = body.replace("{dir}", &self.dir.display().to_string());
+            for k in 0..opts.sites {
+                body = body.replace(&format!("{{url_{k}}}"), &self.url(k));
+            }
+            toml.push_str(&format!("[peers.link.source]\n{body}\n"));
+        }
+        toml
+    }
+
+    /// The configuration of site `i`'s backup agent.
+    fn agent_toml(&self, i: usize, agent: &certs::IdentityFiles, store_dir: &Path) -> String {
+        format!(
+            "sae_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\nkme_url = \"{}\"\nstore_dir = \"{}\"\n\
+             # the backup clients of every site (restore anywhere after a disaster)\n\
+             allowed_clients = {:?}\n\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.agent_id(i),
+            self.agent_ports[i],
+            self.url(i),
+            store_dir.display(),
+            (0..self.opts.sites)
+                .map(|j| self.sae_ids(j)[0].clone())
+                .collect::<Vec<_>>(),
+            self.pki.ca.cert.display(),
+            agent.cert.display(),
+            agent.key.display(),
+        )
+    }
+
+    /// The `backup-client` configuration for site `i` (its first SAE, every site's agent).
+    fn client_toml(&self, i: usize, site_dir: &Path) -> Result<String> {
+        let client_sae = &self.sae_ids(i)[0];
+        let client_files = self
+            .pki
+            .saes
+            .iter()
+            .find(|s| &s.id == client_sae)
+            .context("client certificate")?;
+        let mut client = format!(
+            "site = \"{}\"\nsae_id = \"{}\"\nkme_url = \"{}\"\nstate_dir = \"{}\"\n\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.names[i],
+            client_sae,
+            self.url(i),
+            site_dir.join("client-state").display(),
+            self.pki.ca.cert.display(),
+            client_files.cert.display(),
+            client_files.key.display(),
+        );
+        for (j, name) in self.names.iter().enumerate() {
+            client.push_str(&format!(
+                "\n[[sites]]\nname = \"{}\"\nagent_url = \"{}\"\nagent_sae_id = \"{}\"\n",
+                name,
+                self.agent_url(j),
+                self.agent_id(j)
+            ));
+        }
+        Ok(client)
+    }
+
+    /// Writes site `i`'s configurations and starts its KME, then (with `agent_bin`) its
+    /// agent; the processes go into `guard`.
+    fn start_site(
+        &self,
+        i: usize,
+        kme_bin: &Path,
+        agent_bin: Option<&Path>,
+        guard: &mut Devnet,
+    ) -> Result<SiteInfo> {
+        let files = self.files(i);
+        std::fs::write(&files.kme_config, self.kme_toml(i))?;
+        let child = spawn(kme_bin, &["--config"], &files.kme_config, &files.kme_log)?;
+        let kme_pid = child.id();
+        guard.children.push(Some(child));
+        let mut agent_pid = 0;
+        if let Some(bin) = agent_bin {
+            agent_pid = self.start_agent(i, bin, &files, guard)?;
+        }
+        Ok(self.site_info(i, files, kme_pid, agent_pid))
+    }
+
+    /// Writes site `i`'s agent and client configurations and starts its agent; returns its
+    /// pid.
+    fn start_agent(
+        &self,
+        i: usize,
+        bin: &Path,
+        files: &SiteFiles,
+        guard: &mut Devnet,
+    ) -> Result<u32> {
+        let agent_files = self
+            .pki
+            .agents
+            .iter()
+            .find(|a| a.id == self.agent_id(i))
+            .context("agent certificate")?;
+        std::fs::create_dir_all(&files.store_dir)?;
+        std::fs::write(
+            &files.agent_config,
+            self.agent_toml(i, agent_files, &files.store_dir),
+        )?;
+        std::fs::write(&files.client_config, self.client_toml(i, &files.site_dir)?)?;
+        let agent = spawn(
+            bin,
+            &["serve", "--config"],
+            &files.agent_config,
+            &files.agent_log,
+        )?;
+        let agent_pid = agent.id();
+        guard.agents.push(Some(agent));
+        Ok(agent_pid)
+    }
+
+    /// Site `i` in `devnet.json`; the agent fields stay empty without agents.
+    fn site_info(&self, i: usize, files: SiteFiles, kme_pid: u32, agent_pid: u32) -> SiteInfo {
+        let agents = self.opts.agents;
+        let path = |p: PathBuf| if agents { p } else { PathBuf::new() };
+        let text = |s: String| if agents { s } else { String::new() };
+        SiteInfo {
+            name: self.names[i].clone(),
+            kme_id: self.kme_ids[i].clone(),
+            kme_url: self.url(i),
+            saes: self
+                .sae_ids(i)
+                .into_iter()
+                .map(|id| {
+                    let f = self.pki.saes.iter().find(|s| s.id == id);
+                    SaeInfo {
+                        cert: f.map(|f| f.cert.clone()).unwrap_or_default(),
+                        key: f.map(|f| f.key.clone()).unwrap_or_default(),
+                        id,
+                    }
+                })
+                .collect(),
+            kme_config: files.kme_config,
+            kme_log: files.kme_log,
+            kme_pid,
+            metrics_url: format!("http://127.0.0.1:{}/metrics", self.metrics_ports[i]),
+            agent_url: text(self.agent_url(i)),
+            agent_sae_id: text(self.agent_id(i)),
+            client_config: path(files.client_config),
+            agent_config: path(files.agent_config),
+            agent_log: path(files.agent_log),
+            agent_pid,
+            store_dir: path(files.store_dir),
+        }
+    }
+
+    /// The contents of `devnet.json`.
+    fn info(&self, sites: Vec<SiteInfo>) -> DevnetInfo {
+        DevnetInfo {
+            ca_cert: self.pki.ca.cert.clone(),
+            operator: Some(SaeInfo {
+                id: OPERATOR.to_owned(),
+                cert: self.operator.cert.clone(),
+                key: self.operator.key.clone(),
+            }),
+            sites,
+            links: self
+                .links
+                .iter()
+                .map(|&(a, b)| [self.kme_ids[a].clone(), self.kme_ids[b].clone()])
+                .collect(),
+        }
+    }
+}
+
+impl Devnet {
+    /// Generates a PKI and configs in `dir`, starts one KME per site, and waits until every
+    /// link delivers key.
+    pub fn start(dir: &Path, opts: &Options) -> Result<Self> {
+        let plan = Plan::new(dir, opts)?;
         let kme_bin = sibling_binary("kms-server")?;
         let agent_bin = if opts.agents {
             Some(sibling_binary("backup-client")?)
         } else {
             None
         };
-        std::fs::create_dir_all(dir.join("logs"))?;
+        std::fs::create_dir_all(plan.dir.join("logs"))?;
 
         let mut sites = Vec::new();
         // Until the network is up, a failure stops whatever was started (Drop of `guard`).
-        let mut guard = Devnet {
-            dir: dir.clone(),
+        let mut guard = Devnet::empty(plan.dir.clone());
+        for i in 0..opts.sites {
+            sites.push(plan.start_site(i, &kme_bin, agent_bin.as_deref(), &mut guard)?);
+        }
+        let info = plan.info(sites);
+        std::fs::write(
+            plan.dir.join("devnet.json"),
+            serde_json::to_string_pretty(&info)?,
+        )?;
+        guard.info = info;
+        let mut net = guard;
+        net.wait_ready(Duration::from_secs(60))?;
+        Ok(net)
+    }
+
+    /// A network in `dir` with no processes yet and an empty description.
+    fn empty(dir: PathBuf) -> Self {
+        Devnet {
+            dir,
             info: DevnetInfo {
                 ca_cert: PathBuf::new(),
                 operator: None,
@@ -321,207 +665,7 @@ impl Devnet {
             children: Vec::new(),
             agents: Vec::new(),
             detached: false,
-        };
-        for i in 0..opts.sites {
-            let mut toml = format!(
-                "kme_id = \"{kme}\"\nlisten = \"127.0.0.1:{port}\"\nsaes = {saes:?}\noperators = [\"{OPERATOR}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n\
-                 [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\npeer_cert = \"{pc}\"\npeer_key = \"{pk}\"\n\n\
-                 [limits]\nmax_key_count = {mkc}\nmax_key_per_request = {mkr}\nmax_key_size = {mks}\n\n\
-                 [local]\n{local}\n",
-                kme = kme_ids[i],
-                port = ports[i],
-                mport = metrics_ports[i],
-                saes = attached(i),
-                ca = pki.ca.cert.display(),
-                cert = pki.kme_servers[i].cert.display(),
-                key = pki.kme_servers[i].key.display(),
-                pc = pki.kme_peers[i].cert.display(),
-                pk = pki.kme_peers[i].key.display(),
-                mkc = opts.max_key_count,
-                mkr = opts.max_key_per_request,
-                mks = opts.max_key_size,
-                local = opts.local_toml.clone().unwrap_or_else(|| format!(
-                    "rate_bytes_per_sec = {}\nblock_bytes = {}",
-                    opts.rate_bytes_per_sec, opts.block_bytes
-                )),
-            );
-            for &(a, b) in &links {
-                let j = if a == i {
-                    b
-                } else if b == i {
-                    a
-                } else {
-                    continue;
-                };
-                let length = opts
-                    .length_km
-                    .map(|l| format!("length_km = {l:?}\n"))
-                    .unwrap_or_default();
-                toml.push_str(&format!(
-                    "\n[[peers]]\nkme_id = \"{}\"\nurl = \"{}\"\nsaes = {:?}\n[peers.link]\nrate_bytes_per_sec = {}\nblock_bytes = {}\n{length}",
-                    kme_ids[j],
-                    url(j),
-                    attached(j),
-                    opts.rate_bytes_per_sec,
-                    opts.block_bytes
-                ));
-                if let Some((_, _, body)) = opts
-                    .link_sources
-                    .iter()
-                    .find(|(a, b, _)| *a == i && *b == j)
-                {
-                    let mut body = body.replace("{dir}", &dir.display().to_string());
-                    for k in 0..opts.sites {
-                        body = body.replace(&format!("{{url_{k}}}"), &url(k));
-                    }
-                    toml.push_str(&format!("[peers.link.source]\n{body}\n"));
-                }
-            }
-            if !opts.volatile_kmes {
-                // Top-level key, so it goes before the first table.
-                let store = dir.join(format!("kme-store-{}", names[i]));
-                toml.insert_str(0, &format!("store_dir = \"{}\"\n", store.display()));
-            }
-            toml.push_str(&opts.extra_toml);
-            let cfg = dir.join(format!("kme-{}.toml", names[i]));
-            std::fs::write(&cfg, toml)?;
-            let log = dir.join("logs").join(format!("kme-{}.log", names[i]));
-            let child = spawn(&kme_bin, &["--config"], &cfg, &log)?;
-            let kme_pid = child.id();
-            guard.children.push(Some(child));
-            let site_dir = dir.join(format!("site-{}", names[i]));
-            let store_dir = site_dir.join("shares");
-            let agent_config = dir.join(format!("agent-{}.toml", names[i]));
-            let client_config = dir.join(format!("client-{}.toml", names[i]));
-            let agent_log = dir.join("logs").join(format!("agent-{}.log", names[i]));
-            let mut agent_pid = 0;
-            if let Some(bin) = &agent_bin {
-                let agent_files = pki
-                    .agents
-                    .iter()
-                    .find(|a| a.id == agent_id(i))
-                    .context("agent certificate")?;
-                std::fs::create_dir_all(&store_dir)?;
-                std::fs::write(
-                    &agent_config,
-                    format!(
-                        "sae_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\nkme_url = \"{}\"\nstore_dir = \"{}\"\n\
-                         # the backup clients of every site (restore anywhere after a disaster)\n\
-                         allowed_clients = {:?}\n\n\
-                         [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-                        agent_id(i),
-                        agent_ports[i],
-                        url(i),
-                        store_dir.display(),
-                        (0..opts.sites).map(|j| sae_ids(j)[0].clone()).collect::<Vec<_>>(),
-                        pki.ca.cert.display(),
-                        agent_files.cert.display(),
-                        agent_files.key.display(),
-                    ),
-                )?;
-                let client_sae = &sae_ids(i)[0];
-                let client_files = pki
-                    .saes
-                    .iter()
-                    .find(|s| &s.id == client_sae)
-                    .context("client certificate")?;
-                let mut client = format!(
-                    "site = \"{}\"\nsae_id = \"{}\"\nkme_url = \"{}\"\nstate_dir = \"{}\"\n\n\
-                     [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-                    names[i],
-                    client_sae,
-                    url(i),
-                    site_dir.join("client-state").display(),
-                    pki.ca.cert.display(),
-                    client_files.cert.display(),
-                    client_files.key.display(),
-                );
-                for (j, name) in names.iter().enumerate() {
-                    client.push_str(&format!(
-                        "\n[[sites]]\nname = \"{}\"\nagent_url = \"{}\"\nagent_sae_id = \"{}\"\n",
-                        name,
-                        agent_url(j),
-                        agent_id(j)
-                    ));
-                }
-                std::fs::write(&client_config, client)?;
-                let agent = spawn(bin, &["serve", "--config"], &agent_config, &agent_log)?;
-                agent_pid = agent.id();
-                guard.agents.push(Some(agent));
-            }
-            sites.push(SiteInfo {
-                name: names[i].clone(),
-                kme_id: kme_ids[i].clone(),
-                kme_url: url(i),
-                saes: sae_ids(i)
-                    .into_iter()
-                    .map(|id| {
-                        let f = pki.saes.iter().find(|s| s.id == id);
-                        SaeInfo {
-                            cert: f.map(|f| f.cert.clone()).unwrap_or_default(),
-                            key: f.map(|f| f.key.clone()).unwrap_or_default(),
-                            id,
-                        }
-                    })
-                    .collect(),
-                kme_config: cfg,
-                kme_log: log,
-                kme_pid,
-                metrics_url: format!("http://127.0.0.1:{}/metrics", metrics_ports[i]),
-                agent_url: if opts.agents {
-                    agent_url(i)
-                } else {
-                    String::new()
-                },
-                agent_sae_id: if opts.agents {
-                    agent_id(i)
-                } else {
-                    String::new()
-                },
-                client_config: if opts.agents {
-                    client_config
-                } else {
-                    PathBuf::new()
-                },
-                agent_config: if opts.agents {
-                    agent_config
-                } else {
-                    PathBuf::new()
-                },
-                agent_log: if opts.agents {
-                    agent_log
-                } else {
-                    PathBuf::new()
-                },
-                agent_pid,
-                store_dir: if opts.agents {
-                    store_dir
-                } else {
-                    PathBuf::new()
-                },
-            });
         }
-        let info = DevnetInfo {
-            ca_cert: pki.ca.cert.clone(),
-            operator: Some(SaeInfo {
-                id: OPERATOR.to_owned(),
-                cert: operator.cert,
-                key: operator.key,
-            }),
-            sites,
-            links: links
-                .iter()
-                .map(|&(a, b)| [kme_ids[a].clone(), kme_ids[b].clone()])
-                .collect(),
-        };
-        std::fs::write(
-            dir.join("devnet.json"),
-            serde_json::to_string_pretty(&info)?,
-        )?;
-        guard.info = info;
-        let mut net = guard;
-        net.wait_ready(Duration::from_secs(60))?;
-        Ok(net)
     }
 
     /// Waits until every KME answers and every link (and local pool) holds key.

@@ -331,32 +331,9 @@ pub fn combine_stream<I: Read, W: Write>(
     inputs: &mut [I],
     mut output: W,
 ) -> Result<CombineSummary, SharingError> {
-    if inputs.is_empty() {
-        return Err(SharingError::NoShares);
-    }
-    let mut headers = Vec::with_capacity(inputs.len());
-    for (pos, input) in inputs.iter_mut().enumerate() {
-        headers.push(read_header_at(input, pos)?);
-    }
+    let headers = read_headers(inputs)?;
     let first = headers[0].0;
-    for (pos, (h, _)) in headers.iter().enumerate().skip(1) {
-        if h.set_id != first.set_id {
-            return Err(SharingError::MixedSets { pos });
-        }
-        if h.scheme != first.scheme || h.chunk_size != first.chunk_size {
-            return Err(SharingError::MismatchedParams { pos });
-        }
-        if headers[..pos].iter().any(|(o, _)| o.index == h.index) {
-            return Err(SharingError::DuplicateIndex { index: h.index });
-        }
-    }
     let k = usize::from(first.scheme.k());
-    if inputs.len() < k {
-        return Err(SharingError::NotEnoughShares {
-            have: inputs.len(),
-            need: k,
-        });
-    }
     let cs = first.chunk_size;
     debug_assert!(cs >= MIN_STREAM_CHUNK_SIZE);
     let indices: Vec<u8> = headers[..k].iter().map(|(h, _)| h.index).collect();
@@ -372,62 +349,17 @@ pub fn combine_stream<I: Read, W: Write>(
     let mut hasher = blake3::Hasher::new();
     let mut chunks: u64 = 0;
     let mut written: u64 = 0;
-    loop {
-        let mut unit = None;
-        for (pos, (input, buf)) in inputs.iter_mut().zip(shares.iter_mut()).enumerate() {
-            let got = read_full(input, buf)?;
-            let this = match got {
-                g if g == cs => Unit::Chunk,
-                TRAILER_LEN => Unit::Trailer,
-                _ => return Err(SharingError::Truncated { pos }),
-            };
-            match (&unit, &this) {
-                (None, _)
-                | (Some(Unit::Chunk), Unit::Chunk)
-                | (Some(Unit::Trailer), Unit::Trailer) => {}
-                _ => return Err(SharingError::Truncated { pos }),
-            }
-            unit = Some(this);
+    while let Some(Unit::Chunk) = read_unit(inputs, &mut shares, cs)? {
+        if have_held {
+            hasher.update(&held);
+            output.write_all(&held)?;
+            written += cs as u64;
         }
-        match unit {
-            Some(Unit::Chunk) => {
-                if have_held {
-                    hasher.update(&held);
-                    output.write_all(&held)?;
-                    written += cs as u64;
-                }
-                combiner.combine_chunk(&shares, &mut held)?;
-                have_held = true;
-                chunks += 1;
-            }
-            Some(Unit::Trailer) | None => break,
-        }
+        combiner.combine_chunk(&shares, &mut held)?;
+        have_held = true;
+        chunks += 1;
     }
-    // Trailers: each checked against its own header, then all compared.
-    let mut trailer: Option<ShareTrailer> = None;
-    for (pos, ((input, buf), (h, hb))) in inputs
-        .iter_mut()
-        .zip(&shares)
-        .zip(&headers[..k])
-        .enumerate()
-    {
-        let mut tb = [0u8; TRAILER_LEN];
-        tb.copy_from_slice(&buf[..TRAILER_LEN]);
-        let t = ShareTrailer::decode(&tb, hb, h.chunk_size)
-            .map_err(|source| SharingError::Format { pos, source })?;
-        let mut extra = [0u8; 1];
-        if read_full(input, &mut extra)? != 0 {
-            return Err(SharingError::TrailingData { pos });
-        }
-        match &trailer {
-            None => trailer = Some(t),
-            Some(first_t) if *first_t != t => return Err(SharingError::TrailerMismatch { pos }),
-            Some(_) => {}
-        }
-    }
-    let Some(trailer) = trailer else {
-        return Err(SharingError::NoShares);
-    };
+    let trailer = read_trailers(inputs, &shares, &headers[..k])?;
     if trailer.chunk_count != chunks {
         return Err(SharingError::ChunkCountMismatch {
             expected: trailer.chunk_count,
@@ -456,6 +388,91 @@ pub fn combine_stream<I: Read, W: Write>(
         original_len: written,
         digest,
     })
+}
+
+/// Reads every input's header; they must be of one set, with one scheme and chunk size,
+/// distinct indices, and at least k of them.
+fn read_headers<I: Read>(
+    inputs: &mut [I],
+) -> Result<Vec<(ShareHeader, [u8; HEADER_LEN])>, SharingError> {
+    if inputs.is_empty() {
+        return Err(SharingError::NoShares);
+    }
+    let mut headers = Vec::with_capacity(inputs.len());
+    for (pos, input) in inputs.iter_mut().enumerate() {
+        headers.push(read_header_at(input, pos)?);
+    }
+    let first = headers[0].0;
+    for (pos, (h, _)) in headers.iter().enumerate().skip(1) {
+        if h.set_id != first.set_id {
+            return Err(SharingError::MixedSets { pos });
+        }
+        if h.scheme != first.scheme || h.chunk_size != first.chunk_size {
+            return Err(SharingError::MismatchedParams { pos });
+        }
+        if headers[..pos].iter().any(|(o, _)| o.index == h.index) {
+            return Err(SharingError::DuplicateIndex { index: h.index });
+        }
+    }
+    let k = usize::from(first.scheme.k());
+    if inputs.len() < k {
+        return Err(SharingError::NotEnoughShares {
+            have: inputs.len(),
+            need: k,
+        });
+    }
+    Ok(headers)
+}
+
+/// Reads the next unit of every share into `shares`: all a chunk of `cs` bytes, or all a
+/// trailer; anything else is a truncated share. `None` when there are no inputs.
+fn read_unit<I: Read>(
+    inputs: &mut [I],
+    shares: &mut [Zeroizing<Vec<u8>>],
+    cs: usize,
+) -> Result<Option<Unit>, SharingError> {
+    let mut unit = None;
+    for (pos, (input, buf)) in inputs.iter_mut().zip(shares.iter_mut()).enumerate() {
+        let got = read_full(input, buf)?;
+        let this = match got {
+            g if g == cs => Unit::Chunk,
+            TRAILER_LEN => Unit::Trailer,
+            _ => return Err(SharingError::Truncated { pos }),
+        };
+        match (&unit, &this) {
+            (None, _) | (Some(Unit::Chunk), Unit::Chunk) | (Some(Unit::Trailer), Unit::Trailer) => {
+            }
+            _ => return Err(SharingError::Truncated { pos }),
+        }
+        unit = Some(this);
+    }
+    Ok(unit)
+}
+
+/// The trailers (read into `shares` by the last [`read_unit`]): each checked against its
+/// own header, nothing after it, then all compared.
+fn read_trailers<I: Read>(
+    inputs: &mut [I],
+    shares: &[Zeroizing<Vec<u8>>],
+    headers: &[(ShareHeader, [u8; HEADER_LEN])],
+) -> Result<ShareTrailer, SharingError> {
+    let mut trailer: Option<ShareTrailer> = None;
+    for (pos, ((input, buf), (h, hb))) in inputs.iter_mut().zip(shares).zip(headers).enumerate() {
+        let mut tb = [0u8; TRAILER_LEN];
+        tb.copy_from_slice(&buf[..TRAILER_LEN]);
+        let t = ShareTrailer::decode(&tb, hb, h.chunk_size)
+            .map_err(|source| SharingError::Format { pos, source })?;
+        let mut extra = [0u8; 1];
+        if read_full(input, &mut extra)? != 0 {
+            return Err(SharingError::TrailingData { pos });
+        }
+        match &trailer {
+            None => trailer = Some(t),
+            Some(first_t) if *first_t != t => return Err(SharingError::TrailerMismatch { pos }),
+            Some(_) => {}
+        }
+    }
+    trailer.ok_or(SharingError::NoShares)
 }
 
 /// Splits an in-memory secret into `n` complete share files (header, payload, trailer).

@@ -547,6 +547,25 @@ fn run_demo(dir: Option<PathBuf>, size: u64, seed: u64, keep: bool, opts: &Optio
 
 fn demo_steps(dir: &Path, size: u64, seed: u64, opts: &Options) -> Result<()> {
     let client_bin = devnet::sibling_binary("backup-client")?;
+    let d = demo_devnet(dir, opts)?;
+    let site = &d.info.sites[0];
+
+    let sample = d.dir.join(BIG_FILES[0]);
+    let restored = d.dir.join(BIG_FILES[1]);
+    let copy = d.dir.join(BIG_FILES[2]);
+
+    demo_generate(&sample, size, seed)?;
+    let cp_secs = demo_copy(&sample, &copy)?;
+    let (id, st) = demo_store(&client_bin, site, &sample, size)?;
+    let rs = demo_restore(&client_bin, site, &id, &restored)?;
+    demo_compare(&sample, &restored, size)?;
+    print_demo_table(size, d.info.sites.len(), &st, &rs, cp_secs);
+    drop(d);
+    Ok(())
+}
+
+/// Starts the demo's devnet, checks that it has site agents and that key flows.
+fn demo_devnet(dir: &Path, opts: &Options) -> Result<Devnet> {
     let t = Instant::now();
     let d = Devnet::start(dir, opts)?;
     println!(
@@ -562,21 +581,20 @@ fn demo_steps(dir: &Path, size: u64, seed: u64, opts: &Options) -> Result<()> {
         opts.max_key_count,
         d.dir.display()
     );
-    let site = &d.info.sites[0];
-    if site.client_config.as_os_str().is_empty() {
+    if d.info.sites[0].client_config.as_os_str().is_empty() {
         bail!("the devnet has no site agents");
     }
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(key_check(&d.info))?;
+    Ok(d)
+}
 
-    let sample = d.dir.join(BIG_FILES[0]);
-    let restored = d.dir.join(BIG_FILES[1]);
-    let copy = d.dir.join(BIG_FILES[2]);
-
+/// Writes the synthetic FASTQ test file.
+fn demo_generate(sample: &Path, size: u64, seed: u64) -> Result<()> {
     let t = Instant::now();
-    fastq::write_file(&sample, size, seed)
+    fastq::write_file(sample, size, seed)
         .with_context(|| format!("writing {}", sample.display()))?;
     let secs = t.elapsed().as_secs_f64();
     println!(
@@ -585,20 +603,38 @@ fn demo_steps(dir: &Path, size: u64, seed: u64, opts: &Options) -> Result<()> {
         human_size(size),
         size as f64 / 1e6 / secs.max(1e-9)
     );
+    Ok(())
+}
 
-    // Disk baseline: a plain copy, synced.
+/// Disk baseline: a plain copy, synced. Returns its time in seconds.
+fn demo_copy(sample: &Path, copy: &Path) -> Result<f64> {
     let t = Instant::now();
-    std::fs::copy(&sample, &copy).with_context(|| format!("copying to {}", copy.display()))?;
-    std::fs::File::open(&copy)?.sync_all()?;
-    let cp_secs = t.elapsed().as_secs_f64();
+    std::fs::copy(sample, copy).with_context(|| format!("copying to {}", copy.display()))?;
+    std::fs::File::open(copy)?.sync_all()?;
+    Ok(t.elapsed().as_secs_f64())
+}
 
+/// What a `backup-client` run reported: bytes and its own time, and the command's wall time.
+struct Timed {
+    bytes: u64,
+    secs: f64,
+    wall: f64,
+}
+
+/// Stores `sample` with `backup-client` at `site`; returns the backup ID and the timing.
+fn demo_store(
+    client_bin: &Path,
+    site: &devnet::SiteInfo,
+    sample: &Path,
+    size: u64,
+) -> Result<(String, Timed)> {
     println!(
         "store: backup-client --config {} --json store {}",
         site.client_config.display(),
         sample.display()
     );
-    let (st, st_wall) = backup_client(
-        &client_bin,
+    let (st, wall) = backup_client(
+        client_bin,
         &site.client_config,
         &["store".as_ref(), sample.as_os_str()],
     )?;
@@ -607,13 +643,18 @@ fn demo_steps(dir: &Path, size: u64, seed: u64, opts: &Options) -> Result<()> {
         .and_then(serde_json::Value::as_str)
         .with_context(|| format!("no backup_id in the store report {st}"))?
         .to_string();
-    let st_bytes = json_u64(&st, "bytes")?;
-    let st_secs = json_f64(&st, "seconds")?;
-    if st_bytes != size {
-        bail!("store reported {st_bytes} bytes, the file has {size}");
+    let bytes = json_u64(&st, "bytes")?;
+    let secs = json_f64(&st, "seconds")?;
+    if bytes != size {
+        bail!("store reported {bytes} bytes, the file has {size}");
     }
-    let shares = st
-        .get("shares")
+    println!("  backup {id}, shares {}", shares_text(&st));
+    Ok((id, Timed { bytes, secs, wall }))
+}
+
+/// The shares of a store report as `1@A, 2@B MISSING, ...`.
+fn shares_text(st: &serde_json::Value) -> String {
+    st.get("shares")
         .and_then(serde_json::Value::as_array)
         .map(|a| {
             a.iter()
@@ -632,20 +673,27 @@ fn demo_steps(dir: &Path, size: u64, seed: u64, opts: &Options) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         })
-        .unwrap_or_default();
-    println!("  backup {id}, shares {shares}");
+        .unwrap_or_default()
+}
 
+/// Restores backup `id` into `restored` with `backup-client` at `site`.
+fn demo_restore(
+    client_bin: &Path,
+    site: &devnet::SiteInfo,
+    id: &str,
+    restored: &Path,
+) -> Result<Timed> {
     println!(
         "restore: backup-client ... --json restore {id} {}",
         restored.display()
     );
-    let (rs, rs_wall) = backup_client(
-        &client_bin,
+    let (rs, wall) = backup_client(
+        client_bin,
         &site.client_config,
         &["restore".as_ref(), id.as_ref(), restored.as_os_str()],
     )?;
-    let rs_bytes = json_u64(&rs, "bytes")?;
-    let rs_secs = json_f64(&rs, "seconds")?;
+    let bytes = json_u64(&rs, "bytes")?;
+    let secs = json_f64(&rs, "seconds")?;
     let used = rs
         .get("used")
         .and_then(serde_json::Value::as_array)
@@ -656,10 +704,14 @@ fn demo_steps(dir: &Path, size: u64, seed: u64, opts: &Options) -> Result<()> {
                 .join(", ")
         })
         .unwrap_or_default();
-    println!("  restored {} bytes from shares {used}", rs_bytes);
+    println!("  restored {} bytes from shares {used}", bytes);
+    Ok(Timed { bytes, secs, wall })
+}
 
+/// Fails unless the restored file is identical to the original.
+fn demo_compare(sample: &Path, restored: &Path, size: u64) -> Result<()> {
     let t = Instant::now();
-    if let Some(diff) = compare_files(&sample, &restored)? {
+    if let Some(diff) = compare_files(sample, restored)? {
         bail!(
             "the restored file differs from the original: {diff} ({} vs {})",
             sample.display(),
@@ -671,46 +723,50 @@ fn demo_steps(dir: &Path, size: u64, seed: u64, opts: &Options) -> Result<()> {
         size,
         t.elapsed().as_secs_f64()
     );
+    Ok(())
+}
 
-    let row = |name: &str, bytes: u64, secs: f64, wall: Option<f64>, seed: Option<f64>| {
-        let m = mbps(bytes, secs);
-        println!(
-            "{name:<24} {:>8.2} s {:>8} {:>9.0} {:>9} {:>9}",
-            secs,
-            wall.map_or("-".into(), |w| format!("{w:.2} s")),
-            m,
-            seed.map_or("-".into(), |s| format!("{s:.0}")),
-            seed.map_or("-".into(), |s| format!("{:.2}x", m / s)),
-        );
-    };
+/// One row of the demo's table: time, wall time, Mbps, and the seed's Mbps beside ours.
+fn print_demo_row(name: &str, bytes: u64, secs: f64, wall: Option<f64>, seed: Option<f64>) {
+    let m = mbps(bytes, secs);
+    println!(
+        "{name:<24} {:>8.2} s {:>8} {:>9.0} {:>9} {:>9}",
+        secs,
+        wall.map_or("-".into(), |w| format!("{w:.2} s")),
+        m,
+        seed.map_or("-".into(), |s| format!("{s:.0}")),
+        seed.map_or("-".into(), |s| format!("{:.2}x", m / s)),
+    );
+}
+
+/// The demo's table: store, restore and the plain copy beside the seed's figures.
+fn print_demo_table(size: u64, sites: usize, st: &Timed, rs: &Timed, cp_secs: f64) {
     println!();
     println!(
         "{} ({size} bytes), {} sites, Mbps = 10^6 bit/s",
         human_size(size),
-        d.info.sites.len()
+        sites
     );
     println!(
         "{:<24} {:>10} {:>8} {:>9} {:>9} {:>9}",
         "", "time", "wall", "Mbps", "seed Mbps", "ours/seed"
     );
-    row(
+    print_demo_row(
         "store (backup-client)",
-        st_bytes,
-        st_secs,
-        Some(st_wall),
+        st.bytes,
+        st.secs,
+        Some(st.wall),
         Some(SEED_STORE_MBPS),
     );
-    row(
+    print_demo_row(
         "restore (backup-client)",
-        rs_bytes,
-        rs_secs,
-        Some(rs_wall),
+        rs.bytes,
+        rs.secs,
+        Some(rs.wall),
         Some(SEED_RESTORE_MBPS),
     );
-    row("cp + fsync (disk)", size, cp_secs, None, None);
+    print_demo_row("cp + fsync (disk)", size, cp_secs, None, None);
     println!(
         "(time: as reported by backup-client; wall: the whole command, process start included)"
     );
-    drop(d);
-    Ok(())
 }
