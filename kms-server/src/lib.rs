@@ -10,21 +10,22 @@
 //! `site-agent`, `backup-client`); the KME knows nothing of backups. The link physics and
 //! the BB84 engine come from `qkd-sim`, TLS from `mtls`, the 014 types from `etsi-spec`.
 //!
-//! Modules, from the wire inwards (each depends only on those below it):
+//! Modules, from the wire inwards; each uses only modules listed after it, so the module
+//! graph has no cycle:
 //! - [`http`] — the HTTP face: 014 handlers, the KME-to-KME and admin handlers, metrics, and
 //!   the one mapping of the service's refusals to status codes.
-//! - [`service`] — [`service::Kme`], the operations independent of HTTP (Get status, Get key
-//!   in named steps, Get key with key IDs, registrations from peers, admin), with its own
-//!   error enum.
 //! - [`link`] — moving key from a source into both ends' pools: the producer's loop, the far
 //!   end, synchronisation after restarts, pacing, the local pool.
+//! - [`service`] — [`service::Kme`], the operations independent of HTTP (Get status, Get key
+//!   in named steps, Get key with key IDs, registrations from peers, admin), with its own
+//!   error enum; key enters the pools only through [`service::Kme::append_durable`].
 //! - [`source`] — key sources behind a trait: simulator, faithful BB84, key files, upstream
 //!   014; how to add a vendor driver.
 //! - [`peer`] — the KME-to-KME channel: routes, every wire message, the client, the
 //!   registration coalescer.
-//! - [`pool`] — streams (typed [`pool::StreamId`]s), key records (pending/ready), the state
-//!   under one lock, and the durable store behind them.
-//! - [`config`] (TOML + env, every setting including key sources) and [`metrics`].
+//! - [`config`] (TOML + env, every setting including key sources), [`pool`] (streams as typed
+//!   [`pool::StreamId`]s, key records pending/ready, the state under one lock, the durable
+//!   store behind them) and [`metrics`]: leaves.
 //!
 //! Dependencies: actix-web with OpenSSL for the mTLS server (OpenSSL exposes the verified
 //! peer certificate per connection; through `mtls`); reqwest (native-tls, i.e. the same

@@ -21,9 +21,9 @@ fn source_error(e: SourceError) -> KmeError {
 }
 
 /// The far end receives one block announcement of the link to `from_kme`: a heartbeat
-/// updates the link's modelled state; a block is checked ([`place_block`]), its bytes
-/// fetched from this end's source, appended ([`append_fetched`]) and acknowledged once the
-/// durable write is queued ([`release_when_durable`]).
+/// updates the link's modelled state; a block is checked (`place_block`), its bytes
+/// fetched from this end's source, appended (`append_fetched`) and acknowledged once the
+/// durable write is queued (`release_when_durable`).
 pub async fn receive_block(
     kme: &Kme,
     from_kme: &str,
