@@ -731,11 +731,17 @@ mod tests {
             })
             .await
             .unwrap();
-        // Wipes run after the commit; a later commit orders after them.
+        // Wipes run on the wiper thread after the commit, off the commit path: nothing
+        // orders the test after them, so wait (bounded) for the overwrite.
         store.submit(Batch::default()).await.unwrap();
         drop(store);
         let seg = dir.path().join("pool/s/00000000.key");
-        let raw = std::fs::read(&seg).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut raw = std::fs::read(&seg).unwrap();
+        while raw[..10] != [0u8; 10] && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            raw = std::fs::read(&seg).unwrap();
+        }
         assert_eq!(&raw[..10], &[0u8; 10], "consumed bytes overwritten");
         assert_eq!(&raw[10..15], &data[10..15], "record bytes kept");
         // The committer thread lets go of the database once the last handle is dropped.
