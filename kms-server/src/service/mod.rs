@@ -63,6 +63,8 @@ pub struct Kme {
     store: Option<Store>,
     /// Signalled whenever key material is consumed, so link producers refill promptly.
     pub consumed: Notify,
+    /// Signalled whenever a block is appended to a pool (registrations wait on it).
+    appended: Notify,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -106,6 +108,7 @@ impl Kme {
             state: Mutex::new(state),
             store,
             consumed: Notify::new(),
+            appended: Notify::new(),
             metrics: crate::metrics::Metrics::default(),
         })
     }
@@ -210,6 +213,7 @@ impl Kme {
             batch.appends.push((id.name(), offset, copy));
             batch.streams.push((id.name(), stream.meta()));
         }
+        self.appended.notify_waiters();
         Ok(Box::pin(self.persist(batch)))
     }
 

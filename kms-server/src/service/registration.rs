@@ -1,12 +1,25 @@
 //! Keys a peer KME handed to its masters, registered here for slaves attached here: only
 //! IDs and stream ranges cross the wire, the bytes are taken from this KME's copy of the
 //! peer's direction of the link.
+//!
+//! At a link's producing end, a registration can arrive before the block it names: the
+//! producer adds its copy of a block only after the far end has acknowledged it, and the far
+//! end's masters may take keys from the block at once. Refusing such a registration would
+//! leave those bytes free here while the far end has discarded them; counted as held, they
+//! would stop the producer from refilling the far end's pool for good. So the producing end
+//! first waits, bounded by [`APPEND_WAIT`], until it holds every named range
+//! ([`Kme::await_appended`]).
+
+use std::time::Duration;
 
 use super::{Kme, KmeError};
 use crate::peer::Registration;
 use crate::pool::records::now_unix;
 use crate::pool::store::{Batch, RecordOp};
 use crate::pool::{KeyRecord, Readiness, State, StreamId};
+
+/// How long the producing end waits for its own copy of a block that a registration names.
+pub const APPEND_WAIT: Duration = Duration::from_secs(5);
 
 impl Kme {
     /// Registers keys a peer handed to its masters, for slaves attached here; per
@@ -16,6 +29,7 @@ impl Kme {
         from_kme: &str,
         regs: Vec<Registration>,
     ) -> Vec<Option<String>> {
+        self.await_appended(from_kme, &regs).await;
         let (results, durable) = {
             let mut st = match self.lock() {
                 Ok(st) => st,
@@ -43,6 +57,36 @@ impl Kme {
         }
         self.consumed.notify_waiters();
         results
+    }
+
+    /// At the producing end of the link to `from_kme`: waits until this end's copy of the
+    /// peer's direction reaches the end of every range `regs` name, or [`APPEND_WAIT`] has
+    /// passed (then the registration is checked, and refused, as it stands).
+    pub async fn await_appended(&self, from_kme: &str, regs: &[Registration]) {
+        if self.kme_id() >= from_kme {
+            return; // the far end appends before it acknowledges: nothing to wait for
+        }
+        let needed = regs
+            .iter()
+            .flat_map(|r| &r.keys)
+            .map(|k| k.offset.saturating_add(k.len))
+            .max()
+            .unwrap_or(0);
+        let deadline = tokio::time::Instant::now() + APPEND_WAIT;
+        loop {
+            // Created before the check, so an append between the check and the wait wakes it.
+            let appended = self.appended.notified();
+            let end = match self.lock() {
+                Ok(st) => st.links.get(from_kme).map_or(u64::MAX, |l| l.theirs.end()),
+                Err(_) => return,
+            };
+            if end >= needed {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, appended).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// One registration, under the state lock: the master must sit at `from_kme`, every
