@@ -38,7 +38,7 @@ use uuid::Uuid;
 ///   state_dir = "state"              # resume state of interrupted stores
 ///   [tls] ca = "ca.pem"  cert = "sae.pem"  key = "sae.key"
 ///   [[sites]] name = "A"  agent_url = "https://127.0.0.1:9001"  agent_sae_id = "AGENT_A"
-///   [backup] k = 2  n = 3  scheme = "xor"  streams = 2  batch_chunks = 4  rng = "chacha12"
+///   [backup] k = 2  n = 3  scheme = "xor"  streams = cores (2..16)  batch_chunks = 4  rng = "chacha12"
 ///            placement = ["A", "B", "C"]  chunk_size = 0  key_wait_secs = 600  retries = 5
 ///
 /// The site agent's configuration (for `serve`):
@@ -55,7 +55,8 @@ struct Cli {
     /// Configuration file (client, or agent for `serve`).
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
-    /// Print results as JSON on stdout (no progress bar).
+    /// Print results as JSON on stdout. Progress goes to stderr: a bar on a terminal (not
+    /// with --json), otherwise a line every 10 s (bytes, rate, time spent waiting for key).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -153,15 +154,26 @@ fn run(cli: Cli) -> Result<i32> {
     rt.block_on(client(cli, cfg))
 }
 
-/// Draws a progress line on a terminal until dropped.
+/// Shows progress until dropped: a bar on a terminal; otherwise (and with `--json`) a line
+/// on stderr every [`LOG_EVERY`], so that a job run by a script or a service is never silent.
 struct Bar {
     handle: Option<tokio::task::JoinHandle<()>>,
     bar: indicatif::ProgressBar,
 }
 
+/// How often progress is logged when stderr is not a terminal.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How progress is shown.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Show {
+    Bar,
+    Log,
+}
+
 impl Bar {
-    fn start(progress: Arc<Progress>, what: &str, show: bool) -> Self {
-        let bar = if show {
+    fn start(progress: Arc<Progress>, what: &str, show: Show) -> Self {
+        let bar = if show == Show::Bar {
             indicatif::ProgressBar::new(0)
         } else {
             indicatif::ProgressBar::hidden()
@@ -175,17 +187,29 @@ impl Bar {
         );
         bar.set_prefix(what.to_owned());
         let b = bar.clone();
+        let what = what.to_owned();
         let handle = tokio::spawn(async move {
             let start = Instant::now();
+            let mut logged = Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 let done = progress.done.load(Ordering::Relaxed);
-                b.set_length(progress.total.load(Ordering::Relaxed));
+                let total = progress.total.load(Ordering::Relaxed);
+                b.set_length(total);
                 b.set_position(done);
-                let mbps = done as f64 * 8.0 / 1e6 / start.elapsed().as_secs_f64().max(1e-3);
+                let line = progress_line(&progress, start.elapsed());
                 match progress.notice.get() {
-                    Some(n) => b.set_message(format!("{mbps:.0} Mbps, {n}")),
-                    None => b.set_message(format!("{mbps:.0} Mbps")),
+                    Some(n) => b.set_message(format!("{line}, {n}")),
+                    None => b.set_message(line.clone()),
+                }
+                if show == Show::Log && logged.elapsed() >= LOG_EVERY {
+                    logged = Instant::now();
+                    eprintln!(
+                        "{what}: {} of {} ({:.0}%), {line}",
+                        indicatif::HumanBytes(done),
+                        indicatif::HumanBytes(total),
+                        done as f64 * 100.0 / total.max(1) as f64
+                    );
                 }
             }
         });
@@ -194,6 +218,16 @@ impl Bar {
             bar,
         }
     }
+}
+
+/// Rate so far and time spent waiting for key.
+fn progress_line(progress: &Progress, elapsed: Duration) -> String {
+    let done = progress.done.load(Ordering::Relaxed);
+    let mbps = done as f64 * 8.0 / 1e6 / elapsed.as_secs_f64().max(1e-3);
+    format!(
+        "{mbps:.0} Mbps, waited for key {:.1} s",
+        progress.notice.waited().as_secs_f64()
+    )
 }
 
 impl Drop for Bar {
@@ -210,7 +244,11 @@ fn mbps(bytes: u64, secs: f64) -> f64 {
 }
 
 async fn client(cli: Cli, cfg: ClientConfig) -> Result<i32> {
-    let show = !cli.json && std::io::stderr().is_terminal();
+    let show = if !cli.json && std::io::stderr().is_terminal() {
+        Show::Bar
+    } else {
+        Show::Log
+    };
     let defaults = cfg.backup.clone();
     let bc = BackupClient::new(cfg)?;
     match cli.cmd {
@@ -243,7 +281,7 @@ async fn store(
     file: &Path,
     opts: &StoreOptions,
     json: bool,
-    show: bool,
+    show: Show,
 ) -> Result<i32> {
     let bar = Bar::start(bc.progress.clone(), "store", show);
     let r = bc.store(file, opts).await;
@@ -279,7 +317,7 @@ async fn store(
     Ok(0)
 }
 
-async fn restore(bc: &BackupClient, id: &str, out: &Path, json: bool, show: bool) -> Result<i32> {
+async fn restore(bc: &BackupClient, id: &str, out: &Path, json: bool, show: Show) -> Result<i32> {
     let id = parse_id(id)?;
     let bar = Bar::start(bc.progress.clone(), "restore", show);
     let r = bc.restore(id, out).await;

@@ -439,3 +439,50 @@ fn a_restore_killed_halfway_resumes_from_its_checkpoint() {
     assert!(same_files(&f, &out));
     assert!(!partial.exists());
 }
+
+/// The default devnet's link (10 km, 1.25 MB/s) and pools (100,000 keys of 256 bit, 3.2 MB
+/// per direction) are far smaller than the key a 32 MiB store needs (32 MiB of pad per
+/// remote site: an XOR share is as big as the file): the client and the agents size every key request to the pool, so store and
+/// restore run at the link's rate, and say so every 10 s without a terminal.
+#[test]
+fn store_and_restore_larger_than_the_pools_run_at_the_links_rate() {
+    const RATE: f64 = 1_250_000.0;
+    let net = common::start(devnet::Options::default());
+    let dir = tempfile::tempdir().unwrap();
+    let len = 32 << 20;
+    let f = random_file(dir.path(), "in", len);
+    // Pad for one remote share (as big as the file), from one link.
+    let key_bound = len as f64 / RATE;
+
+    let t = Instant::now();
+    let r = client(&net.info, 0, &["store", f.to_str().unwrap()]);
+    let store_secs = t.elapsed().as_secs_f64();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let id = r.json()["backup_id"].as_str().unwrap().to_owned();
+    assert!(
+        store_secs < 2.0 * key_bound + 20.0,
+        "store took {store_secs:.1} s; the link allows it in {key_bound:.1} s"
+    );
+    assert!(
+        r.stderr.contains("store: ") && r.stderr.contains("waited for key"),
+        "a progress line every 10 s on stderr: {}",
+        r.stderr
+    );
+
+    let out = dir.path().join("out");
+    let t = Instant::now();
+    let r = client(&net.info, 0, &["restore", &id, out.to_str().unwrap()]);
+    let restore_secs = t.elapsed().as_secs_f64();
+    eprintln!("store {store_secs:.1} s, restore {restore_secs:.1} s, key-bound {key_bound:.1} s");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(same_files(&f, &out), "restored bytes differ");
+    assert!(
+        restore_secs < 2.0 * key_bound + 20.0,
+        "restore took {restore_secs:.1} s; the link allows it in {key_bound:.1} s"
+    );
+    assert!(
+        r.stderr.contains("restore: "),
+        "a progress line every 10 s on stderr: {}",
+        r.stderr
+    );
+}

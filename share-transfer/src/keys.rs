@@ -9,6 +9,7 @@
 //! publishes what it is waiting for in a [`Notice`] that the progress display shows.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,27 +41,48 @@ pub enum KeyError {
     },
 }
 
-/// A line of text the progress display shows while waiting (None = not waiting).
+/// What the progress display shows about key: a line while waiting (None = not waiting),
+/// and the time spent waiting for key so far.
 #[derive(Default)]
-pub struct Notice(Mutex<Option<String>>);
+pub struct Notice {
+    line: Mutex<Option<String>>,
+    waited_ns: AtomicU64,
+}
 
 impl Notice {
     pub fn set(&self, text: Option<String>) {
-        if let Ok(mut n) = self.0.lock() {
+        if let Ok(mut n) = self.line.lock() {
             *n = text;
         }
     }
 
     pub fn get(&self) -> Option<String> {
-        self.0.lock().ok().and_then(|n| n.clone())
+        self.line.lock().ok().and_then(|n| n.clone())
+    }
+
+    /// Adds time spent waiting for the KME to hold enough key.
+    pub fn add_wait(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.waited_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Time spent waiting for key so far (summed over concurrent requests).
+    pub fn waited(&self) -> Duration {
+        Duration::from_nanos(self.waited_ns.load(Ordering::Relaxed))
     }
 }
+
+/// The share of a pool that one request may ask for: a request for at most a quarter of a
+/// pool can be met while other streams draw on the same pool and the link refills it.
+pub const POOL_SHARE: u64 = 4;
 
 /// How the keys of one chunk are laid out, derived from the chunk size and the KME's limits.
 ///
 /// A chunk takes `keys` keys of `key_bytes` each; their concatenation holds the pad (when
-/// the transfer leaves its site) followed by the [`KEY_LEN`]-byte MAC key. So one `enc_keys`
-/// request serves several chunks, pad and MAC alike.
+/// the transfer leaves its site) followed by the [`KEY_LEN`]-byte MAC key. Requests are
+/// sized so that the KME can always meet them: at most `max_key_per_request` keys and at
+/// most a [`POOL_SHARE`]th of the pool (`max_key_count` × `key_size`). A chunk may need
+/// several requests, or one request may serve several chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyPlan {
     /// Keys per chunk.
@@ -69,8 +91,8 @@ pub struct KeyPlan {
     pub key_bytes: usize,
     /// Bytes of pad per chunk (0 within a site).
     pub pad_bytes: usize,
-    /// Most keys per request at this KME.
-    pub max_per_request: usize,
+    /// Most keys one request asks for.
+    pub keys_per_request: usize,
 }
 
 impl KeyPlan {
@@ -87,31 +109,30 @@ impl KeyPlan {
         if max == 0 || per_req == 0 {
             return Err(err("max_key_size or max_key_per_request is 0".into()));
         }
+        let pool = status.max_key_count.saturating_mul(status.key_size / 8);
+        let budget = usize::try_from(pool / POOL_SHARE).unwrap_or(usize::MAX);
+        let max = max.min(budget);
+        if max < min.max(1) {
+            return Err(err(format!(
+                "a quarter of the pool ({pool} B: max_key_count {} × key_size {} bit) is below min_key_size {min} B",
+                status.max_key_count, status.key_size
+            )));
+        }
         let pad_bytes = if pad { chunk } else { 0 };
         let need = pad_bytes + KEY_LEN;
         let keys = need.div_ceil(max);
         let key_bytes = need.div_ceil(keys).max(min);
-        if key_bytes > max {
-            return Err(err(format!(
-                "min_key_size {min} B exceeds max_key_size {max} B"
-            )));
-        }
-        if keys > per_req {
-            return Err(err(format!(
-                "needs {keys} keys per chunk, max_key_per_request is {per_req}"
-            )));
-        }
         Ok(KeyPlan {
             keys,
             key_bytes,
             pad_bytes,
-            max_per_request: per_req,
+            keys_per_request: per_req.min(budget / key_bytes).max(1),
         })
     }
 
-    /// How many chunks' keys fit in one request.
+    /// How many chunks' keys fit in one request (at least 1).
     pub fn chunks_per_request(&self) -> usize {
-        (self.max_per_request / self.keys).max(1)
+        (self.keys_per_request / self.keys).max(1)
     }
 }
 
@@ -163,85 +184,112 @@ impl KeyFetcher {
             })
     }
 
+    /// One `enc_keys` for at most `number` keys of `bytes`. While the KME has too few
+    /// (503), asks Status how many it holds and takes those at once (at least one key), or
+    /// waits for the link; so progress follows the link's rate, whatever the pool's size.
     async fn enc(
         &self,
         slave: &str,
         number: usize,
         bytes: usize,
     ) -> Result<Vec<DecodedKey>, KeyError> {
-        let req = KeyRequest {
-            number: Some(number as u64),
-            size: Some(bytes as u64 * 8),
-            ..KeyRequest::default()
-        };
         let start = Instant::now();
-        let mut delay = Duration::from_millis(50);
-        loop {
+        let mut number = number;
+        let mut delay = Duration::from_millis(20);
+        let mut waited = false;
+        let result = loop {
+            let req = KeyRequest {
+                number: Some(number as u64),
+                size: Some(bytes as u64 * 8),
+                ..KeyRequest::default()
+            };
             match self.client.enc_keys_decoded(slave, &req).await {
                 Ok(keys) => {
-                    self.notice.set(None);
                     if keys.len() != number || keys.iter().any(|(_, k)| k.len() != bytes) {
-                        return Err(KeyError::Count {
+                        break Err(KeyError::Count {
                             kme: self.kme.clone(),
                             got: keys.len(),
                             expected: number,
                         });
                     }
-                    return Ok(keys);
+                    break Ok(keys);
                 }
                 Err(e) if e.status().is_some_and(|s| s.as_u16() == 503) => {
-                    let waited = start.elapsed();
-                    if waited > self.max_wait {
-                        self.notice.set(None);
-                        return Err(KeyError::Exhausted {
+                    waited = true;
+                    let elapsed = start.elapsed();
+                    if elapsed > self.max_wait {
+                        break Err(KeyError::Exhausted {
                             kme: self.kme.clone(),
-                            waited,
+                            waited: elapsed,
                         });
+                    }
+                    let held = self.held_keys(slave, bytes).await;
+                    if held > 0 && held < number {
+                        // Take what is there now rather than wait for the whole request.
+                        number = held;
+                        continue;
                     }
                     self.notice.set(Some(format!(
                         "waiting for QKD key for {slave} ({:.0} s): {}",
-                        waited.as_secs_f64(),
+                        elapsed.as_secs_f64(),
                         match &e {
                             ClientError::Api { error, .. } => error.message.as_str(),
                             _ => "KME busy",
                         }
                     )));
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
+                    delay = (delay * 2).min(Duration::from_millis(500));
                 }
                 Err(source) => {
-                    return Err(KeyError::Kme {
+                    break Err(KeyError::Kme {
                         kme: self.kme.clone(),
                         source,
                     })
                 }
             }
+        };
+        if waited {
+            self.notice.set(None);
+            self.notice.add_wait(start.elapsed());
+        }
+        result
+    }
+
+    /// How many keys of `bytes` the pool shared with `slave` holds now (0 if unknown).
+    async fn held_keys(&self, slave: &str, bytes: usize) -> usize {
+        match self.client.status(slave).await {
+            Ok(st) => {
+                let held = st.stored_key_count.saturating_mul(st.key_size / 8);
+                usize::try_from(held / bytes.max(1) as u64).unwrap_or(usize::MAX)
+            }
+            Err(_) => 0,
         }
     }
 
-    /// Master side: key material for `chunks` chunks shared with `slave`.
+    /// Master side: key material for `chunks` chunks shared with `slave`, in requests of
+    /// at most `plan.keys_per_request` keys (a chunk's keys may span requests).
     pub async fn take(
         &self,
         slave: &str,
         plan: &KeyPlan,
         chunks: usize,
     ) -> Result<Vec<ChunkKeys>, KeyError> {
+        let total = chunks * plan.keys;
+        let mut keys = Vec::with_capacity(total);
+        while keys.len() < total {
+            let n = (total - keys.len()).min(plan.keys_per_request);
+            keys.extend(self.enc(slave, n, plan.key_bytes).await?);
+        }
+        let mut it = keys.into_iter();
         let mut out = Vec::with_capacity(chunks);
-        let mut left = chunks;
-        while left > 0 {
-            let n = left.min(plan.chunks_per_request());
-            let keys = self.enc(slave, n * plan.keys, plan.key_bytes).await?;
-            let mut it = keys.into_iter();
-            for _ in 0..n {
-                let mut ids = Vec::with_capacity(plan.keys);
-                let mut material = Zeroizing::new(Vec::with_capacity(plan.keys * plan.key_bytes));
-                for (id, bytes) in it.by_ref().take(plan.keys) {
-                    ids.push(id);
-                    material.extend_from_slice(&bytes);
-                }
-                out.push(ChunkKeys { ids, material });
+        for _ in 0..chunks {
+            let mut ids = Vec::with_capacity(plan.keys);
+            let mut material = Zeroizing::new(Vec::with_capacity(plan.keys * plan.key_bytes));
+            for (id, bytes) in it.by_ref().take(plan.keys) {
+                ids.push(id);
+                material.extend_from_slice(&bytes);
             }
-            left -= n;
+            out.push(ChunkKeys { ids, material });
         }
         Ok(out)
     }

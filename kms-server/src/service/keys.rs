@@ -175,6 +175,7 @@ impl Kme {
             ))
             .detail("size", size));
         }
+        self.check_pool_can_hold(number, size)?;
         let slaves = self.named_slaves(caller, slave, req)?;
         let mut order = KeyOrder {
             master: caller,
@@ -200,6 +201,23 @@ impl Kme {
             }
         }
         Ok(order)
+    }
+
+    /// A request for more bytes than a pool can ever hold would wait forever: refused now.
+    fn check_pool_can_hold(&self, number: u64, size: u64) -> Result<(), KmeError> {
+        let l = &self.settings.limits;
+        let asked = number.saturating_mul(size / 8);
+        let cap = self.capacity_bytes();
+        if asked <= cap {
+            return Ok(());
+        }
+        Err(KmeError::bad_request(format!(
+            "{number} keys of {size} bits ({asked} bytes) exceed what a key pool can ever hold: \
+             {cap} bytes (max_key_count {} x key_size {} bits); ask for fewer or smaller keys",
+            l.max_key_count, l.key_size
+        ))
+        .detail("max_key_count", l.max_key_count)
+        .detail("key_size", l.key_size))
     }
 
     /// The slave and the additional slaves, each once, none the master itself.
