@@ -6,8 +6,12 @@
 //!   connections, beside `GET status` at the same concurrency (the transport ceiling of the
 //!   same server); batched exchanges (1,024 keys of 256 bit per request); bulk key delivery
 //!   with the key size the backup client uses.
-//! - Pipeline: store and restore of a synthetic FASTQ file through the real CLI, beside a
-//!   plain copy of the same file (the disk baseline) and the seed's 356 / 502 Mbps.
+//! - Pipeline: store and restore of a synthetic FASTQ file through the real CLI, with key
+//!   stored in advance (a devnet whose pools are sized to the job and filled before each
+//!   run, the fill rate printed) and with key generated live (small pools the bulk link
+//!   refills), beside a plain copy of the same file (the disk baseline) and the seed's
+//!   356 / 502 Mbps; CPU ns per file byte of every process (from /proc) and a projection
+//!   for one 2-core machine per site.
 //! - Peak RSS (VmHWM) of the client, each site agent and each KME.
 //! - Link: the modelled secure key rate and QBER by fibre length; the bulk fill rate of a
 //!   simulated link into the durable pool, beside the same link with an in-memory pool.
@@ -19,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{fastq, Devnet, DevnetInfo, Options};
+use crate::{cpu, fastq, Devnet, DevnetInfo, Options};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -255,6 +259,81 @@ fn cli(config: &Path, args: &[&str], peak: &mut u64) -> Result<serde_json::Value
     }
 }
 
+/// One store and restore at site A through the CLI, with every process's CPU time.
+struct Job {
+    store_gbps: f64,
+    restore_gbps: f64,
+    store_cpu: cpu::JobCpu,
+    restore_cpu: cpu::JobCpu,
+}
+
+fn run_job(net: &Devnet, file: &Path, out: &Path, size: u64, peak: &mut u64) -> Result<Job> {
+    let site = &net.info.sites[0];
+    let procs = cpu::devnet_processes(&net.info);
+    let before = cpu::before(&procs, &site.name);
+    let s = cli(
+        &site.client_config,
+        &["store", file.to_str().context("path")?],
+        peak,
+    )?;
+    let store_cpu = before.after();
+    let id = s["backup_id"].as_str().context("backup_id")?.to_owned();
+    let before = cpu::before(&procs, &site.name);
+    let r = cli(
+        &site.client_config,
+        &["restore", &id, out.to_str().context("path")?],
+        peak,
+    )?;
+    let restore_cpu = before.after();
+    if !crate::files_equal(file, out)? {
+        bail!("the restored file differs from the original");
+    }
+    std::fs::remove_file(out)?;
+    for s in &net.info.sites {
+        let _ = std::fs::remove_dir_all(s.store_dir.join(&id));
+    }
+    let gbps =
+        |v: &serde_json::Value| size as f64 * 8.0 / v["seconds"].as_f64().unwrap_or(f64::NAN) / 1e9;
+    Ok(Job {
+        store_gbps: gbps(&s),
+        restore_gbps: gbps(&r),
+        store_cpu,
+        restore_cpu,
+    })
+}
+
+/// The plain copy with fsync: Gbps and the CPU it took.
+fn copy_baseline(file: &Path, copy: &Path, size: u64) -> Result<(f64, Duration)> {
+    let me = std::process::id();
+    let c0 = cpu::process(me).unwrap_or_default();
+    let t = Instant::now();
+    std::fs::copy(file, copy)?;
+    std::fs::File::open(copy)?.sync_all()?;
+    let gbps = size as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9;
+    let used = cpu::process(me).unwrap_or_default().saturating_sub(c0);
+    std::fs::remove_file(copy)?;
+    Ok((gbps, used))
+}
+
+/// The job of the median run (by store throughput).
+fn median_job(jobs: &[Job]) -> Option<&Job> {
+    let mut order: Vec<&Job> = jobs.iter().collect();
+    order.sort_by(|a, b| a.store_gbps.total_cmp(&b.store_gbps));
+    order.get(order.len() / 2).copied()
+}
+
+fn print_gbps(name: &str, v: f64, seed: f64, cp: f64) {
+    println!(
+        "{name:<52} {v:>9.2} Gbps   {:>5.1}x seed ({seed})   {:.2}x cp",
+        v / seed,
+        v / cp
+    );
+}
+
+/// Store and restore with key stored in advance (a devnet of its own per run, its pools
+/// sized to the job and filled by the links' prefill before the job) and with key
+/// generated live (the bench's small pools, refilled by the bulk link during the job),
+/// beside a plain copy; CPU per byte of every process.
 fn pipeline_part(net: &Devnet, o: &BenchOptions) -> Result<u64> {
     let file = o.dir.join("bench.fastq");
     let out = o.dir.join("bench.restored");
@@ -264,57 +343,117 @@ fn pipeline_part(net: &Devnet, o: &BenchOptions) -> Result<u64> {
         fastq::human_size(o.size)
     );
     fastq::write_file(&file, o.size, 2021)?;
-    let site = &net.info.sites[0];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut peak = 0u64;
-    let (mut st, mut re, mut cp) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut stored, mut live, mut cp, mut cp_cpu, mut fills) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..o.runs {
-        let t = Instant::now();
-        std::fs::copy(&file, &copy)?;
-        std::fs::File::open(&copy)?.sync_all()?;
-        cp.push(o.size as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9);
-        std::fs::remove_file(&copy)?;
-        let s = cli(
-            &site.client_config,
-            &["store", file.to_str().context("path")?],
-            &mut peak,
-        )?;
-        let id = s["backup_id"].as_str().context("backup_id")?.to_owned();
-        st.push(o.size as f64 * 8.0 / s["seconds"].as_f64().unwrap_or(f64::NAN) / 1e9);
-        let r = cli(
-            &site.client_config,
-            &["restore", &id, out.to_str().context("path")?],
-            &mut peak,
-        )?;
-        re.push(o.size as f64 * 8.0 / r["seconds"].as_f64().unwrap_or(f64::NAN) / 1e9);
-        if !crate::files_equal(&file, &out)? {
-            bail!("run {run}: restored file differs from the original");
+        let (g, c) = copy_baseline(&file, &copy, o.size)?;
+        cp.push(g);
+        cp_cpu.push(c);
+        let dir = o.dir.join(format!("stored-{run}"));
+        let stored_net = stored_key_devnet(&dir, o)?;
+        let fill = rt.block_on(crate::fill::wait_full(
+            &stored_net.info,
+            Duration::from_secs(1800),
+        ))?;
+        fills.push(fill.bytes_per_sec());
+        stored.push(run_job(&stored_net, &file, &out, o.size, &mut peak)?);
+        if run + 1 == o.runs {
+            print_rss(
+                "the stored-key devnet (its pools hold the job's key in memory)",
+                &stored_net.info,
+            );
         }
-        std::fs::remove_file(&out)?;
-        for s in &net.info.sites {
-            let _ = std::fs::remove_dir_all(s.store_dir.join(&id));
-        }
+        drop(stored_net);
+        std::fs::remove_dir_all(&dir).ok();
+        live.push(run_job(net, &file, &out, o.size, &mut peak)?);
     }
     std::fs::remove_file(&file)?;
-    let (st, re, cp) = (median(st), median(re), median(cp));
-    println!(
-        "{:<52} {:>9.2} Gbps   {:>5.1}x seed (0.356)   {:.2}x cp",
-        "store",
-        st,
-        st / 0.356,
-        st / cp
+    let cp = median(cp);
+    let m = |v: &[Job], f: fn(&Job) -> f64| median(v.iter().map(f).collect());
+    println!();
+    print_gbps(
+        "store, key stored in advance",
+        m(&stored, |j| j.store_gbps),
+        0.356,
+        cp,
     );
-    println!(
-        "{:<52} {:>9.2} Gbps   {:>5.1}x seed (0.502)   {:.2}x cp",
-        "restore",
-        re,
-        re / 0.502,
-        re / cp
+    print_gbps(
+        "restore, key stored in advance",
+        m(&stored, |j| j.restore_gbps),
+        0.502,
+        cp,
+    );
+    print_gbps(
+        "store, key generated live (16 MiB pools)",
+        m(&live, |j| j.store_gbps),
+        0.356,
+        cp,
+    );
+    print_gbps(
+        "restore, key generated live",
+        m(&live, |j| j.restore_gbps),
+        0.502,
+        cp,
     );
     println!(
         "{:<52} {:>9.2} Gbps",
         "cp + fsync of the same file (disk baseline)", cp
     );
+    println!(
+        "{:<52} {:>9.0} MB/s",
+        "fill of the stored key before each job (all directions)",
+        median(fills) / 1e6
+    );
+    if let (Some(s), Some(l)) = (median_job(&stored), median_job(&live)) {
+        println!("\n(the median run's CPU, by store throughput)");
+        cp_cpu.sort();
+        cpu::print_table(
+            o.size,
+            &[
+                ("store", &s.store_cpu),
+                ("restore", &s.restore_cpu),
+                ("store live", &l.store_cpu),
+                ("restore live", &l.restore_cpu),
+            ],
+            cp_cpu.get(cp_cpu.len() / 2).copied().unwrap_or_default(),
+        );
+    }
     Ok(peak)
+}
+
+/// A devnet whose pools hold the key of one job: the links' prefill fills them at once,
+/// then the links run at the default 10 km model's rate, so the job consumes stored key.
+fn stored_key_devnet(dir: &Path, o: &BenchOptions) -> Result<Devnet> {
+    Devnet::start(
+        dir,
+        &Options {
+            rate_bytes_per_sec: Options::default().rate_bytes_per_sec,
+            max_key_count: crate::fill::job_key_bytes(o.size) / 32,
+            block_bytes: 1 << 20,
+            volatile_kmes: o.volatile,
+            ..Options::default()
+        },
+    )
+}
+
+/// Peak RSS (VmHWM) of every KME and agent of a network.
+fn print_rss(what: &str, info: &DevnetInfo) {
+    println!("Peak RSS (VmHWM) of {what}");
+    for s in &info.sites {
+        for (p, pid) in [("KME", s.kme_pid), ("agent", s.agent_pid)] {
+            if let Some(r) = peak_rss(pid) {
+                println!(
+                    "  {:<20} {:>8.1} MiB",
+                    format!("{p} {}", s.name),
+                    r as f64 / 1048576.0
+                );
+            }
+        }
+    }
 }
 
 /// Runs the whole benchmark and prints the tables.

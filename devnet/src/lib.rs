@@ -7,7 +7,9 @@
 //! `SAE_X2`, ... The default topology is the seed's: A linked to B and to C.
 
 pub mod bench;
+pub mod cpu;
 pub mod fastq;
+pub mod fill;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

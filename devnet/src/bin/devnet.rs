@@ -95,15 +95,20 @@ enum Cmd {
     },
     /// The main job: back up a genome-sized file across the 3 sites and restore it, timed.
     ///
-    /// Starts the devnet (a KME and a backup site agent per site, bulk key rate, 16 MiB key
-    /// pools), checks one ETSI 014 key exchange, writes a synthetic FASTQ file
-    /// DIR/sample.fastq (--size, default 1 GiB), then runs the real CLI:
-    /// `backup-client --config DIR/client-A.toml --json store DIR/sample.fastq` and
-    /// `... restore ID DIR/restored.fastq`, compares the two files byte for byte, times a
-    /// plain copy with fsync as the disk baseline, and prints store, restore and copy
-    /// throughput beside the seed's 356 / 502 Mbps. Exits non-zero if any step fails or the
-    /// files differ. Stops the network at the end and removes DIR unless --keep (after a
-    /// failure the logs in DIR/logs are kept).
+    /// Starts the devnet (a KME and a backup site agent per site, bulk simulated QKD links,
+    /// durable key pools sized to the job), checks one ETSI 014 key exchange, writes a
+    /// synthetic FASTQ file DIR/sample.fastq (--size, default 1 GiB), times a plain copy with
+    /// fsync (the disk baseline) and waits until every link direction holds the key the job
+    /// needs (the seed's condition: key generated and stored in advance; the fill time is
+    /// printed). Then runs the real CLI: `backup-client --config DIR/client-A.toml --json
+    /// store DIR/sample.fastq` and `... restore ID DIR/restored.fastq`, and compares the two
+    /// files byte for byte. Runs the same job again on a second devnet whose small pools
+    /// (--max-key-count) the bulk link refills during the job ("key generated live"). Prints
+    /// store and restore throughput beside the seed's 356 / 502 Mbps, and the CPU time per
+    /// file byte of every process (from /proc). Exits non-zero if any step fails or the
+    /// files differ. Stops the networks at the end and removes DIR unless --keep (after a
+    /// failure the logs in DIR/logs are kept). The key stored in advance is held in the
+    /// KMEs' memory: about 2 x --size per link at each of its ends.
     Demo {
         /// Folder to use; must be new or empty (default: a fresh folder under the system
         /// temp dir).
@@ -129,8 +134,9 @@ enum Cmd {
         /// Working folder (default: a fresh folder under the system temp dir; removed after).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Size of the pipeline's test file.
-        #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+        /// Size of the pipeline's test file. The key stored in advance for it is held in
+        /// the KMEs' memory (about 2 x SIZE per link at each end): 1 GiB fits in 24 GiB.
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
         size: u64,
         /// Runs per figure; the median is printed.
         #[arg(long, default_value_t = 3)]
@@ -458,13 +464,8 @@ fn remove_big_files(dir: &Path) {
     for f in BIG_FILES {
         std::fs::remove_file(dir.join(f)).ok();
     }
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with("site-") {
-                std::fs::remove_dir_all(e.path()).ok();
-            }
-        }
-    }
+    remove_pools_and_shares(&dir.join("live"));
+    remove_pools_and_shares(dir);
 }
 
 /// `devnet demo`: see the `Demo` subcommand.
@@ -488,8 +489,15 @@ fn run_demo(dir: Option<PathBuf>, size: u64, seed: u64, keep: bool, opts: &Optio
     let dir = dir.canonicalize()?;
 
     // Source, restored file, plain copy, and a share per site (an XOR share is as big as
-    // the file), plus room for configurations and logs.
-    let need = size.saturating_mul(3 + opts.sites as u64) + (256 << 20);
+    // the file), the key stored in advance (both ends of every link direction hold it on
+    // disk), plus room for configurations and logs.
+    let links = opts
+        .links
+        .as_ref()
+        .map_or(opts.sites.saturating_sub(1), Vec::len) as u64;
+    let need = size.saturating_mul(3 + opts.sites as u64)
+        + devnet::fill::job_key_bytes(size).saturating_mul(4 * links)
+        + (256 << 20);
     if let Some(free) = free_bytes(&dir) {
         if free < need {
             std::fs::remove_dir(&dir).ok();
@@ -547,21 +555,143 @@ fn run_demo(dir: Option<PathBuf>, size: u64, seed: u64, keep: bool, opts: &Optio
 
 fn demo_steps(dir: &Path, size: u64, seed: u64, opts: &Options) -> Result<()> {
     let client_bin = devnet::sibling_binary("backup-client")?;
-    let d = demo_devnet(dir, opts)?;
-    let site = &d.info.sites[0];
-
-    let sample = d.dir.join(BIG_FILES[0]);
-    let restored = d.dir.join(BIG_FILES[1]);
-    let copy = d.dir.join(BIG_FILES[2]);
+    let sample = dir.join(BIG_FILES[0]);
+    let restored = dir.join(BIG_FILES[1]);
+    let copy = dir.join(BIG_FILES[2]);
 
     demo_generate(&sample, size, seed)?;
-    let cp_secs = demo_copy(&sample, &copy)?;
-    let (id, st) = demo_store(&client_bin, site, &sample, size)?;
-    let rs = demo_restore(&client_bin, site, &id, &restored)?;
-    demo_compare(&sample, &restored, size)?;
-    print_demo_table(size, d.info.sites.len(), &st, &rs, cp_secs);
+    let cp = demo_copy(&sample, &copy)?;
+
+    // The seed's condition: the pools hold the job's key before the clock starts (the
+    // links' prefill fills them at once), and the links then run at a QKD link's rate
+    // (the default 10 km model) rather than in bulk, so that the job consumes stored key.
+    let stored_opts = Options {
+        max_key_count: opts
+            .max_key_count
+            .max(devnet::fill::job_key_bytes(size) / KEY_BYTES),
+        block_bytes: 1 << 20,
+        rate_bytes_per_sec: match opts.rate_bytes_per_sec {
+            0 => Options::default().rate_bytes_per_sec,
+            r => r,
+        },
+        ..opts.clone()
+    };
+    check_memory_for_pools(&stored_opts)?;
+    let d = demo_devnet(dir, &stored_opts)?;
+    let fill = demo_fill(&d, stored_opts.rate_bytes_per_sec)?;
+    let stored = demo_job(&client_bin, &d, &sample, &restored, size)?;
     drop(d);
+    remove_pools_and_shares(dir);
+
+    // The same job with key generated during it: small pools, the bulk link refilling them.
+    println!(
+        "
+the same job with key generated live (pools of {} keys):",
+        opts.max_key_count
+    );
+    let d = demo_devnet(&dir.join("live"), opts)?;
+    let live = demo_job(&client_bin, &d, &sample, &restored, size)?;
+    drop(d);
+
+    print_demo_table(size, opts.sites, &stored, &live, &cp, &fill);
     Ok(())
+}
+
+/// Bytes of a key of the default size (256 bit), the unit of `max_key_count`.
+const KEY_BYTES: u64 = 32;
+
+/// One timed store and restore at site A, with the CPU every process used.
+struct Job {
+    store: Timed,
+    restore: Timed,
+    store_cpu: devnet::cpu::JobCpu,
+    restore_cpu: devnet::cpu::JobCpu,
+}
+
+fn demo_job(
+    client_bin: &Path,
+    d: &Devnet,
+    sample: &Path,
+    restored: &Path,
+    size: u64,
+) -> Result<Job> {
+    let site = &d.info.sites[0];
+    let procs = devnet::cpu::devnet_processes(&d.info);
+    let before = devnet::cpu::before(&procs, &site.name);
+    let (id, store) = demo_store(client_bin, site, sample, size)?;
+    let store_cpu = before.after();
+    let before = devnet::cpu::before(&procs, &site.name);
+    let restore = demo_restore(client_bin, site, &id, restored)?;
+    let restore_cpu = before.after();
+    demo_compare(sample, restored, size)?;
+    std::fs::remove_file(restored).ok();
+    Ok(Job {
+        store,
+        restore,
+        store_cpu,
+        restore_cpu,
+    })
+}
+
+/// Every KME holds the pools of its links in memory (both directions of each): refuses to
+/// start when the machine cannot hold them.
+fn check_memory_for_pools(opts: &Options) -> Result<()> {
+    let pool = opts.max_key_count * KEY_BYTES;
+    let links = opts
+        .links
+        .as_ref()
+        .map_or(opts.sites.saturating_sub(1), Vec::len) as u64;
+    let need = pool * 4 * links + (1 << 30);
+    let avail = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024);
+    if let Some(avail) = avail.filter(|a| *a < need) {
+        bail!(
+            "key stored in advance for this job needs about {} of memory in the KMEs ({} per link direction, both ends); {} available: use a smaller --size",
+            human_size(need),
+            human_size(pool),
+            human_size(avail)
+        );
+    }
+    Ok(())
+}
+
+/// Waits until every link direction holds the job's key; prints how long the fill took.
+fn demo_fill(d: &Devnet, d_rate: u64) -> Result<devnet::fill::Fill> {
+    let fill = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(devnet::fill::wait_full(
+            &d.info,
+            std::time::Duration::from_secs(1800),
+        ))?;
+    println!(
+        "key stored in advance: {} link directions hold {} each; filled {} more in {:.1} s after start-up ({:.0} MB/s, the links' prefill, durable pools); the links now run at {} B/s",
+        fill.directions,
+        human_size(fill.per_direction),
+        human_size(fill.added),
+        fill.secs,
+        fill.bytes_per_sec() / 1e6,
+        d_rate
+    );
+    Ok(fill)
+}
+
+/// After the stored-key run: its shares and its KMEs' pools, to free the disk.
+fn remove_pools_and_shares(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("site-") || name.starts_with("kme-store-") {
+                std::fs::remove_dir_all(e.path()).ok();
+            }
+        }
+    }
 }
 
 /// Starts the demo's devnet, checks that it has site agents and that key flows.
@@ -607,11 +737,25 @@ fn demo_generate(sample: &Path, size: u64, seed: u64) -> Result<()> {
 }
 
 /// Disk baseline: a plain copy, synced. Returns its time in seconds.
-fn demo_copy(sample: &Path, copy: &Path) -> Result<f64> {
+/// The disk baseline: a plain copy with fsync, its time and the CPU it used.
+struct Copy {
+    secs: f64,
+    cpu: std::time::Duration,
+}
+
+/// Disk baseline: a plain copy, synced, removed after.
+fn demo_copy(sample: &Path, copy: &Path) -> Result<Copy> {
+    let me = std::process::id();
+    let cpu0 = devnet::cpu::process(me).unwrap_or_default();
     let t = Instant::now();
     std::fs::copy(sample, copy).with_context(|| format!("copying to {}", copy.display()))?;
     std::fs::File::open(copy)?.sync_all()?;
-    Ok(t.elapsed().as_secs_f64())
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = devnet::cpu::process(me)
+        .unwrap_or_default()
+        .saturating_sub(cpu0);
+    std::fs::remove_file(copy).ok();
+    Ok(Copy { secs, cpu })
 }
 
 /// What a `backup-client` run reported: bytes and its own time, and the command's wall time.
@@ -730,7 +874,7 @@ fn demo_compare(sample: &Path, restored: &Path, size: u64) -> Result<()> {
 fn print_demo_row(name: &str, bytes: u64, secs: f64, wall: Option<f64>, seed: Option<f64>) {
     let m = mbps(bytes, secs);
     println!(
-        "{name:<24} {:>8.2} s {:>8} {:>9.0} {:>9} {:>9}",
+        "{name:<40} {:>8.2} s {:>8} {:>9.0} {:>9} {:>9}",
         secs,
         wall.map_or("-".into(), |w| format!("{w:.2} s")),
         m,
@@ -739,8 +883,16 @@ fn print_demo_row(name: &str, bytes: u64, secs: f64, wall: Option<f64>, seed: Op
     );
 }
 
-/// The demo's table: store, restore and the plain copy beside the seed's figures.
-fn print_demo_table(size: u64, sites: usize, st: &Timed, rs: &Timed, cp_secs: f64) {
+/// The demo's tables: store, restore (key stored in advance, then generated live) and the
+/// plain copy beside the seed's figures; CPU per file byte of every process.
+fn print_demo_table(
+    size: u64,
+    sites: usize,
+    stored: &Job,
+    live: &Job,
+    cp: &Copy,
+    fill: &devnet::fill::Fill,
+) {
     println!();
     println!(
         "{} ({size} bytes), {} sites, Mbps = 10^6 bit/s",
@@ -748,25 +900,41 @@ fn print_demo_table(size: u64, sites: usize, st: &Timed, rs: &Timed, cp_secs: f6
         sites
     );
     println!(
-        "{:<24} {:>10} {:>8} {:>9} {:>9} {:>9}",
+        "{:<40} {:>10} {:>8} {:>9} {:>9} {:>9}",
         "", "time", "wall", "Mbps", "seed Mbps", "ours/seed"
     );
-    print_demo_row(
-        "store (backup-client)",
-        st.bytes,
-        st.secs,
-        Some(st.wall),
-        Some(SEED_STORE_MBPS),
-    );
-    print_demo_row(
-        "restore (backup-client)",
-        rs.bytes,
-        rs.secs,
-        Some(rs.wall),
-        Some(SEED_RESTORE_MBPS),
-    );
-    print_demo_row("cp + fsync (disk)", size, cp_secs, None, None);
+    for (job, label) in [
+        (stored, "key stored in advance"),
+        (live, "key generated live"),
+    ] {
+        let st = &job.store;
+        let rs = &job.restore;
+        let (s, r) = (format!("store, {label}"), format!("restore, {label}"));
+        print_demo_row(&s, st.bytes, st.secs, Some(st.wall), Some(SEED_STORE_MBPS));
+        print_demo_row(
+            &r,
+            rs.bytes,
+            rs.secs,
+            Some(rs.wall),
+            Some(SEED_RESTORE_MBPS),
+        );
+    }
+    print_demo_row("cp + fsync (disk)", size, cp.secs, None, None);
     println!(
-        "(time: as reported by backup-client; wall: the whole command, process start included)"
+        "(time: as reported by backup-client; wall: the whole command, process start included;\n the stored key was filled in {:.1} s before the store, {:.0} MB/s over {} link directions)",
+        fill.secs,
+        fill.bytes_per_sec() / 1e6,
+        fill.directions
+    );
+    println!();
+    devnet::cpu::print_table(
+        size,
+        &[
+            ("store", &stored.store_cpu),
+            ("restore", &stored.restore_cpu),
+            ("store live", &live.store_cpu),
+            ("restore live", &live.restore_cpu),
+        ],
+        cp.cpu,
     );
 }
