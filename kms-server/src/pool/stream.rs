@@ -232,12 +232,33 @@ impl Stream {
         out
     }
 
-    /// The persistent form of the stream.
+    /// The persistent form of the stream. Every allocation writes it, so it is built in one
+    /// pass over the blocks, allocating only for the taken ranges (the complement of
+    /// [`Stream::free_ranges`] within `0..end`).
     pub fn meta(&self) -> crate::pool::store::StreamMeta {
+        let mut taken: Vec<(u64, u64)> = Vec::new();
+        let mut push = |s: u64, e: u64| {
+            if s >= e {
+                return;
+            }
+            match taken.last_mut() {
+                Some(last) if last.1 >= s => last.1 = last.1.max(e),
+                _ => taken.push((s, e)),
+            }
+        };
+        let mut pos = 0;
+        for (&start, block) in &self.blocks {
+            push(pos, start); // before the block: no longer held
+            for &(s, e) in &block.taken {
+                push(start + s as u64, start + e as u64);
+            }
+            pos = start + block.data.len() as u64;
+        }
+        push(pos, self.end);
         crate::pool::store::StreamMeta {
             end: self.end,
             cursor: self.cursor,
-            taken: crate::pool::store::gaps(&self.free_ranges(), 0, self.end),
+            taken,
         }
     }
 
@@ -264,7 +285,18 @@ impl Stream {
 
     /// The lowest offset still needed by the stream itself (first free byte, else the end).
     pub fn low_water(&self) -> u64 {
-        self.free_ranges().first().map_or(self.end, |r| r.0)
+        for (&start, block) in &self.blocks {
+            // `taken` is sorted and merged: the block's first free byte is at 0 or right
+            // after its first taken range.
+            let first_free = match block.taken.first() {
+                Some(&(0, e)) => e,
+                _ => 0,
+            };
+            if first_free < block.data.len() {
+                return start + first_free as u64;
+            }
+        }
+        self.end
     }
 
     /// Link synchronisation: discards every free byte (wiping it) and moves the end (and the
@@ -331,5 +363,37 @@ mod tests {
     fn append_must_be_contiguous() {
         let mut s = stream_with(&[&[1]]);
         assert!(s.append(5, Zeroizing::new(vec![1])).is_err());
+    }
+
+    #[test]
+    fn meta_and_low_water_agree_with_the_free_ranges() {
+        let mut s = stream_with(&[&[1; 8], &[2; 8], &[3; 8], &[4; 8]]);
+        let check = |s: &Stream| {
+            let want = crate::pool::store::gaps(&s.free_ranges(), 0, s.end());
+            assert_eq!(s.meta().taken, want);
+            assert_eq!(
+                s.low_water(),
+                s.free_ranges().first().map_or(s.end(), |r| r.0)
+            );
+        };
+        check(&s);
+        s.allocate(&[3, 2]).unwrap();
+        check(&s);
+        s.take_many(&[(12, 4), (20, 1)]).unwrap();
+        check(&s);
+        s.allocate(&[3, 4]).unwrap();
+        check(&s);
+        s.take_many(&[(26, 6)]).unwrap();
+        check(&s);
+        let all = s.available();
+        let mut left = all;
+        while left > 0 {
+            let n = left.min(3);
+            if s.allocate(&[n]).is_none() {
+                break;
+            }
+            left -= n;
+            check(&s);
+        }
     }
 }
