@@ -31,7 +31,8 @@ pub struct BackupDefaults {
     pub scheme: SchemeName,
     /// Chunk size in bytes (0 = about 1 MiB, aligned for direct I/O).
     pub chunk_size: usize,
-    /// Concurrent upload streams per site.
+    /// Concurrent upload streams per site; default: the machine's cores (at least 2, at most
+    /// 16), so that sealing and sending use every core.
     pub streams: usize,
     /// Chunks per upload request.
     pub batch_chunks: usize,
@@ -50,6 +51,13 @@ pub struct BackupDefaults {
     pub checkpoint_chunks: u64,
 }
 
+/// Upload streams per site when not configured: one per core, within 2..=16.
+fn default_streams() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, std::num::NonZeroUsize::get)
+        .clamp(2, 16)
+}
+
 impl Default for BackupDefaults {
     fn default() -> Self {
         BackupDefaults {
@@ -57,7 +65,7 @@ impl Default for BackupDefaults {
             n: 3,
             scheme: SchemeName::Xor,
             chunk_size: 0,
-            streams: 2,
+            streams: default_streams(),
             batch_chunks: 4,
             placement: Vec::new(),
             rng: "chacha12".into(),
