@@ -188,6 +188,35 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Get key by POST; the reply's body, a Key container, undecoded (see
+    /// [`crate::codec::borrow_key_container`]).
+    pub async fn enc_keys_body(
+        &self,
+        slave_sae_id: &str,
+        request: &KeyRequest,
+    ) -> Result<bytes::Bytes, ClientError> {
+        let url = format!("{}/{}/enc_keys", self.base, seg(slave_sae_id));
+        reply(self.http.post(url).json(request).send().await?, |b| {
+            Ok(b.clone())
+        })
+        .await
+    }
+
+    /// Get key with key IDs by POST; the reply's body, a Key container, undecoded.
+    pub async fn dec_keys_body(
+        &self,
+        master_sae_id: &str,
+        key_ids: &KeyIds,
+    ) -> Result<bytes::Bytes, ClientError> {
+        let url = format!("{}/{}/dec_keys", self.base, seg(master_sae_id));
+        reply(self.http.post(url).json(key_ids).send().await?, |b| {
+            Ok(b.clone())
+        })
+        .await
+    }
+}
+
 async fn decode_keys(resp: reqwest::Response) -> Result<Vec<DecodedKey>, ClientError> {
     reply(resp, |body| {
         read_key_container(body).map_err(|e| e.to_string())
@@ -218,7 +247,7 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, Clien
 /// A 200 reply parsed by `parse`; any other status as the spec's Error.
 async fn reply<T>(
     resp: reqwest::Response,
-    parse: impl FnOnce(&[u8]) -> Result<T, String>,
+    parse: impl FnOnce(&bytes::Bytes) -> Result<T, String>,
 ) -> Result<T, ClientError> {
     let status = resp.status();
     let body = resp.bytes().await?;

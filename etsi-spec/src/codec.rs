@@ -79,6 +79,39 @@ pub enum ContainerError {
     Base64(Uuid),
 }
 
+/// The keys of a container in order, their base64 text borrowed from the body: for callers
+/// that decode each key straight into its final place ([`decode_key_into`]).
+pub fn borrow_key_container(
+    body: &[u8],
+) -> Result<Vec<(Uuid, std::borrow::Cow<'_, str>)>, ContainerError> {
+    let c: ContainerRef<'_> = serde_json::from_slice(body)?;
+    c.keys
+        .into_iter()
+        .map(|k| {
+            let id = Uuid::try_parse(&k.key_id)
+                .map_err(|_| ContainerError::KeyId(k.key_id.to_string()))?;
+            Ok((id, k.key))
+        })
+        .collect()
+}
+
+/// Bytes that the base64 text `b64` decodes to (if it is valid base64).
+pub fn decoded_len(b64: &str) -> usize {
+    let pad = b64.bytes().rev().take(2).filter(|&b| b == b'=').count();
+    (b64.len() / 4 * 3).saturating_sub(pad)
+}
+
+/// Decodes key `id`'s base64 text into `out`, which must be exactly its decoded length.
+pub fn decode_key_into(id: Uuid, b64: &str, out: &mut [u8]) -> Result<(), ContainerError> {
+    if decoded_len(b64) != out.len() {
+        return Err(ContainerError::Base64(id));
+    }
+    match engine().decode_slice(b64.as_bytes(), out) {
+        Ok(n) if n == out.len() => Ok(()),
+        _ => Err(ContainerError::Base64(id)),
+    }
+}
+
 /// A key decoded from a container; the bytes are wiped when dropped.
 pub type DecodedKey = (Uuid, Zeroizing<Vec<u8>>);
 
@@ -127,6 +160,16 @@ mod tests {
         for ((id, k), (fid, fk)) in keys.iter().zip(&fast) {
             assert_eq!(id, fid);
             assert_eq!(&k[..], &fk[..]);
+        }
+        let borrowed = borrow_key_container(&out).unwrap();
+        for ((id, k), (bid, b64)) in keys.iter().zip(&borrowed) {
+            assert_eq!(id, bid);
+            assert_eq!(decoded_len(b64), k.len());
+            let mut into = vec![0u8; k.len()];
+            decode_key_into(*bid, b64, &mut into).unwrap();
+            assert_eq!(&into[..], &k[..]);
+            // A destination of the wrong size is refused.
+            assert!(decode_key_into(*bid, b64, &mut vec![0u8; k.len() + 1]).is_err());
         }
         assert!(read_key_container(br#"{"keys":[{"key_ID":"x","key":"AA=="}]}"#).is_err());
         assert!(read_key_container(

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etsi_spec::codec::DecodedKey;
+use etsi_spec::codec::{borrow_key_container, decode_key_into, decoded_len, ContainerError};
 use etsi_spec::{Client, ClientError, KeyIds, KeyRequest, Status};
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -33,6 +33,15 @@ pub enum KeyError {
         got: usize,
         expected: usize,
     },
+    #[error("KME {kme}: {source}")]
+    Container {
+        kme: String,
+        source: etsi_spec::codec::ContainerError,
+    },
+    #[error("key {id} named twice")]
+    Duplicate { id: Uuid },
+    #[error("KME sent key {id}, which was not asked for")]
+    Unasked { id: Uuid },
     #[error("KME {kme} limits cannot carry a chunk of {chunk} bytes: {why}")]
     Limits {
         kme: String,
@@ -155,6 +164,9 @@ impl ChunkKeys {
     }
 }
 
+/// A key's ID and its base64 text, borrowed from a reply body.
+type KeyText<'a> = (Uuid, std::borrow::Cow<'a, str>);
+
 /// Gets keys from one KME as one SAE.
 pub struct KeyFetcher {
     client: Client,
@@ -192,7 +204,7 @@ impl KeyFetcher {
         slave: &str,
         number: usize,
         bytes: usize,
-    ) -> Result<Vec<DecodedKey>, KeyError> {
+    ) -> Result<(bytes::Bytes, usize), KeyError> {
         let start = Instant::now();
         let mut number = number;
         let mut delay = Duration::from_millis(20);
@@ -203,17 +215,8 @@ impl KeyFetcher {
                 size: Some(bytes as u64 * 8),
                 ..KeyRequest::default()
             };
-            match self.client.enc_keys_decoded(slave, &req).await {
-                Ok(keys) => {
-                    if keys.len() != number || keys.iter().any(|(_, k)| k.len() != bytes) {
-                        break Err(KeyError::Count {
-                            kme: self.kme.clone(),
-                            got: keys.len(),
-                            expected: number,
-                        });
-                    }
-                    break Ok(keys);
-                }
+            match self.client.enc_keys_body(slave, &req).await {
+                Ok(body) => break Ok((body, number)),
                 Err(e) if e.status().is_some_and(|s| s.as_u16() == 503) => {
                     waited = true;
                     let elapsed = start.elapsed();
@@ -267,81 +270,125 @@ impl KeyFetcher {
     }
 
     /// Master side: key material for `chunks` chunks shared with `slave`, in requests of
-    /// at most `plan.keys_per_request` keys (a chunk's keys may span requests).
+    /// at most `plan.keys_per_request` keys (a chunk's keys may span requests). Each key is
+    /// decoded straight into its chunk's material.
     pub async fn take(
         &self,
         slave: &str,
         plan: &KeyPlan,
         chunks: usize,
     ) -> Result<Vec<ChunkKeys>, KeyError> {
+        let kb = plan.key_bytes;
+        let mut out: Vec<ChunkKeys> = (0..chunks)
+            .map(|_| ChunkKeys {
+                ids: Vec::with_capacity(plan.keys),
+                material: Zeroizing::new(vec![0u8; plan.keys * kb]),
+            })
+            .collect();
         let total = chunks * plan.keys;
-        let mut keys = Vec::with_capacity(total);
-        while keys.len() < total {
-            let n = (total - keys.len()).min(plan.keys_per_request);
-            keys.extend(self.enc(slave, n, plan.key_bytes).await?);
-        }
-        let mut it = keys.into_iter();
-        let mut out = Vec::with_capacity(chunks);
-        for _ in 0..chunks {
-            let mut ids = Vec::with_capacity(plan.keys);
-            let mut material = Zeroizing::new(Vec::with_capacity(plan.keys * plan.key_bytes));
-            for (id, bytes) in it.by_ref().take(plan.keys) {
-                ids.push(id);
-                material.extend_from_slice(&bytes);
+        let mut got = 0;
+        while got < total {
+            let n = (total - got).min(plan.keys_per_request);
+            let (body, asked) = self.enc(slave, n, kb).await?;
+            let keys = borrow_key_container(&body).map_err(|e| self.protocol(e))?;
+            if keys.len() != asked {
+                return Err(KeyError::Count {
+                    kme: self.kme.clone(),
+                    got: keys.len(),
+                    expected: asked,
+                });
             }
-            out.push(ChunkKeys { ids, material });
+            for (id, b64) in &keys {
+                let ck = &mut out[got / plan.keys];
+                let at = (got % plan.keys) * kb;
+                decode_key_into(*id, b64, &mut ck.material[at..at + kb])
+                    .map_err(|e| self.protocol(e))?;
+                ck.ids.push(*id);
+                got += 1;
+            }
         }
         Ok(out)
     }
 
-    /// Slave side: the keys with these IDs that `master` obtained for this SAE.
-    pub async fn fetch(
+    fn protocol(&self, e: ContainerError) -> KeyError {
+        KeyError::Container {
+            kme: self.kme.clone(),
+            source: e,
+        }
+    }
+
+    /// Slave side: the key material of each chunk, whose keys (in order) `master` obtained
+    /// for this SAE, fetched in requests of at most `max_per_request` IDs; each key is
+    /// decoded straight into its chunk's material.
+    pub async fn fetch_chunks(
         &self,
         master: &str,
-        ids: &[Uuid],
+        chunks: &[&[Uuid]],
         max_per_request: usize,
-    ) -> Result<HashMap<Uuid, Zeroizing<Vec<u8>>>, KeyError> {
-        let mut out = HashMap::with_capacity(ids.len());
-        for part in ids.chunks(max_per_request.max(1)) {
+    ) -> Result<Vec<ChunkKeys>, KeyError> {
+        // Where each key goes: (chunk, position in the chunk).
+        let mut place: HashMap<Uuid, (usize, usize)> = HashMap::new();
+        let mut all = Vec::new();
+        for (c, ids) in chunks.iter().enumerate() {
+            for (p, id) in ids.iter().enumerate() {
+                if place.insert(*id, (c, p)).is_some() {
+                    return Err(KeyError::Duplicate { id: *id });
+                }
+                all.push(*id);
+            }
+        }
+        let mut bodies = Vec::new();
+        for part in all.chunks(max_per_request.max(1)) {
             let req = KeyIds::from_ids(part.iter().map(Uuid::to_string));
-            let keys = self
+            let body = self
                 .client
-                .dec_keys_decoded(master, &req)
+                .dec_keys_body(master, &req)
                 .await
                 .map_err(|source| KeyError::Kme {
                     kme: self.kme.clone(),
                     source,
                 })?;
-            out.extend(keys);
+            bodies.push(body);
         }
-        if out.len() != ids.len() {
+        // Every key's text and length, in its place; then each chunk's material in one piece.
+        let mut found: Vec<Vec<Option<KeyText<'_>>>> =
+            chunks.iter().map(|ids| vec![None; ids.len()]).collect();
+        let mut count = 0;
+        for body in &bodies {
+            for (id, b64) in borrow_key_container(body).map_err(|e| self.protocol(e))? {
+                let Some(&(c, p)) = place.get(&id) else {
+                    return Err(KeyError::Unasked { id });
+                };
+                if found[c][p].replace((id, b64)).is_none() {
+                    count += 1;
+                }
+            }
+        }
+        if count != all.len() {
             return Err(KeyError::Count {
                 kme: self.kme.clone(),
-                got: out.len(),
-                expected: ids.len(),
+                got: count,
+                expected: all.len(),
             });
         }
-        Ok(out)
+        found
+            .into_iter()
+            .map(|keys| self.chunk_material(keys.into_iter().flatten().collect()))
+            .collect()
     }
-}
 
-/// Assembles one chunk's key material from fetched keys (removing them from `keys`).
-pub fn assemble(
-    header: &crate::wire::FrameHeader,
-    keys: &mut HashMap<Uuid, Zeroizing<Vec<u8>>>,
-) -> Option<ChunkKeys> {
-    // Sized up front: a growing Vec would leave unwiped copies of key bytes behind.
-    let total: usize = header
-        .key_ids
-        .iter()
-        .map(|id| keys.get(id).map_or(0, |k| k.len()))
-        .sum();
-    let mut material = Zeroizing::new(Vec::with_capacity(total));
-    for id in &header.key_ids {
-        material.extend_from_slice(&keys.remove(id)?);
+    /// One chunk's keys decoded one after the other into one buffer.
+    fn chunk_material(&self, keys: Vec<KeyText<'_>>) -> Result<ChunkKeys, KeyError> {
+        let total: usize = keys.iter().map(|(_, b)| decoded_len(b)).sum();
+        let mut material = Zeroizing::new(vec![0u8; total]);
+        let mut at = 0;
+        let mut ids = Vec::with_capacity(keys.len());
+        for (id, b64) in &keys {
+            let len = decoded_len(b64);
+            decode_key_into(*id, b64, &mut material[at..at + len]).map_err(|e| self.protocol(e))?;
+            at += len;
+            ids.push(*id);
+        }
+        Ok(ChunkKeys { ids, material })
     }
-    Some(ChunkKeys {
-        ids: header.key_ids.clone(),
-        material,
-    })
 }

@@ -49,7 +49,7 @@ use uuid::Uuid;
 
 use crate::config::AgentConfig;
 use mtls::server::PeerCert;
-use share_transfer::keys::{assemble, KeyError, KeyFetcher, KeyPlan, Notice};
+use share_transfer::keys::{KeyError, KeyFetcher, KeyPlan, Notice};
 use share_transfer::seal::{open_into, seal_into};
 use share_transfer::wire::{
     mac_context, parse_frame, AgentError, Direction, Finalize, FrameHeader, Manifest, ShareOpen,
@@ -97,7 +97,12 @@ impl From<StoreError> for ApiError {
 
 impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> Self {
-        ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        let code = match e {
+            // The frames named one key twice: the request is at fault, not the KME.
+            KeyError::Duplicate { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(code, e.to_string())
     }
 }
 
@@ -433,21 +438,16 @@ async fn upload(
         pos += used;
     }
     let peer = a.peer(&caller).await?;
-    let key_ids: Vec<Uuid> = frames
-        .iter()
-        .flat_map(|f| f.header.key_ids.iter().copied())
-        .collect();
-    let mut keys = a
+    let key_ids: Vec<&[Uuid]> = frames.iter().map(|f| &f.header.key_ids[..]).collect();
+    let keys = a
         .keys
-        .fetch(&caller, &key_ids, peer.status.max_key_per_request as usize)
+        .fetch_chunks(&caller, &key_ids, peer.status.max_key_per_request as usize)
         .await?;
     let ctx = mac_context(id, i, Direction::Store);
     let mut writes = Vec::with_capacity(frames.len());
-    for f in &frames {
-        let ck = assemble(&f.header, &mut keys)
-            .ok_or_else(|| bad(format!("chunk {}: keys missing", f.header.chunk)))?;
+    for (f, ck) in frames.iter().zip(&keys) {
         let mut buf = AlignedBuf::new(cs);
-        open_into(f, &ctx, &ck, !peer.local, &mut buf).map_err(|e| {
+        open_into(f, &ctx, ck, !peer.local, &mut buf).map_err(|e| {
             tracing::warn!(backup = %id, share = i, error = %e, "rejected a chunk");
             bad(e.to_string())
         })?;

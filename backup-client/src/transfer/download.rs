@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 
 use super::{agent_message, BackupClient};
 use crate::config::Site;
-use share_transfer::keys::{assemble, KeyFetcher};
+use share_transfer::keys::KeyFetcher;
 use share_transfer::seal::{open_into, SealError};
 use share_transfer::wire::{mac_context, parse_frame, Direction, Frame};
 
@@ -288,25 +288,21 @@ impl Downloader {
         ctx: &[u8],
         tx: &ChunkTx,
     ) -> Result<bool, String> {
-        let ids: Vec<Uuid> = frames
-            .iter()
-            .flat_map(|f| f.header.key_ids.iter().copied())
-            .collect();
-        let mut keys = self
+        let ids: Vec<&[Uuid]> = frames.iter().map(|f| &f.header.key_ids[..]).collect();
+        let keys = self
             .keys
-            .fetch(&self.site.agent_sae_id, &ids, self.max_per_request)
+            .fetch_chunks(&self.site.agent_sae_id, &ids, self.max_per_request)
             .await
             .map_err(|e| e.to_string())?;
-        for f in frames {
+        for (f, ck) in frames.iter().zip(&keys) {
             if f.header.chunk != *expect || f.payload.len() != self.chunk_size {
                 return Err(format!(
                     "unexpected chunk {} (wanted {expect})",
                     f.header.chunk
                 ));
             }
-            let ck = assemble(&f.header, &mut keys).ok_or("keys missing")?;
             let mut plain = Zeroizing::new(vec![0u8; self.chunk_size]);
-            open_into(f, ctx, &ck, self.require_pad, &mut plain)
+            open_into(f, ctx, ck, self.require_pad, &mut plain)
                 .map_err(|e: SealError| e.to_string())?;
             if tx.send(Ok((*expect, f.header.nonce, plain))).await.is_err() {
                 return Ok(false);
