@@ -31,8 +31,9 @@ pub struct BackupDefaults {
     pub scheme: SchemeName,
     /// Chunk size in bytes (0 = about 1 MiB, aligned for direct I/O).
     pub chunk_size: usize,
-    /// Concurrent upload streams per site; default: the machine's cores (at least 2, at most
-    /// 16), so that sealing and sending use every core.
+    /// Concurrent streams per site: uploads of a store, and downloads of each share a
+    /// restore reads (at most 8); default: the machine's cores (at least 2, at most 16), so
+    /// that sealing, opening and sending use every core.
     pub streams: usize,
     /// Chunks per upload request.
     pub batch_chunks: usize,

@@ -1,6 +1,8 @@
-//! The restore's downloads: a [`Downloader`] streams one share back from its site, checks
-//! and opens every frame; [`ShareStreams`] keeps `k` of them running and replaces a failing
-//! share by the next usable one, from the chunk where it failed.
+//! The restore's downloads: a [`Downloader`] streams chunks of one share back from its site,
+//! checks and opens every frame; [`parallel_download`] reads one share with several of them
+//! at once (one per core, `backup.streams`) and passes its chunks on in order;
+//! [`ShareStreams`] keeps `k` shares running and replaces a failing share by the next usable
+//! one, from the chunk where it failed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,7 +101,8 @@ impl<'a> ShareStreams<'a> {
             idle: self.client.cfg.backup.key_wait() + Duration::from_secs(60),
         };
         let to = self.chunk_count;
-        tokio::spawn(async move { dl.run(from, to, tx).await });
+        let parallel = self.client.cfg.backup.streams.clamp(1, MAX_PARALLEL);
+        tokio::spawn(parallel_download(Arc::new(dl), from, to, parallel, tx));
         rx
     }
 
@@ -179,6 +182,58 @@ impl<'a> ShareStreams<'a> {
     }
 }
 
+/// Chunks one of a share's parallel downloads asks for in one request.
+const SEGMENT_CHUNKS: u64 = 8;
+
+/// Most parallel downloads per share (each buffers up to a segment ahead).
+const MAX_PARALLEL: usize = 8;
+
+/// Reads chunks `from..to` of one share with `parallel` downloads at once, each asking for
+/// every `parallel`-th segment of [`SEGMENT_CHUNKS`] chunks, so that the agent seals and
+/// the client opens several segments on several cores; passes the chunks on in order.
+/// Stops the downloads when the restore no longer listens.
+async fn parallel_download(dl: Arc<Downloader>, from: u64, to: u64, parallel: usize, tx: ChunkTx) {
+    let segments = to.saturating_sub(from).div_ceil(SEGMENT_CHUNKS);
+    let p = (parallel as u64).clamp(1, segments.max(1));
+    let segment = move |g: u64| {
+        let a = from + g * SEGMENT_CHUNKS;
+        (a, (a + SEGMENT_CHUNKS).min(to))
+    };
+    let mut inputs = Vec::new();
+    for i in 0..p {
+        let (stx, srx) = tokio::sync::mpsc::channel(SEGMENT_CHUNKS as usize);
+        let dl = dl.clone();
+        tokio::spawn(async move {
+            for g in (i..segments).step_by(p as usize) {
+                let (a, b) = segment(g);
+                if let Err(e) = dl.pump(a, b, &stx).await {
+                    let _ = stx.send(Err(e)).await;
+                    return;
+                }
+                if stx.is_closed() {
+                    return;
+                }
+            }
+        });
+        inputs.push(srx);
+    }
+    for g in 0..segments {
+        let (a, b) = segment(g);
+        let input = &mut inputs[(g % p) as usize];
+        for _ in a..b {
+            let msg = input
+                .recv()
+                .await
+                .unwrap_or_else(|| Err("download stopped".into()));
+            let failed = msg.is_err();
+            // The restore stopped listening: dropping `inputs` stops the downloads.
+            if tx.send(msg).await.is_err() || failed {
+                return;
+            }
+        }
+    }
+}
+
 /// Streams one share back from its site.
 struct Downloader {
     http: reqwest::Client,
@@ -196,12 +251,6 @@ struct Downloader {
 }
 
 impl Downloader {
-    async fn run(self, from: u64, to: u64, tx: ChunkTx) {
-        if let Err(e) = self.pump(from, to, &tx).await {
-            let _ = tx.send(Err(e)).await;
-        }
-    }
-
     /// Asks the site for chunks `from..to`; the reply is a stream of frames.
     async fn request(&self, from: u64, to: u64) -> Result<reqwest::Response, String> {
         let url = format!(
