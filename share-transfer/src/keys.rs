@@ -164,6 +164,22 @@ impl ChunkKeys {
     }
 }
 
+/// How many keys of the size asked a 503 says the pool holds (its `stored_key_count`
+/// detail), 0 when it does not say: only a KME's "too few keys" answer shrinks a request,
+/// not a 503 for another reason (a failed registration at the slave's KME, say), for which
+/// asking again at once would only waste key.
+fn held_detail(e: &ClientError) -> usize {
+    let ClientError::Api { error, .. } = e else {
+        return 0;
+    };
+    error
+        .details
+        .iter()
+        .flatten()
+        .find_map(|d| d.get("stored_key_count")?.as_u64())
+        .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
+}
+
 /// A key's ID and its base64 text, borrowed from a reply body.
 type KeyText<'a> = (Uuid, std::borrow::Cow<'a, str>);
 
@@ -197,8 +213,8 @@ impl KeyFetcher {
     }
 
     /// One `enc_keys` for at most `number` keys of `bytes`. While the KME has too few
-    /// (503), asks Status how many it holds and takes those at once (at least one key), or
-    /// waits for the link; so progress follows the link's rate, whatever the pool's size.
+    /// (503 with the `stored_key_count` it holds), takes those at once (at least one key),
+    /// or waits for the link; so progress follows the link's rate, whatever the pool's size.
     async fn enc(
         &self,
         slave: &str,
@@ -226,7 +242,7 @@ impl KeyFetcher {
                             waited: elapsed,
                         });
                     }
-                    let held = self.held_keys(slave, bytes).await;
+                    let held = held_detail(&e);
                     if held > 0 && held < number {
                         // Take what is there now rather than wait for the whole request.
                         number = held;
@@ -258,17 +274,6 @@ impl KeyFetcher {
         result
     }
 
-    /// How many keys of `bytes` the pool shared with `slave` holds now (0 if unknown).
-    async fn held_keys(&self, slave: &str, bytes: usize) -> usize {
-        match self.client.status(slave).await {
-            Ok(st) => {
-                let held = st.stored_key_count.saturating_mul(st.key_size / 8);
-                usize::try_from(held / bytes.max(1) as u64).unwrap_or(usize::MAX)
-            }
-            Err(_) => 0,
-        }
-    }
-
     /// Master side: key material for `chunks` chunks shared with `slave`, in requests of
     /// at most `plan.keys_per_request` keys (a chunk's keys may span requests). Each key is
     /// decoded straight into its chunk's material.
@@ -287,6 +292,8 @@ impl KeyFetcher {
             .collect();
         let total = chunks * plan.keys;
         let mut got = 0;
+        // A KME that named one key twice would make two chunks share a pad: refused.
+        let mut seen = std::collections::HashSet::with_capacity(total);
         while got < total {
             let n = (total - got).min(plan.keys_per_request);
             let (body, asked) = self.enc(slave, n, kb).await?;
@@ -299,6 +306,9 @@ impl KeyFetcher {
                 });
             }
             for (id, b64) in &keys {
+                if !seen.insert(*id) {
+                    return Err(KeyError::Duplicate { id: *id });
+                }
                 let ck = &mut out[got / plan.keys];
                 let at = (got % plan.keys) * kb;
                 decode_key_into(*id, b64, &mut ck.material[at..at + kb])

@@ -290,7 +290,11 @@ impl Downloader {
                 if frames.is_empty() {
                     (true, 0)
                 } else {
-                    (self.deliver(&frames, &mut expect, &ctx, tx).await?, used)
+                    let wanted = expect..to;
+                    (
+                        self.deliver(&frames, &mut expect, wanted, &ctx, tx).await?,
+                        used,
+                    )
                 }
             };
             if !delivered {
@@ -329,14 +333,31 @@ impl Downloader {
     }
 
     /// Fetches the keys of `frames` in one call, opens them in order (from chunk `expect`)
-    /// and passes the plaintexts on; `false` when the restore no longer listens.
+    /// and passes the plaintexts on; `false` when the restore no longer listens. Frames
+    /// other than the chunks still `wanted` are refused before any key is fetched.
     async fn deliver(
         &self,
         frames: &[Frame<'_>],
         expect: &mut u64,
+        wanted: std::ops::Range<u64>,
         ctx: &[u8],
         tx: &ChunkTx,
     ) -> Result<bool, String> {
+        if tx.is_closed() {
+            return Ok(false); // no key is taken for chunks nobody waits for
+        }
+        for (f, j) in frames.iter().zip(wanted.clone()) {
+            if f.header.chunk != j {
+                return Err(format!("unexpected chunk {} (wanted {j})", f.header.chunk));
+            }
+        }
+        if frames.len() as u64 > wanted.end - wanted.start {
+            return Err(format!(
+                "the site sent chunks beyond {} (asked up to {})",
+                wanted.end - 1,
+                wanted.end
+            ));
+        }
         let ids: Vec<&[Uuid]> = frames.iter().map(|f| &f.header.key_ids[..]).collect();
         let keys = self
             .keys

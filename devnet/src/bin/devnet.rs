@@ -490,13 +490,14 @@ fn run_demo(dir: Option<PathBuf>, size: u64, seed: u64, keep: bool, opts: &Optio
 
     // Source, restored file, plain copy, and a share per site (an XOR share is as big as
     // the file), the key stored in advance (both ends of every link direction hold it on
-    // disk), plus room for configurations and logs.
+    // disk, and each KME a local pool of the same size), plus room for configurations and
+    // logs.
     let links = opts
         .links
         .as_ref()
         .map_or(opts.sites.saturating_sub(1), Vec::len) as u64;
     let need = size.saturating_mul(3 + opts.sites as u64)
-        + devnet::fill::job_key_bytes(size).saturating_mul(4 * links)
+        + devnet::fill::job_key_bytes(size).saturating_mul(4 * links + opts.sites as u64)
         + (256 << 20);
     if let Some(free) = free_bytes(&dir) {
         if free < need {
@@ -641,7 +642,9 @@ fn check_memory_for_pools(opts: &Options) -> Result<()> {
         .links
         .as_ref()
         .map_or(opts.sites.saturating_sub(1), Vec::len) as u64;
-    let need = pool * 4 * links + (1 << 30);
+    // Both ends hold both directions of each link, and each KME its local pool (sized by
+    // the same max_key_count and filled at once too).
+    let need = pool * (4 * links + opts.sites as u64) + (1 << 30);
     let avail = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
