@@ -402,3 +402,62 @@ impl KeyFetcher {
         Ok(ChunkKeys { ids, material })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(max_key_count: u64, max_key_size: u64, per_request: u64) -> Status {
+        Status {
+            source_KME_ID: "KME_A".into(),
+            target_KME_ID: "KME_B".into(),
+            master_SAE_ID: "A".into(),
+            slave_SAE_ID: "B".into(),
+            key_size: 256,
+            stored_key_count: 0,
+            max_key_count,
+            max_key_per_request: per_request,
+            max_key_size,
+            min_key_size: 64,
+            max_SAE_ID_count: 0,
+            status_extension: None,
+        }
+    }
+
+    /// Every request a plan makes fits in a quarter of the pool and in max_key_per_request,
+    /// and a chunk's keys hold its pad and MAC key, whatever the chunk and pool sizes.
+    #[test]
+    fn plans_never_ask_more_than_a_pool_can_hold() {
+        for (count, max_size, per_req) in [
+            (100_000, 1 << 20, 1024), // the default devnet: 3.2 MB pools, 128 KiB keys
+            (20_000, 65_536, 1024),   // 640 KB pools
+            (2_000, 1 << 20, 1024),   // 64 KB pools: a 1 MiB chunk needs many requests
+            (1 << 22, 1 << 20, 16),   // big pools, few keys per request
+        ] {
+            let st = status(count, max_size, per_req);
+            let pool = count * 32;
+            for chunk in [4096usize, 65_536, 1 << 20, 4 << 20] {
+                for pad in [false, true] {
+                    let p = KeyPlan::new("KME_A", chunk, pad, &st).unwrap();
+                    let asked = (p.keys_per_request * p.key_bytes) as u64;
+                    assert!(asked <= pool / POOL_SHARE, "{p:?} asks {asked} of {pool}");
+                    assert!(p.keys_per_request as u64 <= per_req);
+                    assert!(p.key_bytes as u64 * 8 <= max_size);
+                    assert!(p.key_bytes >= 8, "min_key_size");
+                    let need = if pad { chunk } else { 0 } + KEY_LEN;
+                    assert!(p.keys * p.key_bytes >= need, "{p:?} for {chunk}");
+                    assert!(p.chunks_per_request() >= 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_pool_too_small_for_one_key_is_a_clear_error() {
+        // 4 keys of 256 bit: a quarter of the pool is 32 bytes, below min_key_size 64 bytes.
+        let mut st = status(4, 65_536, 1024);
+        st.min_key_size = 512;
+        let e = KeyPlan::new("KME_A", 65_536, true, &st).unwrap_err();
+        assert!(e.to_string().contains("max_key_count 4"), "{e}");
+    }
+}
