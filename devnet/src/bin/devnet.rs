@@ -128,8 +128,12 @@ enum Cmd {
     },
     /// Benchmark every layer on a fresh devnet and print medians beside same-run baselines:
     /// KME exchanges/s (1, 8, 64 mTLS clients, beside GET status), batched keys/s, bulk key
-    /// Gbps; store and restore Gbps of a synthetic FASTQ file (beside cp and the seed's
-    /// 356 / 502 Mbps); peak RSS of the client, agents and KMEs. Not part of the tests.
+    /// Gbps; store and restore Gbps of a synthetic FASTQ file on key stored in advance (a
+    /// devnet per run whose pools are filled before the job; the fill rate is printed) and
+    /// on key generated live (beside cp and the seed's 356 / 502 Mbps); CPU ns per file
+    /// byte of every process (from /proc) beside a copy's, and a labelled projection for
+    /// one 2-core machine per site; the link model and fill rates; peak RSS of the client,
+    /// agents and KMEs. Not part of the tests.
     Bench {
         /// Working folder (default: a fresh folder under the system temp dir; removed after).
         #[arg(long)]
