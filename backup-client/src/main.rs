@@ -197,7 +197,7 @@ impl Bar {
                 let total = progress.total.load(Ordering::Relaxed);
                 b.set_length(total);
                 b.set_position(done);
-                let line = progress_line(&progress, start.elapsed());
+                let line = progress_line(&progress, done, start.elapsed());
                 match progress.notice.get() {
                     Some(n) => b.set_message(format!("{line}, {n}")),
                     None => b.set_message(line.clone()),
@@ -220,12 +220,11 @@ impl Bar {
     }
 }
 
-/// Rate so far and time spent waiting for key.
-fn progress_line(progress: &Progress, elapsed: Duration) -> String {
-    let done = progress.done.load(Ordering::Relaxed);
-    let mbps = done as f64 * 8.0 / 1e6 / elapsed.as_secs_f64().max(1e-3);
+/// Rate of `done` bytes so far and time spent waiting for key.
+fn progress_line(progress: &Progress, done: u64, elapsed: Duration) -> String {
     format!(
-        "{mbps:.0} Mbps, waited for key {:.1} s",
+        "{:.0} Mbps, waited for key {:.1} s",
+        mbps(done, elapsed.as_secs_f64()),
         progress.notice.waited().as_secs_f64()
     )
 }

@@ -302,19 +302,6 @@ fn run_job(net: &Devnet, file: &Path, out: &Path, size: u64, peak: &mut u64) -> 
     })
 }
 
-/// The plain copy with fsync: Gbps and the CPU it took.
-fn copy_baseline(file: &Path, copy: &Path, size: u64) -> Result<(f64, Duration)> {
-    let me = std::process::id();
-    let c0 = cpu::process(me).unwrap_or_default();
-    let t = Instant::now();
-    std::fs::copy(file, copy)?;
-    std::fs::File::open(copy)?.sync_all()?;
-    let gbps = size as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9;
-    let used = cpu::process(me).unwrap_or_default().saturating_sub(c0);
-    std::fs::remove_file(copy)?;
-    Ok((gbps, used))
-}
-
 /// The job of the median run (by store throughput).
 fn median_job(jobs: &[Job]) -> Option<&Job> {
     let mut order: Vec<&Job> = jobs.iter().collect();
@@ -350,13 +337,15 @@ fn pipeline_part(net: &Devnet, o: &BenchOptions) -> Result<u64> {
     let (mut stored, mut live, mut cp, mut cp_cpu, mut fills) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..o.runs {
-        let (g, c) = copy_baseline(&file, &copy, o.size)?;
-        cp.push(g);
-        cp_cpu.push(c);
+        let c = cpu::copy_baseline(&file, &copy)?;
+        cp.push(o.size as f64 * 8.0 / c.secs / 1e9);
+        cp_cpu.push(c.cpu);
         let dir = o.dir.join(format!("stored-{run}"));
-        let stored_net = stored_key_devnet(&dir, o)?;
+        let stored_opts = stored_key_options(o);
+        let stored_net = Devnet::start(&dir, &stored_opts)?;
         let fill = rt.block_on(crate::fill::wait_full(
             &stored_net.info,
+            stored_opts.block_bytes,
             Duration::from_secs(1800),
         ))?;
         fills.push(fill.bytes_per_sec());
@@ -365,6 +354,7 @@ fn pipeline_part(net: &Devnet, o: &BenchOptions) -> Result<u64> {
             print_rss(
                 "the stored-key devnet (its pools hold the job's key in memory)",
                 &stored_net.info,
+                None,
             );
         }
         drop(stored_net);
@@ -425,24 +415,21 @@ fn pipeline_part(net: &Devnet, o: &BenchOptions) -> Result<u64> {
     Ok(peak)
 }
 
-/// A devnet whose pools hold the key of one job: the links' prefill fills them at once,
-/// then the links run at the default 10 km model's rate, so the job consumes stored key.
-fn stored_key_devnet(dir: &Path, o: &BenchOptions) -> Result<Devnet> {
-    Devnet::start(
-        dir,
-        &Options {
-            rate_bytes_per_sec: Options::default().rate_bytes_per_sec,
-            max_key_count: crate::fill::job_key_bytes(o.size) / 32,
-            block_bytes: 1 << 20,
-            volatile_kmes: o.volatile,
-            ..Options::default()
-        },
-    )
+/// A network whose pools hold the key of one job (see [`crate::fill::stored_key_options`]).
+fn stored_key_options(o: &BenchOptions) -> Options {
+    let base = Options {
+        volatile_kmes: o.volatile,
+        ..Options::default()
+    };
+    crate::fill::stored_key_options(&base, o.size)
 }
 
 /// Peak RSS (VmHWM) of every KME and agent of a network.
-fn print_rss(what: &str, info: &DevnetInfo) {
+fn print_rss(what: &str, info: &DevnetInfo, client_peak: Option<u64>) {
     println!("Peak RSS (VmHWM) of {what}");
+    if let Some(p) = client_peak {
+        println!("  {:<20} {:>8.1} MiB", "client", p as f64 / 1048576.0);
+    }
     for s in &info.sites {
         for (p, pid) in [("KME", s.kme_pid), ("agent", s.agent_pid)] {
             if let Some(r) = peak_rss(pid) {
@@ -456,7 +443,6 @@ fn print_rss(what: &str, info: &DevnetInfo) {
     }
 }
 
-/// Runs the whole benchmark and prints the tables.
 /// A counter reading: when, and its value.
 type Sample = (Instant, f64);
 
@@ -564,6 +550,7 @@ fn link_part(o: &BenchOptions) -> Result<()> {
     Ok(())
 }
 
+/// Runs the whole benchmark and prints the tables.
 pub fn run(o: &BenchOptions) -> Result<()> {
     std::fs::create_dir_all(&o.dir)?;
     if o.link_only {
@@ -601,21 +588,8 @@ pub fn run(o: &BenchOptions) -> Result<()> {
     };
     drop(rt);
     link_part(o)?;
-    println!("\nPeak RSS (VmHWM)");
-    if let Some(p) = client_peak {
-        println!("  {:<20} {:>8.1} MiB", "client", p as f64 / 1048576.0);
-    }
-    for s in &net.info.sites {
-        for (what, pid) in [("KME", s.kme_pid), ("agent", s.agent_pid)] {
-            if let Some(r) = peak_rss(pid) {
-                println!(
-                    "  {:<20} {:>8.1} MiB",
-                    format!("{what} {}", s.name),
-                    r as f64 / 1048576.0
-                );
-            }
-        }
-    }
+    println!();
+    print_rss("the client and the bench's devnet", &net.info, client_peak);
     Ok(())
 }
 

@@ -142,6 +142,29 @@ impl JobCpu {
     }
 }
 
+/// The disk baseline: a plain copy with fsync, its time and the CPU it used.
+pub struct CopyBaseline {
+    pub secs: f64,
+    pub cpu: Duration,
+}
+
+/// Copies `from` to `to`, fsyncs it, removes it again; the CPU is this process's (idle
+/// otherwise while the baseline runs).
+pub fn copy_baseline(
+    from: &std::path::Path,
+    to: &std::path::Path,
+) -> std::io::Result<CopyBaseline> {
+    let me = std::process::id();
+    let cpu0 = process(me).unwrap_or_default();
+    let t = std::time::Instant::now();
+    std::fs::copy(from, to)?;
+    std::fs::File::open(to)?.sync_all()?;
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = process(me).unwrap_or_default().saturating_sub(cpu0);
+    std::fs::remove_file(to)?;
+    Ok(CopyBaseline { secs, cpu })
+}
+
 /// Nanoseconds of `t` per byte of `bytes`.
 pub fn ns_per_byte(t: Duration, bytes: u64) -> f64 {
     t.as_nanos() as f64 / bytes.max(1) as f64

@@ -5,13 +5,45 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::DevnetInfo;
+use crate::{DevnetInfo, Options};
+
+/// Bytes of a key of the default size (256 bit), the unit of `max_key_count`.
+pub const KEY_BYTES: u64 = 32;
 
 /// Bytes of key one link direction must hold for a (2,3) XOR store of `size` bytes and its
 /// restore: the one-time pad of one share (an XOR share is as big as the file), a 256-bit
 /// MAC key per chunk and per batch, with 2% and 16 MiB to spare.
 pub fn job_key_bytes(size: u64) -> u64 {
     size + size / 50 + (16 << 20)
+}
+
+/// A network like `base` whose pools hold the key of a job on a `size`-byte file: the
+/// links' prefill fills them at once, then the links run at a QKD link's rate (`base`'s, or
+/// the default 10 km model's if `base` is bulk) rather than in bulk, so that the job
+/// consumes stored key.
+pub fn stored_key_options(base: &Options, size: u64) -> Options {
+    const BLOCK: u64 = 1 << 20;
+    // A whole number of blocks, so that the link fills the pools to the last byte.
+    let pool = job_key_bytes(size).div_ceil(BLOCK) * BLOCK;
+    Options {
+        max_key_count: base.max_key_count.max(pool / KEY_BYTES),
+        block_bytes: BLOCK as usize,
+        rate_bytes_per_sec: match base.rate_bytes_per_sec {
+            0 => Options::default().rate_bytes_per_sec,
+            r => r,
+        },
+        ..base.clone()
+    }
+}
+
+/// How many pools of `max_key_count` keys the network's KMEs hold together: both ends
+/// hold both directions of each link, and each KME its local pool (filled at once too).
+pub fn pools_held(opts: &Options) -> u64 {
+    let links = opts
+        .links
+        .as_ref()
+        .map_or(opts.sites.saturating_sub(1), Vec::len) as u64;
+    4 * links + opts.sites as u64
 }
 
 /// How the pools filled.
@@ -64,9 +96,10 @@ async fn levels(clients: &[(etsi_spec::Client, String)]) -> Result<Vec<(u64, u64
     Ok(out)
 }
 
-/// Waits until every link direction holds at least 99% of its pool's capacity (the link
-/// refills in blocks, so the last block may not fit exactly), at most `timeout`.
-pub async fn wait_full(info: &DevnetInfo, timeout: Duration) -> Result<Fill> {
+/// Waits until every link direction is full, at most `timeout`. A link tops a pool up in
+/// blocks of `block_bytes` and only when a whole block fits, so a pool counts as full once
+/// less than a block is missing.
+pub async fn wait_full(info: &DevnetInfo, block_bytes: usize, timeout: Duration) -> Result<Fill> {
     let mut clients = Vec::new();
     for (m, s) in directions(info)? {
         clients.push((info.client(&m)?, s));
@@ -75,7 +108,10 @@ pub async fn wait_full(info: &DevnetInfo, timeout: Duration) -> Result<Fill> {
     let first: u64 = levels(&clients).await?.iter().map(|l| l.0).sum();
     loop {
         let now = levels(&clients).await?;
-        if now.iter().all(|(held, cap)| *held >= cap / 100 * 99) {
+        if now
+            .iter()
+            .all(|(held, cap)| cap.saturating_sub(*held) < block_bytes as u64)
+        {
             let held: u64 = now.iter().map(|l| l.0).sum();
             return Ok(Fill {
                 directions: now.len(),
@@ -95,5 +131,26 @@ pub async fn wait_full(info: &DevnetInfo, timeout: Duration) -> Result<Fill> {
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored-key pools hold the whole job and are a whole number of link blocks (a
+    /// link only tops a pool up by whole blocks: a pool that is not would never be full).
+    #[test]
+    fn stored_key_pools_hold_the_job_in_whole_blocks() {
+        for size in [0, 1, 32 << 20, 1 << 30, (1 << 30) + 12_345] {
+            let o = stored_key_options(&Options::default(), size);
+            let pool = o.max_key_count * KEY_BYTES;
+            assert!(pool >= job_key_bytes(size), "{size}");
+            assert_eq!(pool % o.block_bytes as u64, 0, "{size}");
+            assert_ne!(
+                o.rate_bytes_per_sec, 0,
+                "the links are not bulk during the job"
+            );
+        }
     }
 }

@@ -173,8 +173,8 @@ impl Client {
         slave_sae_id: &str,
         request: &KeyRequest,
     ) -> Result<Vec<DecodedKey>, ClientError> {
-        let url = format!("{}/{}/enc_keys", self.base, seg(slave_sae_id));
-        decode_keys(self.http.post(url).json(request).send().await?).await
+        let body = self.enc_keys_body(slave_sae_id, request).await?;
+        decoded(body)
     }
 
     /// Get key with key IDs by POST, with the keys decoded.
@@ -183,12 +183,10 @@ impl Client {
         master_sae_id: &str,
         key_ids: &KeyIds,
     ) -> Result<Vec<DecodedKey>, ClientError> {
-        let url = format!("{}/{}/dec_keys", self.base, seg(master_sae_id));
-        decode_keys(self.http.post(url).json(key_ids).send().await?).await
+        let body = self.dec_keys_body(master_sae_id, key_ids).await?;
+        decoded(body)
     }
-}
 
-impl Client {
     /// Get key by POST; the reply's body, a Key container, undecoded (see
     /// [`crate::codec::borrow_key_container`]).
     pub async fn enc_keys_body(
@@ -217,11 +215,12 @@ impl Client {
     }
 }
 
-async fn decode_keys(resp: reqwest::Response) -> Result<Vec<DecodedKey>, ClientError> {
-    reply(resp, |body| {
-        read_key_container(body).map_err(|e| e.to_string())
+/// The keys of a 200 reply's Key container, decoded.
+fn decoded(body: bytes::Bytes) -> Result<Vec<DecodedKey>, ClientError> {
+    read_key_container(&body).map_err(|e| ClientError::Protocol {
+        status: StatusCode::OK,
+        reason: e.to_string(),
     })
-    .await
 }
 
 /// Percent-encodes an SAE ID for use as one path segment.

@@ -117,18 +117,11 @@ pub type DecodedKey = (Uuid, Zeroizing<Vec<u8>>);
 
 /// Parses a Key container and decodes its keys.
 pub fn read_key_container(body: &[u8]) -> Result<Vec<DecodedKey>, ContainerError> {
-    let c: ContainerRef<'_> = serde_json::from_slice(body)?;
-    let e = engine();
-    c.keys
-        .iter()
-        .map(|k| {
-            let id = Uuid::try_parse(&k.key_id)
-                .map_err(|_| ContainerError::KeyId(k.key_id.to_string()))?;
-            let mut buf = Zeroizing::new(vec![0u8; k.key.len() / 4 * 3]);
-            let n = e
-                .decode_slice(k.key.as_bytes(), &mut buf[..])
-                .map_err(|_| ContainerError::Base64(id))?;
-            buf.truncate(n);
+    borrow_key_container(body)?
+        .into_iter()
+        .map(|(id, b64)| {
+            let mut buf = Zeroizing::new(vec![0u8; decoded_len(&b64)]);
+            decode_key_into(id, &b64, &mut buf)?;
             Ok((id, buf))
         })
         .collect()

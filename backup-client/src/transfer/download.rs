@@ -290,9 +290,8 @@ impl Downloader {
                 if frames.is_empty() {
                     (true, 0)
                 } else {
-                    let wanted = expect..to;
                     (
-                        self.deliver(&frames, &mut expect, wanted, &ctx, tx).await?,
+                        self.deliver(&frames, &mut expect, to, &ctx, tx).await?,
                         used,
                     )
                 }
@@ -334,28 +333,28 @@ impl Downloader {
 
     /// Fetches the keys of `frames` in one call, opens them in order (from chunk `expect`)
     /// and passes the plaintexts on; `false` when the restore no longer listens. Frames
-    /// other than the chunks still `wanted` are refused before any key is fetched.
+    /// other than the chunks still wanted, `expect..to` (in order, full size), are refused before any
+    /// key is fetched.
     async fn deliver(
         &self,
         frames: &[Frame<'_>],
         expect: &mut u64,
-        wanted: std::ops::Range<u64>,
+        to: u64,
         ctx: &[u8],
         tx: &ChunkTx,
     ) -> Result<bool, String> {
         if tx.is_closed() {
             return Ok(false); // no key is taken for chunks nobody waits for
         }
-        for (f, j) in frames.iter().zip(wanted.clone()) {
-            if f.header.chunk != j {
+        for (f, j) in frames.iter().zip(*expect..to) {
+            if f.header.chunk != j || f.payload.len() != self.chunk_size {
                 return Err(format!("unexpected chunk {} (wanted {j})", f.header.chunk));
             }
         }
-        if frames.len() as u64 > wanted.end - wanted.start {
+        if frames.len() as u64 > to - *expect {
             return Err(format!(
-                "the site sent chunks beyond {} (asked up to {})",
-                wanted.end - 1,
-                wanted.end
+                "the site sent chunks beyond {} (asked up to {to})",
+                to - 1
             ));
         }
         let ids: Vec<&[Uuid]> = frames.iter().map(|f| &f.header.key_ids[..]).collect();
@@ -365,12 +364,6 @@ impl Downloader {
             .await
             .map_err(|e| e.to_string())?;
         for (f, ck) in frames.iter().zip(&keys) {
-            if f.header.chunk != *expect || f.payload.len() != self.chunk_size {
-                return Err(format!(
-                    "unexpected chunk {} (wanted {expect})",
-                    f.header.chunk
-                ));
-            }
             let mut plain = Zeroizing::new(vec![0u8; self.chunk_size]);
             open_into(f, ctx, ck, self.require_pad, &mut plain)
                 .map_err(|e: SealError| e.to_string())?;

@@ -496,12 +496,8 @@ fn run_demo(dir: Option<PathBuf>, size: u64, seed: u64, keep: bool, opts: &Optio
     // the file), the key stored in advance (both ends of every link direction hold it on
     // disk, and each KME a local pool of the same size), plus room for configurations and
     // logs.
-    let links = opts
-        .links
-        .as_ref()
-        .map_or(opts.sites.saturating_sub(1), Vec::len) as u64;
     let need = size.saturating_mul(3 + opts.sites as u64)
-        + devnet::fill::job_key_bytes(size).saturating_mul(4 * links + opts.sites as u64)
+        + devnet::fill::job_key_bytes(size).saturating_mul(devnet::fill::pools_held(opts))
         + (256 << 20);
     if let Some(free) = free_bytes(&dir) {
         if free < need {
@@ -567,23 +563,11 @@ fn demo_steps(dir: &Path, size: u64, seed: u64, opts: &Options) -> Result<()> {
     demo_generate(&sample, size, seed)?;
     let cp = demo_copy(&sample, &copy)?;
 
-    // The seed's condition: the pools hold the job's key before the clock starts (the
-    // links' prefill fills them at once), and the links then run at a QKD link's rate
-    // (the default 10 km model) rather than in bulk, so that the job consumes stored key.
-    let stored_opts = Options {
-        max_key_count: opts
-            .max_key_count
-            .max(devnet::fill::job_key_bytes(size) / KEY_BYTES),
-        block_bytes: 1 << 20,
-        rate_bytes_per_sec: match opts.rate_bytes_per_sec {
-            0 => Options::default().rate_bytes_per_sec,
-            r => r,
-        },
-        ..opts.clone()
-    };
+    // The seed's condition: the pools hold the job's key before the clock starts.
+    let stored_opts = devnet::fill::stored_key_options(opts, size);
     check_memory_for_pools(&stored_opts)?;
     let d = demo_devnet(dir, &stored_opts)?;
-    let fill = demo_fill(&d, stored_opts.rate_bytes_per_sec)?;
+    let fill = demo_fill(&d, &stored_opts)?;
     let stored = demo_job(&client_bin, &d, &sample, &restored, size)?;
     drop(d);
     remove_pools_and_shares(dir);
@@ -601,9 +585,6 @@ the same job with key generated live (pools of {} keys):",
     print_demo_table(size, opts.sites, &stored, &live, &cp, &fill);
     Ok(())
 }
-
-/// Bytes of a key of the default size (256 bit), the unit of `max_key_count`.
-const KEY_BYTES: u64 = 32;
 
 /// One timed store and restore at site A, with the CPU every process used.
 struct Job {
@@ -641,14 +622,8 @@ fn demo_job(
 /// Every KME holds the pools of its links in memory (both directions of each): refuses to
 /// start when the machine cannot hold them.
 fn check_memory_for_pools(opts: &Options) -> Result<()> {
-    let pool = opts.max_key_count * KEY_BYTES;
-    let links = opts
-        .links
-        .as_ref()
-        .map_or(opts.sites.saturating_sub(1), Vec::len) as u64;
-    // Both ends hold both directions of each link, and each KME its local pool (sized by
-    // the same max_key_count and filled at once too).
-    let need = pool * (4 * links + opts.sites as u64) + (1 << 30);
+    let pool = opts.max_key_count * devnet::fill::KEY_BYTES;
+    let need = pool * devnet::fill::pools_held(opts) + (1 << 30);
     let avail = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -669,12 +644,13 @@ fn check_memory_for_pools(opts: &Options) -> Result<()> {
 }
 
 /// Waits until every link direction holds the job's key; prints how long the fill took.
-fn demo_fill(d: &Devnet, d_rate: u64) -> Result<devnet::fill::Fill> {
+fn demo_fill(d: &Devnet, opts: &Options) -> Result<devnet::fill::Fill> {
     let fill = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(devnet::fill::wait_full(
             &d.info,
+            opts.block_bytes,
             std::time::Duration::from_secs(1800),
         ))?;
     println!(
@@ -684,7 +660,7 @@ fn demo_fill(d: &Devnet, d_rate: u64) -> Result<devnet::fill::Fill> {
         human_size(fill.added),
         fill.secs,
         fill.bytes_per_sec() / 1e6,
-        d_rate
+        opts.rate_bytes_per_sec
     );
     Ok(fill)
 }
@@ -744,25 +720,10 @@ fn demo_generate(sample: &Path, size: u64, seed: u64) -> Result<()> {
 }
 
 /// Disk baseline: a plain copy, synced. Returns its time in seconds.
-/// The disk baseline: a plain copy with fsync, its time and the CPU it used.
-struct Copy {
-    secs: f64,
-    cpu: std::time::Duration,
-}
-
 /// Disk baseline: a plain copy, synced, removed after.
-fn demo_copy(sample: &Path, copy: &Path) -> Result<Copy> {
-    let me = std::process::id();
-    let cpu0 = devnet::cpu::process(me).unwrap_or_default();
-    let t = Instant::now();
-    std::fs::copy(sample, copy).with_context(|| format!("copying to {}", copy.display()))?;
-    std::fs::File::open(copy)?.sync_all()?;
-    let secs = t.elapsed().as_secs_f64();
-    let cpu = devnet::cpu::process(me)
-        .unwrap_or_default()
-        .saturating_sub(cpu0);
-    std::fs::remove_file(copy).ok();
-    Ok(Copy { secs, cpu })
+fn demo_copy(sample: &Path, copy: &Path) -> Result<devnet::cpu::CopyBaseline> {
+    devnet::cpu::copy_baseline(sample, copy)
+        .with_context(|| format!("copying to {}", copy.display()))
 }
 
 /// What a `backup-client` run reported: bytes and its own time, and the command's wall time.
@@ -897,7 +858,7 @@ fn print_demo_table(
     sites: usize,
     stored: &Job,
     live: &Job,
-    cp: &Copy,
+    cp: &devnet::cpu::CopyBaseline,
     fill: &devnet::fill::Fill,
 ) {
     println!();
