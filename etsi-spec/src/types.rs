@@ -2,8 +2,13 @@
 //!
 //! Field names are the specification's exactly (`key_ID`, `master_SAE_ID`, ...), hence the
 //! `non_snake_case` allowance. Optional members are omitted from the JSON when absent.
-//! Request types reject unknown members, so a misspelt field is a clear 400 rather than a
-//! silently ignored parameter.
+//!
+//! Request types read tolerantly and mean strictly: members they do not know are kept aside
+//! in `unknown` (a server logs and ignores them, as JSON APIs conventionally do, and as real
+//! clients need: the QuKayDee build of the QURSA C client names `master_SAE_ID` inside each
+//! key ID reference), while what 014 says must not be ignored, `extension_mandatory`, is
+//! still refused by the server when it names an extension it does not support. Unknown
+//! members are never sent back out (`skip_serializing`).
 #![allow(non_snake_case)]
 
 use base64::Engine;
@@ -36,7 +41,6 @@ pub struct Status {
 ///
 /// `number` defaults to 1 and `size` (bits) to the KME's `key_size` when absent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct KeyRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub number: Option<u64>,
@@ -48,6 +52,9 @@ pub struct KeyRequest {
     pub extension_mandatory: Option<Vec<Map<String, Value>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extension_optional: Option<Vec<Map<String, Value>>>,
+    /// Members 014 does not define (ignored by the server; never serialised).
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Map<String, Value>,
 }
 
 /// One key of a key container: its ID (a UUID) and its bytes in base64.
@@ -96,20 +103,37 @@ pub struct KeyContainer {
 
 /// A key ID reference inside a Key IDs body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct KeyIdRef {
     pub key_ID: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_ID_extension: Option<Map<String, Value>>,
+    /// Members 014 does not define, e.g. QuKayDee's `master_SAE_ID` (ignored by the server;
+    /// never serialised).
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Map<String, Value>,
 }
 
 /// Key IDs data format (clause 6.4): the body of Get key with key IDs by POST.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct KeyIds {
     pub key_IDs: Vec<KeyIdRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_IDs_extension: Option<Map<String, Value>>,
+    /// Members 014 does not define (ignored by the server; never serialised).
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Map<String, Value>,
+}
+
+impl KeyIds {
+    /// The names of members 014 does not define, at the top level and in each key ID
+    /// reference (`key_IDs[3].master_SAE_ID`), for a server's debug log.
+    pub fn unknown_members(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.unknown.keys().cloned().collect();
+        for (i, k) in self.key_IDs.iter().enumerate() {
+            out.extend(k.unknown.keys().map(|n| format!("key_IDs[{i}].{n}")));
+        }
+        out
+    }
 }
 
 impl KeyIds {
@@ -121,9 +145,11 @@ impl KeyIds {
                 .map(|id| KeyIdRef {
                     key_ID: id.into(),
                     key_ID_extension: None,
+                    unknown: Map::new(),
                 })
                 .collect(),
             key_IDs_extension: None,
+            unknown: Map::new(),
         }
     }
 }

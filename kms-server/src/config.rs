@@ -71,6 +71,35 @@ impl Default for Limits {
     }
 }
 
+/// Bounds of the HTTPS listener against slow, idle or oversized requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpLimits {
+    /// Largest request head (request line and header fields), bytes; larger gets 431.
+    pub max_head_bytes: usize,
+    /// Most header fields in one request; more gets 431.
+    pub max_headers: usize,
+    /// Time from the connection (or the end of the previous request) until the whole head of
+    /// a request has arrived, milliseconds; then 408 and the connection is closed.
+    pub head_timeout_ms: u64,
+    /// Time a request body may take to arrive, seconds; then 400 and nothing is done.
+    pub body_timeout_secs: u64,
+    /// An idle keep-alive connection is closed after this many seconds.
+    pub keep_alive_secs: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_head_bytes: 16 * 1024,
+            max_headers: 64,
+            head_timeout_ms: 5000,
+            body_timeout_secs: 30,
+            keep_alive_secs: 15,
+        }
+    }
+}
+
 /// How a link (or the local pool) produces key material.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -179,6 +208,9 @@ pub struct Settings {
     pub tls: Tls,
     #[serde(default)]
     pub limits: Limits,
+    /// Bounds of the HTTPS listener (`[http]`).
+    #[serde(default)]
+    pub http: HttpLimits,
     /// SAEs attached to this KME.
     #[serde(default)]
     pub saes: Vec<String>,
@@ -279,6 +311,19 @@ impl Settings {
         if l.max_key_size / 8 * l.max_key_per_request > 1 << 30 {
             return err(
                 "limits.max_key_per_request: with max_key_size, one reply would exceed 1 GiB"
+                    .into(),
+            );
+        }
+        let h = &self.http;
+        if h.max_head_bytes < 1024 || h.max_head_bytes > 128 * 1024 {
+            return err("http.max_head_bytes: must be within 1024..=131072".into());
+        }
+        if h.max_headers == 0 || h.max_headers > 96 {
+            return err("http.max_headers: must be within 1..=96".into());
+        }
+        if h.head_timeout_ms == 0 || h.body_timeout_secs == 0 || h.keep_alive_secs == 0 {
+            return err(
+                "http.head_timeout_ms, http.body_timeout_secs, http.keep_alive_secs: must be positive"
                     .into(),
             );
         }

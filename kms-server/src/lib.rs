@@ -68,13 +68,18 @@ pub async fn run(settings: config::Settings) -> anyhow::Result<()> {
         http::metrics::serve(kme.clone(), addr)?;
     }
     let data = web::Data::new(kme.clone());
+    let h = settings.http.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .wrap_fn(http::limits::bound_head)
             .wrap_fn(http::metrics::count_request)
             .configure(http::routes)
     })
     .workers(workers)
+    .client_request_timeout(std::time::Duration::from_millis(h.head_timeout_ms))
+    .client_disconnect_timeout(std::time::Duration::from_secs(1))
+    .keep_alive(std::time::Duration::from_secs(h.keep_alive_secs))
     .on_connect(mtls::server::on_connect)
     .bind_openssl(listen, acceptor)
     .map_err(|e| anyhow::anyhow!("listen {listen}: {e}"))?;

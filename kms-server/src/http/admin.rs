@@ -25,7 +25,7 @@ pub(super) async fn set_eavesdropper(
             "the admin interface needs an operator certificate",
         ));
     }
-    let body = read_body(payload, 4096).await?;
+    let body = read_body(payload, 4096, &kme).await?;
     let e: Eavesdropper = parse_json(&body, "eavesdropper setting")?;
     let perf = kme.set_eavesdropper(&path, e.fraction)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({

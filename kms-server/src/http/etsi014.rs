@@ -4,7 +4,9 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use etsi_spec::{KeyIds, KeyRequest};
 
-use super::{caller_sae, key_container, parse_json, parse_u64, query_pairs, read_body, Shared};
+use super::{
+    caller_sae, key_container, log_ignored, parse_json, parse_u64, query_pairs, read_body, Shared,
+};
 use crate::service::KmeError;
 
 pub(super) async fn status(
@@ -52,12 +54,14 @@ pub(super) async fn enc_keys_post(
     payload: web::Payload,
 ) -> Result<HttpResponse, KmeError> {
     let caller = caller_sae(&req, &kme)?;
-    let body = read_body(payload, kme.settings.limits.max_body_bytes).await?;
+    let body = read_body(payload, kme.settings.limits.max_body_bytes, &kme).await?;
     let request: KeyRequest = if body.iter().all(u8::is_ascii_whitespace) {
         KeyRequest::default()
     } else {
         parse_json(&body, "Key request")?
     };
+    let ignored: Vec<String> = request.unknown.keys().cloned().collect();
+    log_ignored("Key request", &ignored);
     let keys = kme.enc_keys(&caller, &path, &request).await?;
     Ok(key_container(keys))
 }
@@ -93,8 +97,9 @@ pub(super) async fn dec_keys_post(
     payload: web::Payload,
 ) -> Result<HttpResponse, KmeError> {
     let caller = caller_sae(&req, &kme)?;
-    let body = read_body(payload, kme.settings.limits.max_body_bytes).await?;
+    let body = read_body(payload, kme.settings.limits.max_body_bytes, &kme).await?;
     let request: KeyIds = parse_json(&body, "Key IDs")?;
+    log_ignored("Key IDs", &request.unknown_members());
     let ids: Vec<String> = request.key_IDs.into_iter().map(|k| k.key_ID).collect();
     let keys = kme.dec_keys(&caller, &path, &ids).await?;
     Ok(key_container(keys))

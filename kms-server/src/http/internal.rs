@@ -14,7 +14,7 @@ pub(super) async fn receive_block(
     payload: web::Payload,
 ) -> Result<HttpResponse, KmeError> {
     let from = caller_kme(&req, &kme)?;
-    let mut body = read_body(payload, 64 * 1024).await?;
+    let mut body = read_body(payload, 64 * 1024, &kme).await?;
     let block: Result<BlockAnnounce, _> = parse_json(&body, "block announcement");
     zeroize::Zeroize::zeroize(&mut body[..]); // it may hold a simulator seed
     link::receive_block(&kme, &from, &block?).await?;
@@ -27,7 +27,7 @@ pub(super) async fn receive_sync(
     payload: web::Payload,
 ) -> Result<HttpResponse, KmeError> {
     let from = caller_kme(&req, &kme)?;
-    let body = read_body(payload, 4096).await?;
+    let body = read_body(payload, 4096, &kme).await?;
     let sync: SyncRequest = parse_json(&body, "link synchronisation")?;
     let reply = link::receive_sync(&kme, &from, &sync).await?;
     Ok(HttpResponse::Ok().json(reply))
@@ -39,7 +39,7 @@ pub(super) async fn source_message(
     payload: web::Payload,
 ) -> Result<HttpResponse, KmeError> {
     let from = caller_kme(&req, &kme)?;
-    let body = read_body(payload, 64 << 20).await?;
+    let body = read_body(payload, 64 << 20, &kme).await?;
     let message: serde_json::Value = parse_json(&body, "key source message")?;
     let source = kme
         .source(&from)
@@ -57,7 +57,7 @@ pub(super) async fn register(
     payload: web::Payload,
 ) -> Result<HttpResponse, KmeError> {
     let from = caller_kme(&req, &kme)?;
-    let body = read_body(payload, 256 << 20).await?;
+    let body = read_body(payload, 256 << 20, &kme).await?;
     let batch: RegisterBatch = parse_json(&body, "registration")?;
     let results = kme.register_many(&from, batch.registrations).await;
     Ok(HttpResponse::Ok().json(RegisterResults { results }))

@@ -1,5 +1,6 @@
 //! Prometheus metrics: the `/metrics` listener, and the middleware that counts every
-//! request of the main listener by endpoint and status code.
+//! request of the main listener by endpoint (method from a fixed set, route pattern or
+//! `unmatched`) and status code, so no caller can grow the label set.
 
 use std::sync::Arc;
 
@@ -33,6 +34,22 @@ pub fn serve(kme: Arc<Kme>, addr: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The method as a metrics label, from a fixed set: a client may send any token as its
+/// method, and labels must not grow without bound.
+fn method_label(m: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "OTHER",
+    }
+}
+
 /// Middleware (for `App::wrap_fn`): records each request's endpoint (method and route
 /// pattern), status code and duration.
 pub fn count_request<S, B>(
@@ -51,7 +68,7 @@ where
         if let Some(k) = kme {
             let ep = format!(
                 "{} {}",
-                res.request().method(),
+                method_label(res.request().method()),
                 res.request()
                     .match_pattern()
                     .unwrap_or_else(|| "unmatched".into())

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod error;
 pub mod etsi014;
 pub mod internal;
+pub mod limits;
 pub mod metrics;
 
 use std::sync::Arc;
@@ -111,8 +112,27 @@ pub(super) fn caller_kme(req: &HttpRequest, kme: &Kme) -> Result<String, KmeErro
     }
 }
 
-/// Reads a request body, refusing more than `limit` bytes.
+/// Reads a request body, refusing more than `limit` bytes or one that takes longer than
+/// `http.body_timeout_secs` to arrive.
 pub(super) async fn read_body(
+    payload: web::Payload,
+    limit: usize,
+    kme: &Kme,
+) -> Result<web::BytesMut, KmeError> {
+    let secs = kme.settings.http.body_timeout_secs;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(secs),
+        read_body_unbounded(payload, limit),
+    )
+    .await
+    .map_err(|_| {
+        KmeError::bad_request(format!(
+            "the request body did not arrive within {secs} s (http.body_timeout_secs)"
+        ))
+    })?
+}
+
+async fn read_body_unbounded(
     mut payload: web::Payload,
     limit: usize,
 ) -> Result<web::BytesMut, KmeError> {
@@ -129,12 +149,29 @@ pub(super) async fn read_body(
     Ok(body)
 }
 
+/// Parses a request body that must be one JSON object (every body of 014 and of the
+/// KME-to-KME channel is). Anything else, valid JSON or not (`[]`, `42`, `"number"`), is a
+/// 400: serde would otherwise read a struct from a JSON array by position.
 pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
     body: &[u8],
     what: &str,
 ) -> Result<T, KmeError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(KmeError::bad_request(format!(
+            "malformed {what}: the body must be a JSON object"
+        )));
+    }
     serde_json::from_slice(body)
         .map_err(|e| KmeError::bad_request(format!("malformed {what}: {e}")))
+}
+
+/// Logs, at debug level, members of a request that 014 does not define and that are
+/// therefore ignored.
+pub(super) fn log_ignored(what: &str, names: &[String]) {
+    if !names.is_empty() {
+        tracing::debug!(request = what, members = ?names, "ignored members 014 does not define");
+    }
 }
 
 pub(super) fn query_pairs(req: &HttpRequest) -> Result<Vec<(String, String)>, KmeError> {

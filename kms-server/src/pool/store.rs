@@ -12,6 +12,9 @@
 //!   every byte in it is consumed. redb is not used for key bytes because it does not
 //!   overwrite the pages it frees.
 //!
+//! The folders are created 0700 and every file 0600 (key bytes and the state that locates
+//! them are for the KME's user alone).
+//!
 //! All writes go through one committer thread in the order the KME made its changes (the
 //! caller enqueues under the KME's state lock), batched: one group commit serves every
 //! request that arrived meanwhile. A caller acts on a change (hands a key out, acknowledges a
@@ -24,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -158,8 +161,10 @@ impl Store {
     /// Opens (or creates) the store in `dir`, scrubs bytes that a crash left unwiped, and
     /// returns what it holds.
     pub fn open(dir: &Path) -> Result<(Store, Loaded), StoreError> {
-        std::fs::create_dir_all(dir.join("pool")).map_err(|e| io(dir, e))?;
+        private_dir(dir)?;
+        private_dir(&dir.join("pool"))?;
         let path = dir.join("state.redb");
+        private_file(&path)?;
         let database = redb::Database::create(&path).map_err(db)?;
         let segments = Segments {
             root: dir.join("pool"),
@@ -308,7 +313,7 @@ impl Segments {
             }
             let dir = self.root.join(folder(stream));
             if create && !dir.exists() {
-                std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+                private_dir(&dir)?;
                 sync_dir(&self.root)?;
             }
             let f = OpenOptions::new()
@@ -316,6 +321,7 @@ impl Segments {
                 .write(true)
                 .create(create)
                 .truncate(false)
+                .mode(0o600)
                 .open(&path)
                 .map_err(|e| io(&path, e))?;
             if create {
@@ -466,6 +472,30 @@ impl Segments {
             .filter_map(|e| e.file_name().to_str().and_then(unfolder))
             .collect()
     }
+}
+
+/// Creates `dir` (and its parents) if missing, and makes it 0700: key material lives below.
+fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io(dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| io(dir, e))
+}
+
+/// Creates `path` if missing, and makes it 0600.
+fn private_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io(path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| io(path, e))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {

@@ -50,6 +50,12 @@ impl Kme {
     /// Get status for master `caller` and `slave`.
     pub fn status(&self, caller: &str, slave: &str) -> Result<Status, KmeError> {
         self.check_local_sae(caller)?;
+        if slave == caller {
+            return Err(KmeError::bad_request(format!(
+                "SAE {caller:?} cannot be a slave of itself"
+            ))
+            .detail("slave", slave));
+        }
         let target = self.home_of(slave, "slave")?.to_owned();
         let route = self.route(&target)?;
         let l = &self.settings.limits;

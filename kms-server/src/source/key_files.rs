@@ -9,7 +9,11 @@
 //!   or rewritten. A file whose name starts with `.` or ends in `.tmp`/`.part` is ignored.
 //! - Never reuse a name; give both ends the same name and the same bytes.
 //! - Names must be valid UTF-8 of at most 255 bytes without `/`, `..` or control characters
-//!   (others are ignored with a warning). Symbolic links and directories are ignored.
+//!   (others are ignored with a warning). Symbolic links, directories and other non-regular
+//!   files are ignored, and never followed: every key file and marker is opened with
+//!   `O_NOFOLLOW | O_NONBLOCK` and checked to be a regular file, so a link planted in the
+//!   folder can neither feed the link nor make the KME read, zero or remove its target, and
+//!   nothing is written outside the folder. Markers are created with mode 0600.
 //!
 //! ## How the files are consumed
 //! The producing end hands out the ready files in lexicographic name order (a file it
@@ -185,6 +189,35 @@ fn decode(reference: &BlockRef) -> Result<(String, u64, usize), SourceError> {
     Ok((name.to_owned(), offset, len))
 }
 
+/// Opens `path` without following a symbolic link (`O_NOFOLLOW`) or blocking on a FIFO
+/// (`O_NONBLOCK`), and only if it is a regular file.
+fn open_regular(path: &Path, write: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "is a symbolic link (never followed)",
+                )
+            } else {
+                e
+            }
+        })?;
+    if f.metadata()?.is_file() {
+        Ok(f)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "is not a regular file",
+        ))
+    }
+}
+
 fn io_failed(path: &Path, what: &str, e: io::Error) -> SourceError {
     SourceError::Failed(format!("{what} {}: {e}", path.display()))
 }
@@ -217,7 +250,11 @@ impl Inner {
     /// Bytes consumed from the start of `name`, if a marker exists.
     fn read_marker(&self, name: &str) -> Result<Option<u64>, SourceError> {
         let path = self.marker_path(name);
-        match fs::read_to_string(&path) {
+        let read = open_regular(&path, false).and_then(|mut f| {
+            let mut text = String::new();
+            f.read_to_string(&mut text).map(|_| text)
+        });
+        match read {
             Ok(text) => {
                 let value = text.strip_suffix('\n').unwrap_or(&text);
                 parse_decimal(value).map(Some).ok_or_else(|| {
@@ -238,10 +275,17 @@ impl Inner {
         let tmp = self.marker_tmp_path(name);
         let path = self.marker_path(name);
         (|| {
+            use std::os::unix::fs::OpenOptionsExt;
+            // A leftover (or planted) temporary is removed, never written through.
+            match fs::remove_file(&tmp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
             let mut f = OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&tmp)?;
             f.write_all(format!("{consumed}\n").as_bytes())?;
             f.sync_all()?;
@@ -260,7 +304,7 @@ impl Inner {
         len: usize,
     ) -> Result<Option<Zeroizing<Vec<u8>>>, SourceError> {
         let path = self.key_path(name);
-        let mut f = match File::open(&path) {
+        let mut f = match open_regular(&path, false) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_failed(&path, "opening key file", e)),
@@ -323,7 +367,7 @@ impl Inner {
 
     fn open_rw(&self, name: &str) -> Result<Option<File>, SourceError> {
         let path = self.key_path(name);
-        match OpenOptions::new().read(true).write(true).open(&path) {
+        match open_regular(&path, true) {
             Ok(f) => Ok(Some(f)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_failed(&path, "opening key file", e)),
