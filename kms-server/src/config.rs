@@ -54,6 +54,27 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Seconds a key waits for its slaves before it is erased unfetched.
     pub key_ttl_secs: u64,
+    /// Keys (of `key_size` bits; a longer key counts as several) that may await slaves
+    /// attached here for one master SAE; beyond it Get key answers 503 until slaves fetch
+    /// or keys expire. Default: `max_key_count` (one pool's worth).
+    pub max_awaiting_keys_per_master: Option<u64>,
+    /// The same bound over all masters. Default: 4 x `max_key_count`.
+    pub max_awaiting_keys: Option<u64>,
+}
+
+impl Limits {
+    /// The bound on keys awaiting slaves, with its defaults resolved.
+    pub fn awaiting_bound(&self) -> crate::pool::records::Bound {
+        crate::pool::records::Bound {
+            per_master: self
+                .max_awaiting_keys_per_master
+                .unwrap_or(self.max_key_count),
+            total: self
+                .max_awaiting_keys
+                .unwrap_or(self.max_key_count.saturating_mul(4)),
+            unit: (self.key_size / 8).max(1),
+        }
+    }
 }
 
 impl Default for Limits {
@@ -67,6 +88,8 @@ impl Default for Limits {
             max_sae_id_count: 2,
             max_body_bytes: 256 * 1024,
             key_ttl_secs: 3600,
+            max_awaiting_keys_per_master: None,
+            max_awaiting_keys: None,
         }
     }
 }
@@ -307,6 +330,13 @@ impl Settings {
         }
         if l.max_key_count == 0 {
             return err("limits.max_key_count: must be positive".into());
+        }
+        let b = l.awaiting_bound();
+        if b.per_master == 0 || b.total == 0 || b.per_master > b.total {
+            return err(
+                "limits.max_awaiting_keys_per_master, limits.max_awaiting_keys: must be positive, per master at most the total"
+                    .into(),
+            );
         }
         if l.max_key_size / 8 * l.max_key_per_request > 1 << 30 {
             return err(

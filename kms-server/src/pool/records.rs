@@ -4,8 +4,16 @@
 //! - A [`KeyRecord`] is delivered at most once to each of its slaves, only to them, only once
 //!   it is [`Readiness::Ready`], and is erased (zeroized) when the last slave has it.
 //! - A delivery that names one bad key ID changes nothing.
+//! - What keys awaiting slaves hold is counted per master and in total ([`Bound`]); a caller
+//!   asks [`Records::check_room`] under the same lock before it takes bytes for new records.
+//! - Expiry and the low-water marks cost what they touch, not what is held: records are
+//!   indexed by age and, per stream, by offset.
+//!
+//! After a restart the records' bytes stay in the durable store's segment files
+//! ([`KeyBytes::Stored`]) and are read when a slave fetches them, so starting needs no memory
+//! in proportion to the keys awaiting slaves.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -18,7 +26,7 @@ pub struct KeyRecord {
     pub master: String,
     /// Slaves at this KME that have not fetched it yet.
     pub pending: Vec<String>,
-    pub bytes: Zeroizing<Vec<u8>>,
+    pub bytes: KeyBytes,
     /// When the master obtained it (seconds since the Unix epoch); keys no slave fetches in
     /// time are erased.
     pub created_unix: u64,
@@ -27,6 +35,71 @@ pub struct KeyRecord {
     pub offset: u64,
     /// Whether slaves may fetch it yet.
     pub readiness: Readiness,
+}
+
+/// Where a record's key bytes are.
+pub enum KeyBytes {
+    /// In memory (wiped on drop).
+    Held(Zeroizing<Vec<u8>>),
+    /// Only in the durable store, at the record's stream and offset: `len` bytes.
+    Stored { len: u64 },
+}
+
+impl KeyBytes {
+    pub fn len(&self) -> u64 {
+        match self {
+            KeyBytes::Held(b) => b.len() as u64,
+            KeyBytes::Stored { len } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Reads `len` bytes at `offset` of a stream from the durable store.
+pub type ReadStored<'a> = dyn FnMut(&StreamId, u64, u64) -> Result<Zeroizing<Vec<u8>>, String> + 'a;
+
+/// How much key may await slaves: per master SAE and in total, in keys of `unit` bytes (the
+/// KME's `key_size`); a key counts as `ceil(len / unit)` keys, at least one.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub per_master: u64,
+    pub total: u64,
+    pub unit: u64,
+}
+
+impl Default for Bound {
+    /// No bound (tests of the pool alone).
+    fn default() -> Self {
+        Bound {
+            per_master: u64::MAX,
+            total: u64::MAX,
+            unit: 1,
+        }
+    }
+}
+
+impl Bound {
+    /// How many keys of `unit` bytes a key of `len` bytes counts as.
+    pub fn charge(&self, len: u64) -> u64 {
+        len.div_ceil(self.unit.max(1)).max(1)
+    }
+}
+
+/// Why new keys cannot await their slaves now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoomError {
+    #[error("master SAE {master:?} already has {held} keys awaiting slaves that have not fetched them; {asked} more would pass its bound of {max} (limits.max_awaiting_keys_per_master): the slaves must fetch keys, or they expire after limits.key_ttl_secs")]
+    PerMaster {
+        master: String,
+        held: u64,
+        asked: u64,
+        max: u64,
+    },
+    #[error("{held} keys already await slaves at this KME; {asked} more would pass its bound of {max} (limits.max_awaiting_keys)")]
+    Total { held: u64, asked: u64, max: u64 },
 }
 
 /// Whether a key record may be delivered.
@@ -71,7 +144,7 @@ impl KeyRecord {
             created_unix: self.created_unix,
             stream: self.stream.name(),
             offset: self.offset,
-            len: self.bytes.len() as u64,
+            len: self.bytes.len(),
             ready: self.readiness.is_ready(),
         }
     }
@@ -110,18 +183,38 @@ pub enum DeliverError {
     Duplicate(String),
     #[error("no key_ID given")]
     Empty,
+    /// The durable store could not give back the bytes of a stored key (a server fault).
+    #[error("key store: {0}")]
+    Unreadable(String),
 }
 
 /// Keys delivered by one call: ID and bytes (wiped on drop).
 pub type Delivered = Vec<(Uuid, Zeroizing<Vec<u8>>)>;
 
-/// Keys awaiting their slaves, by ID.
+/// Keys awaiting their slaves, by ID, with the indexes that keep bounds and housekeeping
+/// cheap.
 #[derive(Default)]
 pub struct Records {
     map: HashMap<Uuid, KeyRecord>,
+    /// (created_unix, ID) of every record: expiry walks only what has expired.
+    by_age: BTreeSet<(u64, Uuid)>,
+    /// Per stream, how many records sit at each offset: the low water is the first entry.
+    offsets: HashMap<StreamId, BTreeMap<u64, u32>>,
+    /// Keys (in units of the bound) held per master, and in total.
+    per_master: HashMap<String, u64>,
+    total: u64,
+    bound: Bound,
 }
 
 impl Records {
+    /// No records, bounded by `bound`.
+    pub fn new(bound: Bound) -> Self {
+        Records {
+            bound,
+            ..Records::default()
+        }
+    }
+
     /// Number of keys awaiting at least one slave.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -135,8 +228,43 @@ impl Records {
         self.map.contains_key(id)
     }
 
+    pub fn bound(&self) -> Bound {
+        self.bound
+    }
+
+    /// Keys (in units of the bound) awaiting slaves for `master`, and in total.
+    pub fn held(&self, master: &str) -> (u64, u64) {
+        (
+            self.per_master.get(master).copied().unwrap_or(0),
+            self.total,
+        )
+    }
+
+    /// Whether `number` keys of `len` bytes each may be added for `master` now.
+    pub fn check_room(&self, master: &str, number: u64, len: u64) -> Result<(), RoomError> {
+        let asked = number.saturating_mul(self.bound.charge(len));
+        let (mine, total) = self.held(master);
+        if mine.saturating_add(asked) > self.bound.per_master {
+            return Err(RoomError::PerMaster {
+                master: master.to_owned(),
+                held: mine,
+                asked,
+                max: self.bound.per_master,
+            });
+        }
+        if total.saturating_add(asked) > self.bound.total {
+            return Err(RoomError::Total {
+                held: total,
+                asked,
+                max: self.bound.total,
+            });
+        }
+        Ok(())
+    }
+
     /// Stores a key for its pending slaves; a record without pending slaves is dropped (wiped).
-    /// Returns the persistent form of what was stored.
+    /// Returns the persistent form of what was stored. The caller checked
+    /// [`Records::check_room`] under the same lock (a restart reloads records regardless).
     pub fn insert(
         &mut self,
         id: Uuid,
@@ -146,28 +274,74 @@ impl Records {
             return None;
         }
         let meta = record.meta();
+        if let Some(old) = self.map.remove(&id) {
+            self.unindex(id, &old);
+        }
+        let charge = self.bound.charge(record.bytes.len());
+        *self.per_master.entry(record.master.clone()).or_default() += charge;
+        self.total += charge;
+        self.by_age.insert((record.created_unix, id));
+        *self
+            .offsets
+            .entry(record.stream.clone())
+            .or_default()
+            .entry(record.offset)
+            .or_default() += 1;
         self.map.insert(id, record);
         Some(meta)
     }
 
-    /// Erases (zeroizes) keys that were obtained more than `max_age_secs` ago and that some
-    /// slave never fetched.
-    pub fn expire(&mut self, max_age_secs: u64) -> Changes {
-        let now = now_unix();
-        let old: Vec<Uuid> = self
-            .map
-            .iter()
-            .filter(|(_, r)| now.saturating_sub(r.created_unix) >= max_age_secs)
-            .map(|(id, _)| *id)
-            .collect();
-        let mut ch = Changes::default();
-        for id in old {
-            if let Some(r) = self.map.remove(&id) {
-                ch.erased
-                    .push((id, r.stream.clone(), r.offset, r.bytes.len() as u64));
+    /// Removes a record and its index entries; its bytes are wiped when dropped.
+    fn take(&mut self, id: &Uuid) -> Option<KeyRecord> {
+        let r = self.map.remove(id)?;
+        self.unindex(*id, &r);
+        Some(r)
+    }
+
+    fn unindex(&mut self, id: Uuid, r: &KeyRecord) {
+        let charge = self.bound.charge(r.bytes.len());
+        if let Some(m) = self.per_master.get_mut(&r.master) {
+            *m = m.saturating_sub(charge);
+            if *m == 0 {
+                self.per_master.remove(&r.master);
             }
         }
-        ch
+        self.total = self.total.saturating_sub(charge);
+        self.by_age.remove(&(r.created_unix, id));
+        if let Some(offs) = self.offsets.get_mut(&r.stream) {
+            if let Some(n) = offs.get_mut(&r.offset) {
+                *n -= 1;
+                if *n == 0 {
+                    offs.remove(&r.offset);
+                }
+            }
+            if offs.is_empty() {
+                self.offsets.remove(&r.stream);
+            }
+        }
+    }
+
+    /// Erases (zeroizes) at most `at_most` keys that were obtained more than `max_age_secs`
+    /// ago and that some slave never fetched, oldest first; the second value says whether
+    /// more have expired.
+    pub fn expire(&mut self, max_age_secs: u64, at_most: usize) -> (Changes, bool) {
+        let cutoff = now_unix().saturating_sub(max_age_secs);
+        let old: Vec<Uuid> = self
+            .by_age
+            .iter()
+            .take_while(|(t, _)| *t <= cutoff)
+            .take(at_most.saturating_add(1))
+            .map(|(_, id)| *id)
+            .collect();
+        let more = old.len() > at_most;
+        let mut ch = Changes::default();
+        for id in old.into_iter().take(at_most) {
+            if let Some(r) = self.take(&id) {
+                ch.erased
+                    .push((id, r.stream.clone(), r.offset, r.bytes.len()));
+            }
+        }
+        (ch, more)
     }
 
     /// Makes keys deliverable (their registration elsewhere succeeded).
@@ -186,9 +360,9 @@ impl Records {
     pub fn remove_many(&mut self, ids: &[Uuid]) -> Changes {
         let mut ch = Changes::default();
         for id in ids {
-            if let Some(r) = self.map.remove(id) {
+            if let Some(r) = self.take(id) {
                 ch.erased
-                    .push((*id, r.stream.clone(), r.offset, r.bytes.len() as u64));
+                    .push((*id, r.stream.clone(), r.offset, r.bytes.len()));
             }
         }
         ch
@@ -196,15 +370,14 @@ impl Records {
 
     /// Per stream, the lowest offset a record's bytes sit at.
     pub fn low_water(&self) -> HashMap<StreamId, u64> {
-        let mut m: HashMap<StreamId, u64> = HashMap::new();
-        for r in self.map.values() {
-            let e = m.entry(r.stream.clone()).or_insert(u64::MAX);
-            *e = (*e).min(r.offset);
-        }
-        m
+        self.offsets
+            .iter()
+            .filter_map(|(s, offs)| offs.keys().next().map(|o| (s.clone(), *o)))
+            .collect()
     }
 
-    /// Delivers the named keys to `slave` for `master`, all or nothing.
+    /// Delivers the named keys to `slave` for `master`, all or nothing; `read` fetches the
+    /// bytes of keys that are only in the durable store.
     ///
     /// Every ID must name a key obtained by `master` that `slave` has not fetched yet. The
     /// delivered copy is removed from the slave's pending list; the record is erased when no
@@ -214,7 +387,51 @@ impl Records {
         master: &str,
         slave: &str,
         ids: &[String],
+        read: &mut ReadStored<'_>,
     ) -> Result<(Delivered, Changes), Vec<DeliverError>> {
+        let parsed = self.deliverable(master, slave, ids)?;
+        // Bytes only on disk are read first: a failure here still changes nothing.
+        for id in &parsed {
+            if let Some(rec) = self.map.get_mut(id) {
+                if let KeyBytes::Stored { len } = rec.bytes {
+                    let bytes = read(&rec.stream, rec.offset, len)
+                        .map_err(|e| vec![DeliverError::Unreadable(e)])?;
+                    rec.bytes = KeyBytes::Held(bytes);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(parsed.len());
+        let mut ch = Changes::default();
+        for id in parsed {
+            let Some(rec) = self.map.get_mut(&id) else {
+                continue; // checked above under the same lock
+            };
+            rec.pending.retain(|s| s != slave);
+            if rec.pending.is_empty() {
+                if let Some(rec) = self.take(&id) {
+                    ch.erased
+                        .push((id, rec.stream.clone(), rec.offset, rec.bytes.len()));
+                    if let KeyBytes::Held(b) = rec.bytes {
+                        out.push((id, b));
+                    }
+                }
+            } else {
+                ch.put.push((id, rec.meta()));
+                if let KeyBytes::Held(b) = &rec.bytes {
+                    out.push((id, Zeroizing::new(b.to_vec())));
+                }
+            }
+        }
+        Ok((out, ch))
+    }
+
+    /// The IDs, parsed, if every one names a key `slave` may fetch from `master` now.
+    fn deliverable(
+        &self,
+        master: &str,
+        slave: &str,
+        ids: &[String],
+    ) -> Result<Vec<Uuid>, Vec<DeliverError>> {
         if ids.is_empty() {
             return Err(vec![DeliverError::Empty]);
         }
@@ -241,34 +458,21 @@ impl Records {
                 _ => errors.push(DeliverError::NotDeliverable(raw.clone())),
             }
         }
-        if !errors.is_empty() {
-            return Err(errors);
+        if errors.is_empty() {
+            Ok(parsed)
+        } else {
+            Err(errors)
         }
-        let mut out = Vec::with_capacity(parsed.len());
-        let mut ch = Changes::default();
-        for id in parsed {
-            let Some(rec) = self.map.get_mut(&id) else {
-                continue; // checked above under the same lock
-            };
-            rec.pending.retain(|s| s != slave);
-            if rec.pending.is_empty() {
-                if let Some(rec) = self.map.remove(&id) {
-                    ch.erased
-                        .push((id, rec.stream.clone(), rec.offset, rec.bytes.len() as u64));
-                    out.push((id, rec.bytes));
-                }
-            } else {
-                ch.put.push((id, rec.meta()));
-                out.push((id, Zeroizing::new(rec.bytes.to_vec())));
-            }
-        }
-        Ok((out, ch))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn no_store(_: &StreamId, _: u64, _: u64) -> Result<Zeroizing<Vec<u8>>, String> {
+        Err("no store".into())
+    }
 
     #[test]
     fn records_deliver_once_per_slave() {
@@ -279,7 +483,7 @@ mod tests {
             KeyRecord {
                 master: "M".into(),
                 pending: vec!["S1".into(), "S2".into()],
-                bytes: Zeroizing::new(vec![9; 4]),
+                bytes: KeyBytes::Held(Zeroizing::new(vec![9; 4])),
                 created_unix: now_unix(),
                 stream: StreamId::Local,
                 offset: 0,
@@ -287,14 +491,23 @@ mod tests {
             },
         );
         let ids = [id.to_string()];
-        assert!(r.deliver("X", "S1", &ids).is_err(), "wrong master");
-        assert!(r.deliver("M", "S3", &ids).is_err(), "not a slave");
-        let (got, ch) = r.deliver("M", "S1", &ids).unwrap();
+        assert!(
+            r.deliver("X", "S1", &ids, &mut no_store).is_err(),
+            "wrong master"
+        );
+        assert!(
+            r.deliver("M", "S3", &ids, &mut no_store).is_err(),
+            "not a slave"
+        );
+        let (got, ch) = r.deliver("M", "S1", &ids, &mut no_store).unwrap();
         assert_eq!(&got[0].1[..], &[9; 4]);
         assert_eq!(ch.put.len(), 1, "S2 still pending");
-        assert!(r.deliver("M", "S1", &ids).is_err(), "second fetch");
+        assert!(
+            r.deliver("M", "S1", &ids, &mut no_store).is_err(),
+            "second fetch"
+        );
         assert_eq!(r.len(), 1);
-        let (_, ch) = r.deliver("M", "S2", &ids).unwrap();
+        let (_, ch) = r.deliver("M", "S2", &ids, &mut no_store).unwrap();
         assert_eq!(ch.erased.len(), 1, "erased record is reported for wiping");
         assert!(r.is_empty(), "erased after the last slave");
         r.insert(
@@ -302,15 +515,104 @@ mod tests {
             KeyRecord {
                 master: "M".into(),
                 pending: vec!["S1".into()],
-                bytes: Zeroizing::new(vec![1; 4]),
+                bytes: KeyBytes::Held(Zeroizing::new(vec![1; 4])),
                 created_unix: now_unix(),
                 stream: StreamId::Local,
                 offset: 4,
                 readiness: Readiness::Ready,
             },
         );
-        assert_eq!(r.expire(60).erased.len(), 0);
-        assert_eq!(r.expire(0).erased.len(), 1, "unfetched keys expire");
-        assert!(r.deliver("M", "S1", &ids).is_err());
+        assert_eq!(r.expire(60, 100).0.erased.len(), 0);
+        assert_eq!(r.expire(0, 100).0.erased.len(), 1, "unfetched keys expire");
+        assert!(r.deliver("M", "S1", &ids, &mut no_store).is_err());
+    }
+
+    fn rec(master: &str, offset: u64, len: usize, created: u64) -> KeyRecord {
+        KeyRecord {
+            master: master.into(),
+            pending: vec!["S".into()],
+            bytes: KeyBytes::Held(Zeroizing::new(vec![7; len])),
+            created_unix: created,
+            stream: StreamId::Local,
+            offset,
+            readiness: Readiness::Ready,
+        }
+    }
+
+    #[test]
+    fn awaiting_keys_are_bounded_per_master_and_in_total() {
+        let mut r = Records::new(Bound {
+            per_master: 4,
+            total: 6,
+            unit: 32,
+        });
+        assert_eq!(r.bound().charge(1), 1, "a short key counts as one");
+        assert_eq!(r.bound().charge(33), 2);
+        assert!(r.check_room("M", 4, 32).is_ok());
+        assert!(matches!(
+            r.check_room("M", 5, 32),
+            Err(RoomError::PerMaster { max: 4, .. })
+        ));
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            r.insert(*id, rec("M", i as u64 * 32, 32, now_unix()));
+        }
+        assert_eq!(r.held("M"), (4, 4));
+        assert!(r.check_room("M", 1, 8).is_err(), "M is full");
+        assert!(r.check_room("N", 2, 32).is_ok(), "others are still served");
+        assert!(matches!(
+            r.check_room("N", 3, 32),
+            Err(RoomError::Total { held: 4, .. })
+        ));
+        let one = [ids[0].to_string()];
+        r.deliver("M", "S", &one, &mut no_store).unwrap();
+        assert_eq!(r.held("M"), (3, 3), "a fetched key frees its room");
+        r.remove_many(&ids[1..2]);
+        let (ch, more) = r.expire(0, 10);
+        assert_eq!((ch.erased.len(), more), (2, false));
+        assert_eq!(r.held("M"), (0, 0));
+    }
+
+    #[test]
+    fn stored_bytes_are_read_at_delivery_and_a_failed_read_changes_nothing() {
+        let mut r = Records::default();
+        let id = Uuid::new_v4();
+        let mut k = rec("M", 64, 0, now_unix());
+        k.bytes = KeyBytes::Stored { len: 3 };
+        r.insert(id, k);
+        let ids = [id.to_string()];
+        let Err(err) = r.deliver("M", "S", &ids, &mut no_store) else {
+            panic!("delivered without the bytes")
+        };
+        assert!(matches!(err[0], DeliverError::Unreadable(_)));
+        assert!(r.contains(&id), "still there after a failed read");
+        let mut disk = |s: &StreamId, off: u64, len: u64| {
+            assert_eq!((s, off, len), (&StreamId::Local, 64, 3));
+            Ok(Zeroizing::new(vec![1, 2, 3]))
+        };
+        let (got, ch) = r.deliver("M", "S", &ids, &mut disk).unwrap();
+        assert_eq!(&got[0].1[..], &[1, 2, 3]);
+        assert_eq!(ch.erased[0].3, 3, "its range is wiped");
+    }
+
+    #[test]
+    fn expiry_takes_the_oldest_in_bounded_steps_and_the_low_water_follows() {
+        let mut r = Records::default();
+        let now = now_unix();
+        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            // Offsets fall as age falls: the oldest key sits highest.
+            r.insert(*id, rec("M", 100 - i as u64 * 10, 4, now - 100 + i as u64));
+        }
+        r.insert(Uuid::new_v4(), rec("M", 0, 4, now));
+        assert_eq!(r.low_water()[&StreamId::Local], 0);
+        let (ch, more) = r.expire(50, 2);
+        assert!(more, "more have expired than one step takes");
+        let erased: Vec<Uuid> = ch.erased.iter().map(|e| e.0).collect();
+        assert_eq!(erased, ids[..2].to_vec(), "oldest first");
+        let (ch, more) = r.expire(50, 10);
+        assert_eq!((ch.erased.len(), more), (3, false));
+        assert_eq!(r.len(), 1, "the fresh key stays");
+        assert_eq!(r.low_water()[&StreamId::Local], 0);
     }
 }

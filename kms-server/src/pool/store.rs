@@ -145,7 +145,8 @@ pub type FreeBytes = Vec<(u64, Zeroizing<Vec<u8>>)>;
 /// What the store held at start.
 pub struct Loaded {
     pub streams: HashMap<String, (StreamMeta, FreeBytes)>,
-    pub records: Vec<(Uuid, RecordMeta, Zeroizing<Vec<u8>>)>,
+    /// Keys awaiting slaves; their bytes stay on disk ([`Store::read`]).
+    pub records: Vec<(Uuid, RecordMeta)>,
 }
 
 type Done = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
@@ -155,6 +156,8 @@ type Done = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 pub struct Store {
     tx: mpsc::Sender<(Batch, Option<Done>)>,
     failed: Arc<AtomicBool>,
+    /// `store_dir/pool`, for reading the bytes of keys awaiting slaves.
+    pool: PathBuf,
 }
 
 impl Store {
@@ -203,7 +206,14 @@ impl Store {
                 }
             })
             .map_err(|e| io(dir, e))?;
-        Ok((Store { tx, failed }, loaded))
+        Ok((
+            Store {
+                tx,
+                failed,
+                pool: dir.join("pool"),
+            },
+            loaded,
+        ))
     }
 
     /// Queues `batch` and returns a future that resolves once it is durable. Enqueue under
@@ -224,6 +234,22 @@ impl Store {
             sent?;
             rx.await.unwrap_or(Err(StoreError::Failed))
         }
+    }
+
+    /// Reads `len` bytes at `offset` of `stream`: the bytes of a key awaiting slaves that a
+    /// restart left on disk only. Safe beside the committer: a record's range is neither
+    /// overwritten nor unlinked before the record's deletion is committed.
+    pub fn read(
+        &self,
+        stream: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        let mut segments = Segments {
+            root: self.pool.clone(),
+            files: HashMap::new(),
+        };
+        segments.read(stream, offset, len)
     }
 
     /// Queues `batch` without waiting (for wipes and housekeeping).
@@ -571,11 +597,10 @@ impl Committer {
             out_streams.insert(name.clone(), (meta.clone(), blocks));
         }
         for (id, meta) in metas {
-            let bytes = self.segments.read(&meta.stream, meta.offset, meta.len)?;
             keep.entry(meta.stream.clone())
                 .or_default()
                 .push((meta.offset, meta.offset.saturating_add(meta.len)));
-            records.push((id, meta, bytes));
+            records.push((id, meta));
         }
         // Scrub: overwrite every byte on disk that is neither free nor held by a record (a
         // crash may have interrupted a wipe), and drop segments with nothing to keep.
@@ -790,6 +815,10 @@ mod tests {
         assert_eq!(blocks[0].0, 20);
         assert_eq!(&blocks[0].1[..], &data[20..]);
         assert_eq!(loaded.records.len(), 1);
-        assert_eq!(&loaded.records[0].2[..], &data[10..15]);
+        let m = &loaded.records[0].1;
+        assert_eq!(
+            &_store.read(&m.stream, m.offset, m.len).unwrap()[..],
+            &data[10..15]
+        );
     }
 }

@@ -4,6 +4,9 @@
 use super::{Kme, KmeError};
 use crate::pool::store::Batch;
 
+/// Most keys one housekeeping step expires under the state lock.
+pub const EXPIRY_STEP: usize = 4096;
+
 impl Kme {
     /// An operator puts an intercept-resend attacker on the link to `peer` (fraction of
     /// pulses, 0 = none). Only the link's producing end models the link.
@@ -47,10 +50,25 @@ impl Kme {
 
     /// Erases keys no slave fetched within `limits.key_ttl_secs`, and lets the store drop
     /// segment files that hold nothing live any more. Returns how many keys were erased.
+    /// Incremental: each step holds the state lock for at most [`EXPIRY_STEP`] keys.
     pub async fn housekeeping(&self) -> Result<usize, KmeError> {
-        let (n, durable) = {
+        let mut total = 0;
+        loop {
+            let (n, more) = self.housekeeping_step().await?;
+            total += n;
+            if !more {
+                return Ok(total);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn housekeeping_step(&self) -> Result<(usize, bool), KmeError> {
+        let (n, more, durable) = {
             let mut st = self.lock()?;
-            let changes = st.records.expire(self.settings.limits.key_ttl_secs);
+            let (changes, more) = st
+                .records
+                .expire(self.settings.limits.key_ttl_secs, EXPIRY_STEP);
             let n = changes.erased.len();
             let mut batch = Batch::default();
             changes.into_batch(&mut batch);
@@ -61,10 +79,10 @@ impl Kme {
                     .min(rec_low.get(&id).copied().unwrap_or(u64::MAX));
                 batch.low_water.push((id.name(), l));
             }
-            (n, self.persist(batch))
+            (n, more, self.persist(batch))
         };
         durable.await?;
-        Ok(n)
+        Ok((n, more))
     }
 
     /// The live pool and link gauges, in the Prometheus text format.

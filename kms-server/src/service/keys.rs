@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use super::{IssuedKeys, Kme, KmeError};
 use crate::peer::{RegisteredKey, Registration};
-use crate::pool::records::{now_unix, DeliverError};
+use crate::pool::records::{now_unix, DeliverError, KeyBytes};
 use crate::pool::store::{Batch, RecordOp};
 use crate::pool::{KeyRecord, Readiness, State, StreamId};
 
@@ -59,9 +59,10 @@ impl Kme {
         let target = self.home_of(slave, "slave")?.to_owned();
         let route = self.route(&target)?;
         let l = &self.settings.limits;
-        let (available, perf) = {
+        let (available, perf, (mine, total), bound) = {
             let st = self.lock()?;
-            match route {
+            let waiting = (st.records.held(caller), st.records.bound());
+            let (available, perf) = match route {
                 None => (st.local.available(), None),
                 Some(peer) => st.links.get(peer).map_or((0, None), |link| {
                     // Not served before the link is reconciled.
@@ -72,9 +73,30 @@ impl Kme {
                     };
                     (held, link.perf)
                 }),
-            }
+            };
+            (available, perf, waiting.0, waiting.1)
         };
-        let status_extension = route.zip(perf).map(|(peer, p)| {
+        let mut stored = (available / (l.key_size / 8)).min(l.max_key_count);
+        if route.is_none() {
+            // A slave here: keys the master may still take before the bound on keys
+            // awaiting slaves stops it.
+            let room = bound
+                .per_master
+                .saturating_sub(mine)
+                .min(bound.total.saturating_sub(total));
+            stored = stored.min(room);
+        }
+        let mut status_extension = serde_json::Map::new();
+        let mut waiting = serde_json::Map::new();
+        waiting.insert("master".into(), mine.into());
+        waiting.insert("max_per_master".into(), bound.per_master.into());
+        waiting.insert("total".into(), total.into());
+        waiting.insert("max_total".into(), bound.total.into());
+        status_extension.insert(
+            "keys_awaiting_slaves".into(),
+            serde_json::Value::Object(waiting),
+        );
+        if let Some((peer, p)) = route.zip(perf) {
             let length = self
                 .settings
                 .peers
@@ -89,23 +111,21 @@ impl Kme {
             link.insert("qber".into(), p.qber.into());
             link.insert("secure_key_rate_bps".into(), p.secure_key_rate_bps.into());
             link.insert("alarm".into(), p.aborted.into());
-            let mut ext = serde_json::Map::new();
-            ext.insert("qkd_link".into(), serde_json::Value::Object(link));
-            ext
-        });
+            status_extension.insert("qkd_link".into(), serde_json::Value::Object(link));
+        }
         Ok(Status {
             source_KME_ID: self.kme_id().to_owned(),
             target_KME_ID: target,
             master_SAE_ID: caller.to_owned(),
             slave_SAE_ID: slave.to_owned(),
             key_size: l.key_size,
-            stored_key_count: (available / (l.key_size / 8)).min(l.max_key_count),
+            stored_key_count: stored,
             max_key_count: l.max_key_count,
             max_key_per_request: l.max_key_per_request,
             max_key_size: l.max_key_size,
             min_key_size: l.min_key_size,
             max_SAE_ID_count: l.max_sae_id_count,
-            status_extension,
+            status_extension: Some(status_extension),
         })
     }
 
@@ -287,6 +307,11 @@ impl Kme {
                 &mut link.own
             }
         };
+        if !order.local_slaves.is_empty() {
+            records
+                .check_room(order.master, number, key_bytes)
+                .map_err(awaiting_full)?;
+        }
         let have = stream.available() / key_bytes;
         let lens = vec![key_bytes; number as usize];
         let Some(allocated) = stream.allocate(&lens) else {
@@ -326,7 +351,7 @@ impl Kme {
                     KeyRecord {
                         master: order.master.to_owned(),
                         pending: order.local_slaves.clone(),
-                        bytes: Zeroizing::new(bytes.to_vec()),
+                        bytes: KeyBytes::Held(Zeroizing::new(bytes.to_vec())),
                         created_unix: now,
                         stream: stream_id.clone(),
                         offset,
@@ -418,8 +443,20 @@ impl Kme {
         }
         let (delivered, durable) = {
             let mut st = self.lock()?;
-            let (delivered, changes) =
-                st.records.deliver(master, caller, ids).map_err(|errors| {
+            let mut read = |s: &StreamId, off: u64, len: u64| match &self.store {
+                Some(store) => store.read(&s.name(), off, len).map_err(|e| e.to_string()),
+                None => Err("no durable store holds this key".to_owned()),
+            };
+            let (delivered, changes) = st
+                .records
+                .deliver(master, caller, ids, &mut read)
+                .map_err(|errors| {
+                    if let Some(DeliverError::Unreadable(why)) = errors.first() {
+                        tracing::error!(error = %why, "a key awaiting its slave cannot be read back");
+                        return KmeError::unavailable(format!(
+                            "the key store cannot give back these keys now ({why}); nothing was delivered"
+                        ));
+                    }
                     let first = errors.first().map(ToString::to_string).unwrap_or_default();
                     let mut e = KmeError::bad_request(format!(
                         "{first}{}; nothing was delivered",
@@ -434,7 +471,7 @@ impl Kme {
                             DeliverError::NotDeliverable(id)
                             | DeliverError::Malformed(id)
                             | DeliverError::Duplicate(id) => id.as_str(),
-                            DeliverError::Empty => "",
+                            DeliverError::Empty | DeliverError::Unreadable(_) => "",
                         };
                         e = e.detail("key_ID", id).detail("reason", err.to_string());
                     }
@@ -448,4 +485,18 @@ impl Kme {
         durable.await?;
         Ok(delivered)
     }
+}
+
+/// The refusal when keys awaiting slaves have reached their bound: 503 (slaves fetching, or
+/// expiry, make room), with the figures in `details`.
+pub(super) fn awaiting_full(e: crate::pool::records::RoomError) -> KmeError {
+    use crate::pool::records::RoomError;
+    let (held, max) = match &e {
+        RoomError::PerMaster { held, max, .. } | RoomError::Total { held, max, .. } => {
+            (*held, *max)
+        }
+    };
+    KmeError::unavailable(e.to_string())
+        .detail("keys_awaiting_slaves", held)
+        .detail("max_awaiting_keys", max)
 }

@@ -26,6 +26,7 @@ use zeroize::Zeroizing;
 
 use crate::config::Settings;
 use crate::peer::{PeerClient, Registrar};
+use crate::pool::records::KeyBytes;
 use crate::pool::store::{Batch, Loaded, Store, StoreError};
 use crate::pool::{KeyRecord, LinkState, Readiness, State, Stream, StreamId};
 use crate::source::KeySource;
@@ -83,6 +84,7 @@ impl Kme {
             sources,
             mut state,
         } = Self::connect_links(&settings)?;
+        state.records = crate::pool::Records::new(settings.limits.awaiting_bound());
         let store = match &settings.store_dir {
             None => {
                 tracing::warn!("no store_dir: the key pool lives in memory only; a restart loses keys awaiting slaves");
@@ -274,7 +276,7 @@ fn restore_state(state: &mut State, loaded: Loaded) -> (usize, usize) {
         }
     }
     let mut n_records = 0;
-    for (id, meta, bytes) in loaded.records {
+    for (id, meta) in loaded.records {
         let Some(stream) = StreamId::parse(&meta.stream) else {
             tracing::warn!(stream = %meta.stream, "stored key of an unknown stream is left unused");
             continue;
@@ -285,7 +287,8 @@ fn restore_state(state: &mut State, loaded: Loaded) -> (usize, usize) {
             KeyRecord {
                 master: meta.master,
                 pending: meta.pending,
-                bytes,
+                // Read from the store when a slave fetches it.
+                bytes: KeyBytes::Stored { len: meta.len },
                 created_unix: meta.created_unix,
                 stream,
                 offset: meta.offset,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::{Kme, KmeError};
 use crate::peer::Registration;
-use crate::pool::records::now_unix;
+use crate::pool::records::{now_unix, KeyBytes};
 use crate::pool::store::{Batch, RecordOp};
 use crate::pool::{KeyRecord, Readiness, State, StreamId};
 
@@ -125,6 +125,11 @@ impl Kme {
                 "a registered key ID already exists or is named twice",
             ));
         }
+        // Counted at the longest key's size (one Get key request asks keys of one size).
+        let longest = reg.keys.iter().map(|k| k.len).max().unwrap_or(0);
+        st.records
+            .check_room(&reg.master, reg.keys.len() as u64, longest)
+            .map_err(super::keys::awaiting_full)?;
         let link = st
             .links
             .get_mut(from_kme)
@@ -142,7 +147,7 @@ impl Kme {
                 KeyRecord {
                     master: reg.master.clone(),
                     pending: reg.slaves.clone(),
-                    bytes,
+                    bytes: KeyBytes::Held(bytes),
                     created_unix: now,
                     stream: stream.clone(),
                     offset: k.offset,
