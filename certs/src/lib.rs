@@ -4,12 +4,22 @@
 //! - `ca.pem` / `ca.key`: a self-signed ECDSA P-256 CA (the key stays in the folder so more
 //!   identities can be issued later; it is a *development* CA, never commit it);
 //! - per KME `kme-<ID>.pem/.key`: TLS server certificate, CN = KME ID, SAN `127.0.0.1`,
-//!   `::1` and `localhost`, EKU serverAuth;
-//! - per KME `kme-<ID>-peer.pem/.key`: KME-to-KME client certificate, CN = KME ID, EKU clientAuth;
+//!   `::1`, `localhost` and `URI:urn:qkd:kme:<ID>` (a peer KME checks it before it sends
+//!   anything), EKU serverAuth;
+//! - per KME `kme-<ID>-peer.pem/.key`: KME-to-KME client certificate, CN = KME ID, SAN
+//!   `URI:urn:qkd:kme:<ID>`, EKU clientAuth;
+//! - per operator `operator-<NAME>.pem/.key` ([`Purpose::Operator`]): CN = name, SAN
+//!   `URI:urn:qkd:operator:<NAME>`, EKU clientAuth;
 //! - per SAE `sae-<ID>.pem/.key`: SAE client certificate, CN = SAE ID, SAN `DNS:<ID>` (when
 //!   the ID is a valid DNS label) and `URI:urn:qkd:sae:<ID>`, EKU clientAuth;
 //! - per site agent `sae-<ID>.pem/.key`: as an SAE, plus serverAuth and SAN `127.0.0.1`,
-//!   `::1`, `localhost` (the agent serves HTTPS and is an SAE of its KME).
+//!   `::1`, `localhost` (the agent serves HTTPS and is an SAE of its KME);
+//! - on demand, `crl.pem` ([`Ca::revoke`]): a CRL signed by the CA listing revoked serials,
+//!   which a KME checks client certificates against (`tls.crl`).
+//!
+//! The URI SANs are the roles: `urn:qkd:kme:`, `urn:qkd:operator:`, `urn:qkd:sae:`
+//! ([`KME_URI`], [`OPERATOR_URI`], [`SAE_URI`]). A KME recognises peers and operators by
+//! them, and refuses to treat a KME or operator certificate as an SAE.
 //!
 //! Owns: issuing development certificates. Must never depend on: the KME, the backup crates
 //! or any network code; it only writes files.
@@ -32,9 +42,12 @@ use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
 use openssl::x509::extension::{
-    BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName, SubjectKeyIdentifier,
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
+    SubjectKeyIdentifier,
 };
-use openssl::x509::{X509NameBuilder, X509};
+use openssl::x509::{
+    CrlNumber, X509Crl, X509CrlBuilder, X509NameBuilder, X509RevokedBuilder, X509,
+};
 
 /// What can go wrong while generating a PKI.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +61,27 @@ pub enum PkiError {
     },
     #[error("invalid identity name {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ -")]
     BadName(String),
+    #[error("invalid serial number {0:?}: give it in hex, as `openssl x509 -serial` prints it")]
+    BadSerial(String),
 }
+
+/// The serial number of a certificate in upper-case hex (as a CRL entry and the KME's logs
+/// name it).
+pub fn serial_hex(cert: &X509) -> Result<String, PkiError> {
+    Ok(cert.serial_number().to_bn()?.to_hex_str()?.to_string())
+}
+
+/// Reads a PEM certificate.
+pub fn read_cert(path: &Path) -> Result<X509, PkiError> {
+    Ok(X509::from_pem(&read(path)?)?)
+}
+
+/// URI SAN prefix of a KME's certificates (server and peer client).
+pub const KME_URI: &str = "urn:qkd:kme:";
+/// URI SAN prefix of an operator's certificate.
+pub const OPERATOR_URI: &str = "urn:qkd:operator:";
+/// URI SAN prefix of an SAE's certificate.
+pub const SAE_URI: &str = "urn:qkd:sae:";
 
 /// A certificate with its private key.
 pub struct Issued {
@@ -81,6 +114,9 @@ pub enum Purpose {
     /// An SAE that also serves HTTPS (a backup site agent): client and server certificate,
     /// CN = SAE ID, SAN `127.0.0.1`, `::1`, `localhost` and `URI:urn:qkd:sae:<ID>`.
     Agent,
+    /// An operator of a KME (the admin interface): client certificate, SAN
+    /// `URI:urn:qkd:operator:<NAME>`.
+    Operator,
 }
 
 /// Identity names double as file names and URL path segments, so they are kept plain.
@@ -186,7 +222,7 @@ impl Ca {
         let mut eku = ExtendedKeyUsage::new();
         match purpose {
             Purpose::KmeServer => eku.server_auth(),
-            Purpose::KmePeer | Purpose::Sae => eku.client_auth(),
+            Purpose::KmePeer | Purpose::Sae | Purpose::Operator => eku.client_auth(),
             Purpose::Agent => eku.server_auth().client_auth(),
         };
         b.append_extension(eku.build()?)?;
@@ -196,19 +232,23 @@ impl Ca {
             match purpose {
                 Purpose::KmeServer => {
                     san.ip("127.0.0.1").ip("::1").dns("localhost");
+                    san.uri(&format!("{KME_URI}{id}"));
                 }
                 Purpose::KmePeer => {
-                    san.uri(&format!("urn:qkd:kme:{id}"));
+                    san.uri(&format!("{KME_URI}{id}"));
+                }
+                Purpose::Operator => {
+                    san.uri(&format!("{OPERATOR_URI}{id}"));
                 }
                 Purpose::Agent => {
                     san.ip("127.0.0.1").ip("::1").dns("localhost");
-                    san.uri(&format!("urn:qkd:sae:{id}"));
+                    san.uri(&format!("{SAE_URI}{id}"));
                 }
                 Purpose::Sae => {
                     if id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
                         san.dns(id);
                     }
-                    san.uri(&format!("urn:qkd:sae:{id}"));
+                    san.uri(&format!("{SAE_URI}{id}"));
                 }
             }
             san.build(&ctx)?
@@ -219,6 +259,42 @@ impl Ca {
             cert: b.build(),
             key,
         })
+    }
+
+    /// A CRL, valid for 30 days, that revokes the certificates with the given serial
+    /// numbers (upper-case hex, as [`serial_hex`] gives them), signed by this CA.
+    pub fn crl(&self, serials_hex: &[String]) -> Result<X509Crl, PkiError> {
+        let now = Asn1Time::days_from_now(0)?;
+        let mut b = X509CrlBuilder::new()?;
+        b.set_issuer_name(self.issued.cert.subject_name())?;
+        b.set_last_update(&now)?;
+        b.set_next_update(&*Asn1Time::days_from_now(30)?)?;
+        for hex in serials_hex {
+            let bn = BigNum::from_hex_str(hex).map_err(|_| PkiError::BadSerial(hex.clone()))?;
+            let mut r = X509RevokedBuilder::new()?;
+            r.set_serial_number(&*bn.to_asn1_integer()?)?;
+            r.set_revocation_date(&now)?;
+            b.add_revoked(r.build())?;
+        }
+        let dummy = X509::builder()?;
+        let ctx = dummy.x509v3_context(Some(&self.issued.cert), None);
+        b.append_extension(AuthorityKeyIdentifier::new().keyid(true).build(&ctx)?)?;
+        // The CRL number: seconds since the epoch, so a later CRL has a larger one.
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs());
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        b.append_extension(CrlNumber::new(BigNum::from_u32(n)?)?.build()?)?;
+        b.sort()?;
+        b.sign(&self.issued.key, MessageDigest::sha256())?;
+        Ok(b.build()?)
+    }
+
+    /// Writes `crl.pem` into `dir`, revoking the given serials (see [`Ca::crl`]).
+    pub fn write_crl(&self, dir: &Path, serials_hex: &[String]) -> Result<PathBuf, PkiError> {
+        let path = dir.join("crl.pem");
+        write_file(&path, &self.crl(serials_hex)?.to_pem()?, 0o644)?;
+        Ok(path)
     }
 
     /// Writes `ca.pem` and `ca.key` into `dir`.
@@ -238,6 +314,7 @@ impl Ca {
             Purpose::KmeServer => format!("kme-{id}"),
             Purpose::KmePeer => format!("kme-{id}-peer"),
             Purpose::Sae | Purpose::Agent => format!("sae-{id}"),
+            Purpose::Operator => format!("operator-{id}"),
         };
         write_issued(dir, id, &stem, &issued)
     }
@@ -335,5 +412,30 @@ impl DevPki {
             pki.agents.push(ca.issue_to(dir, id, Purpose::Agent)?);
         }
         Ok(pki)
+    }
+}
+
+impl DevPki {
+    /// Revokes the certificates at `certs` (PEM): writes `dir/crl.pem`, signed by the CA in
+    /// `dir` (`ca.pem`, `ca.key`), listing their serials and every serial an existing
+    /// `dir/crl.pem` lists. Returns the CRL's path and every serial it lists.
+    pub fn revoke(dir: &Path, certs: &[PathBuf]) -> Result<(PathBuf, Vec<String>), PkiError> {
+        let ca = Ca::load(&dir.join("ca.pem"), &dir.join("ca.key"))?;
+        let mut serials: Vec<String> = Vec::new();
+        let existing = dir.join("crl.pem");
+        if existing.exists() {
+            let crl = X509Crl::from_pem(&read(&existing)?)?;
+            for r in crl.get_revoked().into_iter().flatten() {
+                serials.push(r.serial_number().to_bn()?.to_hex_str()?.to_string());
+            }
+        }
+        for c in certs {
+            let hex = serial_hex(&read_cert(c)?)?;
+            if !serials.contains(&hex) {
+                serials.push(hex);
+            }
+        }
+        let path = ca.write_crl(dir, &serials)?;
+        Ok((path, serials))
     }
 }

@@ -320,7 +320,7 @@ impl<'a> Plan<'a> {
         let pki_dir = dir.join("pki");
         let pki = certs::DevPki::generate_with_agents(&pki_dir, &kme_ids, &all_saes, &all_agents)?;
         let ca = certs::Ca::load(&pki.ca.cert, &pki.ca.key)?;
-        let operator = ca.issue_to(&pki_dir, OPERATOR, certs::Purpose::Sae)?;
+        let operator = ca.issue_to(&pki_dir, OPERATOR, certs::Purpose::Operator)?;
         let ports = free_ports(opts.sites)?;
         let metrics_ports = free_ports(opts.sites)?;
         let agent_ports = free_ports(opts.sites)?;

@@ -36,6 +36,11 @@ pub struct Tls {
     pub peer_cert: PathBuf,
     /// Client key used towards peer KMEs (PEM).
     pub peer_key: PathBuf,
+    /// Certificate revocation list of the CA (PEM), read again whenever the file changes: a
+    /// client certificate it lists gets 401 (SAE, peer KME and operator alike). A CRL that
+    /// cannot be read, is not signed by the CA or is past its nextUpdate refuses everyone.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 /// The limits reported in Status. Sizes in bits.
@@ -242,9 +247,14 @@ pub struct Settings {
     pub local: LinkParams,
     #[serde(default)]
     pub peers: Vec<Peer>,
-    /// Certificate CNs of operators allowed to use the admin interface.
+    /// Operators allowed to use the admin interface, by the name in their certificate's
+    /// operator SAN (`URI:urn:qkd:operator:<NAME>`; `certs` issues `operator-NAME.pem`).
     #[serde(default)]
     pub operators: Vec<String>,
+    /// Operators allowed by certificate instead: SHA-256 fingerprints of their certificates
+    /// (hex, `:` separators and case ignored, as `openssl x509 -fingerprint -sha256` prints).
+    #[serde(default)]
+    pub operator_fingerprints: Vec<String>,
     /// Folder of the durable key pool (the `pool::store` module): key bytes, key states, link
     /// positions, all crash-safe. Without it the pool lives in memory only: a restart then
     /// loses the keys awaiting slaves (it never hands a byte out twice either way).
@@ -285,6 +295,9 @@ impl Settings {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
+            }
+            if let Some(p) = s.tls.crl.as_mut().filter(|p| p.is_relative()) {
+                *p = base.join(&*p);
             }
         }
         if let Some(base) = path.parent() {
@@ -378,12 +391,28 @@ impl Settings {
                 .iter()
                 .flat_map(|p| p.saes.iter().map(|s| ("peers.saes", s))),
         );
+        for (i, f) in self.operator_fingerprints.iter().enumerate() {
+            let n = normalise_fingerprint(f);
+            if n.len() != 64 || !n.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return err(format!(
+                    "operator_fingerprints[{i}]: not a SHA-256 fingerprint (64 hex digits)"
+                ));
+            }
+        }
+        for (i, o) in self.operators.iter().enumerate() {
+            if o.is_empty() || kmes.contains(o.as_str()) {
+                return err(format!("operators[{i}]: {o:?} is empty or also a KME ID"));
+            }
+        }
         for (field, sae) in all {
             if sae.is_empty() {
                 return err(format!("{field}: empty SAE ID"));
             }
             if kmes.contains(sae.as_str()) {
                 return err(format!("{field}: SAE ID {sae:?} is also a KME ID"));
+            }
+            if self.operators.contains(sae) {
+                return err(format!("{field}: SAE ID {sae:?} is also an operator name"));
             }
             if !seen.insert(sae.as_str()) {
                 return err(format!("{field}: SAE ID {sae:?} is listed twice"));
@@ -405,6 +434,20 @@ impl Settings {
         }
         m
     }
+}
+
+/// A SHA-256 fingerprint in the form [`mtls::server::PeerCert`] gives it: lower-case hex,
+/// no separators (`sha256:` prefix, `:` and case ignored).
+pub fn normalise_fingerprint(f: &str) -> String {
+    let f = f.trim();
+    let f = f
+        .strip_prefix("sha256:")
+        .or_else(|| f.strip_prefix("SHA256:"))
+        .unwrap_or(f);
+    f.chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
 }
 
 /// Which source feeds a link, per link in the KME configuration (`[peers.link.source]`).

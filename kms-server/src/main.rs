@@ -24,13 +24,19 @@ use clap::Parser;
 ///   listen = "127.0.0.1:8443"
 ///   sae_id_field = "cn"              # cn | san-dns | san-uri | serial
 ///   saes = ["SAE_A1"]                # SAEs attached here
-///   operators = ["OPERATOR"]         # certificate CNs allowed on /admin/v1/
+///   operators = ["operator"]         # names in operator SANs (urn:qkd:operator:NAME) allowed on /admin/v1/
+///   operator_fingerprints = ["ab:cd:.."]  # or SHA-256 fingerprints of operator certificates
 ///   store_dir = "kme-store"          # durable, crash-safe key pool (unset: memory only)
 ///   metrics_listen = "127.0.0.1:9100" # Prometheus /metrics (plain HTTP; unset: off)
 ///   [tls]   ca, cert, key, peer_cert, peer_key  (PEM paths, relative to the file)
+///           crl = "crl.pem"          # optional CRL of the CA: listed certificates get 401
 ///   [limits] key_size=256 min_key_size=64 max_key_size=65536 max_key_per_request=1024
 ///            max_key_count=100000 max_sae_id_count=2 max_body_bytes=262144  (sizes in bits)
 ///            key_ttl_secs=3600       # unfetched keys are erased after this
+///            max_awaiting_keys_per_master=<max_key_count> max_awaiting_keys=<4 x max_key_count>
+///                                    # keys awaiting slaves here; beyond: 503 until fetched
+///   [http]  max_head_bytes=16384 max_headers=64   # larger heads: 431
+///           head_timeout_ms=5000 body_timeout_secs=30 keep_alive_secs=15
 ///   [local]  rate_bytes_per_sec=1250000 block_bytes=65536 prefill=true  (rate 0 = bulk)
 ///   [[peers]] kme_id="KME_B" url="https://127.0.0.1:9443" saes=["SAE_B1"]
 ///   [peers.link] rate_bytes_per_sec=1250000 block_bytes=65536 prefill=true
@@ -51,6 +57,11 @@ use clap::Parser;
 /// With store_dir, key bytes and the state of every key survive kill -9: after a restart no
 /// key awaiting a slave is lost and none is delivered twice; the two ends of each link
 /// reconcile before its keys are served again (both discard the link's unallocated pool).
+///
+/// Identities: peer KMEs by the SAN urn:qkd:kme:<configured ID> (checked by both ends of
+/// every internal call; this KME sends nothing to a server without it), operators by their
+/// operator SAN or fingerprint, SAEs by sae_id_field; a KME or operator certificate never
+/// acts as an SAE. Files the KME creates are 0600 in 0700 folders.
 ///
 /// Admin (operator certificate): POST /admin/v1/links/{peer}/eavesdropper {"fraction": 0..1}
 /// puts an intercept-resend attacker on a link (at its producing end, the smaller KME ID).

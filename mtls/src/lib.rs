@@ -8,8 +8,9 @@
 //! Must never depend on: the KME, the backup crates or the 014 types. It knows certificates,
 //! not what their names mean; each server maps a [`server::PeerCert`] to its own roles.
 //!
-//! Features: `server` (actix-web + actix-tls) and `client` (reqwest), both on by default,
-//! so a pure client (`etsi-spec`) does not link the server stack.
+//! Features: `server` (actix-web + actix-tls), `client` (reqwest) and `pinned` (a hyper +
+//! hyper-openssl client that checks the server's URI SAN inside the handshake: [`pinned`]),
+//! all on by default, so a pure client (`etsi-spec`) links only what it uses.
 //!
 //! Dependencies: `openssl` (servers need the verified peer certificate per connection, which
 //! OpenSSL exposes through actix-tls; clients use reqwest's native-tls, i.e. the same
@@ -19,6 +20,8 @@
 
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "pinned")]
+pub mod pinned;
 #[cfg(feature = "server")]
 pub mod server;
 

@@ -2,7 +2,7 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::{parse_json, peer_cert, read_body, Shared};
+use super::{caller_operator, parse_json, read_body, Shared};
 use crate::service::KmeError;
 
 #[derive(serde::Deserialize)]
@@ -19,12 +19,8 @@ pub(super) async fn set_eavesdropper(
     path: web::Path<String>,
     payload: web::Payload,
 ) -> Result<HttpResponse, KmeError> {
-    let cn = peer_cert(&req)?.cn.clone().unwrap_or_default();
-    if !kme.settings.operators.contains(&cn) {
-        return Err(KmeError::unauthorized(
-            "the admin interface needs an operator certificate",
-        ));
-    }
+    let operator = caller_operator(&req, &kme)?;
+    tracing::info!(%operator, peer = %path.as_str(), "operator request");
     let body = read_body(payload, 4096, &kme).await?;
     let e: Eavesdropper = parse_json(&body, "eavesdropper setting")?;
     let perf = kme.set_eavesdropper(&path, e.fraction)?;

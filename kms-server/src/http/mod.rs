@@ -84,32 +84,75 @@ async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
     )
 }
 
+/// The verified client certificate of the connection: 401 without one, or when the CA's CRL
+/// revokes it.
 pub(super) fn peer_cert(req: &HttpRequest) -> Result<&PeerCert, KmeError> {
-    req.conn_data::<PeerCert>().ok_or_else(|| {
+    let cert = req.conn_data::<PeerCert>().ok_or_else(|| {
         KmeError::unauthorized("a client certificate issued by the KME's CA is required")
-    })
+    })?;
+    if cert.revoked {
+        tracing::warn!(serial = %cert.serial_hex, cn = ?cert.cn, "request with a revoked certificate refused");
+        return Err(KmeError::unauthorized(format!(
+            "the client certificate (serial {}) is revoked by the CA's CRL",
+            cert.serial_hex
+        )));
+    }
+    Ok(cert)
 }
 
-/// The calling SAE, from its client certificate.
+/// The calling SAE, from its client certificate. A certificate that names a KME or an
+/// operator in its URI SAN never acts as an SAE, whatever its other fields say.
 pub(super) fn caller_sae(req: &HttpRequest, kme: &Kme) -> Result<String, KmeError> {
+    let cert = peer_cert(req)?;
+    if cert.uri_names(peer::KME_URI).next().is_some()
+        || cert.uri_names(peer::OPERATOR_URI).next().is_some()
+    {
+        return Err(KmeError::unauthorized(
+            "a KME or operator certificate cannot act as an SAE",
+        ));
+    }
     let field = kme.settings.sae_id_field;
-    peer_cert(req)?.sae_id(field).ok_or_else(|| {
+    cert.sae_id(field).ok_or_else(|| {
         KmeError::unauthorized(format!(
             "the client certificate carries no SAE ID in its {field:?} field"
         ))
     })
 }
 
-/// The calling peer KME, from the CN of its certificate.
+/// The calling peer KME: its certificate must carry exactly one KME SAN
+/// (`urn:qkd:kme:<ID>`), naming a configured peer. The CN alone proves nothing.
 pub(super) fn caller_kme(req: &HttpRequest, kme: &Kme) -> Result<String, KmeError> {
-    let cn = peer_cert(req)?.cn.clone().unwrap_or_default();
-    if kme.peer(&cn).is_some() {
-        Ok(cn)
-    } else {
-        Err(KmeError::unauthorized(
-            "only linked KMEs may use the KME-to-KME interface",
-        ))
+    let cert = peer_cert(req)?;
+    let mut ids = cert.uri_names(peer::KME_URI);
+    match (ids.next(), ids.next()) {
+        (Some(id), None) if kme.peer(id).is_some() => Ok(id.to_owned()),
+        _ => Err(KmeError::unauthorized(
+            "only linked KMEs may use the KME-to-KME interface (a certificate with the SAN urn:qkd:kme:<a configured peer ID>)",
+        )),
     }
+}
+
+/// The calling operator: a certificate with an operator SAN (`urn:qkd:operator:<NAME>`)
+/// whose name is in `operators`, or whose SHA-256 fingerprint is in
+/// `operator_fingerprints`.
+pub(super) fn caller_operator(req: &HttpRequest, kme: &Kme) -> Result<String, KmeError> {
+    let cert = peer_cert(req)?;
+    let s = &kme.settings;
+    if let Some(name) = cert
+        .uri_names(peer::OPERATOR_URI)
+        .find(|n| s.operators.iter().any(|o| o == n))
+    {
+        return Ok(name.to_owned());
+    }
+    if s.operator_fingerprints
+        .iter()
+        .any(|f| crate::config::normalise_fingerprint(f) == cert.fingerprint_sha256)
+    {
+        return Ok(format!("sha256:{}", cert.fingerprint_sha256));
+    }
+    Err(KmeError::unauthorized(
+        "the admin interface needs an operator certificate",
+    ))
 }
 
 /// Reads a request body, refusing more than `limit` bytes or one that takes longer than

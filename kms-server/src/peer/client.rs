@@ -1,11 +1,15 @@
-//! A client of one peer KME, over mutual TLS with this KME's peer certificate.
+//! A client of one peer KME, over mutual TLS with this KME's peer certificate, that talks
+//! only to a server whose certificate carries that peer's KME SAN (`urn:qkd:kme:<ID>`),
+//! checked in the handshake before anything is sent ([`mtls::pinned`]): a block
+//! announcement (which, with the simulated source, carries the seed of the key stream) never
+//! reaches another holder of a certificate of the CA.
 
 use std::time::Duration;
 
 use serde::Serialize;
 
 use super::messages::{BlockAnnounce, RegisterBatch, RegisterResults, SyncReply, SyncRequest};
-use super::{PeerError, BLOCKS_PATH, REGISTER_PATH, SOURCE_PATH, SYNC_PATH};
+use super::{PeerError, BLOCKS_PATH, KME_URI, REGISTER_PATH, SOURCE_PATH, SYNC_PATH};
 use crate::config::Settings;
 
 /// A client of one peer KME.
@@ -13,31 +17,23 @@ use crate::config::Settings;
 pub struct PeerClient {
     pub kme_id: String,
     url: String,
-    http: reqwest::Client,
+    http: mtls::pinned::PinnedClient,
 }
 
 impl PeerClient {
     pub fn new(settings: &Settings, kme_id: &str, url: &str) -> Result<Self, PeerError> {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| PeerError::Config(format!("{}: {e}", p.display())))
-        };
-        let (cert_pem, key_pem) = (
-            read(&settings.tls.peer_cert)?,
-            read(&settings.tls.peer_key)?,
-        );
-        let identity = mtls::client::ClientIdentity {
-            cert_pem: &cert_pem,
-            key_pem: &key_pem,
-        };
-        let http = mtls::client::builder(
-            &read(&settings.tls.ca)?,
-            Some(identity),
+        let t = &settings.tls;
+        let http = mtls::pinned::PinnedClient::new(
+            mtls::pinned::Pin {
+                ca: &t.ca,
+                cert: &t.peer_cert,
+                key: &t.peer_key,
+                server_uri_san: format!("{KME_URI}{kme_id}"),
+            },
             Duration::from_secs(5),
+            Duration::from_secs(30),
         )
-        .map_err(|e| PeerError::Config(format!("tls.ca, tls.peer_cert, tls.peer_key: {e}")))?
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| PeerError::Config(e.to_string()))?;
+        .map_err(|e| PeerError::Config(format!("tls.ca, tls.peer_cert, tls.peer_key: {e}")))?;
         Ok(PeerClient {
             kme_id: kme_id.to_owned(),
             url: url.trim_end_matches('/').to_owned(),
@@ -45,33 +41,32 @@ impl PeerClient {
         })
     }
 
-    fn transport(&self, source: reqwest::Error) -> PeerError {
-        PeerError::Transport {
-            kme: self.kme_id.clone(),
-            source,
+    /// POSTs `body` as JSON to `path`; the reply body of a success, else the refusal.
+    async fn post<T: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<Vec<u8>, PeerError> {
+        let json = serde_json::to_vec(body).map_err(|e| PeerError::Config(e.to_string()))?;
+        let (status, reply) = self
+            .http
+            .post_json(&format!("{}{path}", self.url), json)
+            .await
+            .map_err(|e| PeerError::Transport {
+                kme: self.kme_id.clone(),
+                message: e.to_string(),
+            })?;
+        if (200..300).contains(&status) {
+            return Ok(reply.to_vec());
         }
-    }
-
-    async fn check(&self, resp: reqwest::Response) -> Result<(), PeerError> {
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(self.refusal(resp).await)
-        }
-    }
-
-    /// The peer's refusal (a non-success reply) as an error, with its message.
-    async fn refusal(&self, resp: reqwest::Response) -> PeerError {
-        let status = resp.status();
-        let body = resp.bytes().await.unwrap_or_default();
-        let message = serde_json::from_slice::<etsi_spec::Error>(&body)
+        let message = serde_json::from_slice::<etsi_spec::Error>(&reply)
             .map(|e| e.message)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-        PeerError::Refused {
+            .unwrap_or_else(|_| String::from_utf8_lossy(&reply).into_owned());
+        Err(PeerError::Refused {
             kme: self.kme_id.clone(),
-            status: status.as_u16(),
+            status,
             message,
-        }
+        })
     }
 
     /// Sends registrations; returns the peer's verdict on each.
@@ -86,14 +81,7 @@ impl PeerClient {
 
     /// Announces one block of link key to the peer; returns once the peer holds it.
     pub async fn announce_block(&self, block: &BlockAnnounce) -> Result<(), PeerError> {
-        let resp = self
-            .http
-            .post(format!("{}{BLOCKS_PATH}", self.url))
-            .json(block)
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
-        self.check(resp).await
+        self.post(BLOCKS_PATH, block).await.map(drop)
     }
 
     async fn post_json<T: Serialize + ?Sized, R: serde::de::DeserializeOwned>(
@@ -101,18 +89,8 @@ impl PeerClient {
         path: &str,
         body: &T,
     ) -> Result<R, PeerError> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
-        if !resp.status().is_success() {
-            return Err(self.refusal(resp).await);
-        }
-        let body = resp.bytes().await.map_err(|e| self.transport(e))?;
-        serde_json::from_slice(&body).map_err(|e| PeerError::Refused {
+        let reply = self.post(path, body).await?;
+        serde_json::from_slice(&reply).map_err(|e| PeerError::Refused {
             kme: self.kme_id.clone(),
             status: 200,
             message: format!("malformed reply on {path}: {e}"),

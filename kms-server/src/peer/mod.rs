@@ -1,5 +1,7 @@
 //! The KME-to-KME channel: routes, wire messages ([`messages`]), a client ([`client`]) and
-//! the registration coalescer ([`registrar`]), over mutual TLS with KME certificates.
+//! the registration coalescer ([`registrar`]), over mutual TLS with KME certificates: each
+//! end requires the other's certificate to carry `urn:qkd:kme:<its configured ID>`
+//! ([`KME_URI`]).
 //!
 //! Messages that cross it:
 //! - `POST /internal/v1/link/sync`: the producing end of a link reconciles both directions
@@ -30,11 +32,17 @@ pub const SYNC_PATH: &str = "/internal/v1/link/sync";
 pub const SOURCE_PATH: &str = "/internal/v1/link/source";
 pub const REGISTER_PATH: &str = "/internal/v1/keys/register";
 
+/// URI SAN prefix that marks a KME's certificates; both ends of every call on this channel
+/// require `urn:qkd:kme:<the peer's configured ID>` of the other.
+pub const KME_URI: &str = "urn:qkd:kme:";
+/// URI SAN prefix of an operator's certificate.
+pub const OPERATOR_URI: &str = "urn:qkd:operator:";
+
 /// Failure on the KME-to-KME channel.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    #[error("peer KME {kme}: {source}")]
-    Transport { kme: String, source: reqwest::Error },
+    #[error("peer KME {kme}: {message}")]
+    Transport { kme: String, message: String },
     #[error("peer KME {kme} refused: {status} {message}")]
     Refused {
         kme: String,
