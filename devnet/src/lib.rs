@@ -48,6 +48,11 @@ pub struct Options {
     pub link_sources: Vec<(usize, usize, String)>,
     /// Body of every KME's `[local]` table instead of the link rate and block size.
     pub local_toml: Option<String>,
+    /// Lines added to every KME's `[limits]` table.
+    pub limits_toml: String,
+    /// Write an empty CRL (`pki/crl.pem`, signed by the CA) and give it to every KME as
+    /// `tls.crl`; `certs --dir DIR/pki --revoke CERT.pem` then revokes a certificate live.
+    pub crl: bool,
 }
 
 impl Default for Options {
@@ -67,6 +72,8 @@ impl Default for Options {
             volatile_kmes: false,
             link_sources: Vec::new(),
             local_toml: None,
+            limits_toml: String::new(),
+            crl: false,
         }
     }
 }
@@ -321,6 +328,9 @@ impl<'a> Plan<'a> {
         let pki = certs::DevPki::generate_with_agents(&pki_dir, &kme_ids, &all_saes, &all_agents)?;
         let ca = certs::Ca::load(&pki.ca.cert, &pki.ca.key)?;
         let operator = ca.issue_to(&pki_dir, OPERATOR, certs::Purpose::Operator)?;
+        if opts.crl {
+            ca.write_crl(&pki_dir, &[])?;
+        }
         let ports = free_ports(opts.sites)?;
         let metrics_ports = free_ports(opts.sites)?;
         let agent_ports = free_ports(opts.sites)?;
@@ -415,8 +425,8 @@ impl<'a> Plan<'a> {
         let pki = &self.pki;
         format!(
             "kme_id = \"{kme}\"\nlisten = \"127.0.0.1:{port}\"\nsaes = {saes:?}\noperators = [\"{OPERATOR}\"]\nmetrics_listen = \"127.0.0.1:{mport}\"\n\n\
-             [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\npeer_cert = \"{pc}\"\npeer_key = \"{pk}\"\n\n\
-             [limits]\nmax_key_count = {mkc}\nmax_key_per_request = {mkr}\nmax_key_size = {mks}\n\n\
+             [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\npeer_cert = \"{pc}\"\npeer_key = \"{pk}\"\n{crl}\n\
+             [limits]\nmax_key_count = {mkc}\nmax_key_per_request = {mkr}\nmax_key_size = {mks}\n{extra_limits}\n\
              [local]\n{local}\n",
             kme = self.kme_ids[i],
             port = self.ports[i],
@@ -430,6 +440,12 @@ impl<'a> Plan<'a> {
             mkc = opts.max_key_count,
             mkr = opts.max_key_per_request,
             mks = opts.max_key_size,
+            crl = if opts.crl {
+                format!("crl = \"{}\"\n", pki.dir.join("crl.pem").display())
+            } else {
+                String::new()
+            },
+            extra_limits = opts.limits_toml,
             local = opts.local_toml.clone().unwrap_or_else(|| format!(
                 "rate_bytes_per_sec = {}\nblock_bytes = {}",
                 opts.rate_bytes_per_sec, opts.block_bytes

@@ -280,11 +280,42 @@ async fn every_error_path_answers_in_spec_format_and_changes_nothing() {
             Some(r#"{"number":18446744073709551616}"#.into()),
             "malformed",
         ),
+        // Valid JSON, but not an object: serde would read a struct from an array by position.
         (
             "post",
             "SAE_B1/enc_keys".into(),
-            Some(r#"{"numbr":1}"#.into()),
-            "numbr",
+            Some("[]".into()),
+            "object",
+        ),
+        (
+            "post",
+            "SAE_B1/enc_keys".into(),
+            Some("42".into()),
+            "object",
+        ),
+        (
+            "post",
+            "SAE_B1/enc_keys".into(),
+            Some("true".into()),
+            "object",
+        ),
+        (
+            "post",
+            "SAE_B1/enc_keys".into(),
+            Some(r#""number""#.into()),
+            "object",
+        ),
+        (
+            "post",
+            "SAE_B1/enc_keys".into(),
+            Some(r#"[{"number":1}]"#.into()),
+            "object",
+        ),
+        (
+            "post",
+            "SAE_B1/enc_keys".into(),
+            Some("null".into()),
+            "object",
         ),
         (
             "post",
@@ -335,6 +366,10 @@ async fn every_error_path_answers_in_spec_format_and_changes_nothing() {
     assert!(r.body["message"].as_str().unwrap().contains("SAE_C1"));
     let r = call(&a1, "get", &format!("{base_a}/NOBODY/status"), STATUS, None).await;
     assert_eq!(r.status, 400);
+    // An SAE is never its own slave, not even in Status.
+    let r = call(&a1, "get", &format!("{base_a}/SAE_A1/status"), STATUS, None).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body["message"].as_str().unwrap().contains("itself"));
 
     let unknown = uuid::Uuid::new_v4().to_string();
     let dec_cases: Vec<(&reqwest::Client, &str, String, Option<String>, &str)> = vec![

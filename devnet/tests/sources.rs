@@ -300,6 +300,16 @@ async fn key_file_directories_feed_a_link_while_the_kmes_serve() {
     for d in [&da, &db] {
         std::fs::write(d.join("0001.key"), &first).unwrap();
     }
+    // Planted links: one where a key file would be (sorted first), one where the producer
+    // writes its progress marker. Neither target may be read, zeroed or removed.
+    let target = dir.path().join("not-key-material.txt");
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&target, b"precious").unwrap();
+    std::fs::write(&victim, b"precious too").unwrap();
+    for d in [&da, &db] {
+        std::os::unix::fs::symlink(&target, d.join("0000.key")).unwrap();
+    }
+    std::os::unix::fs::symlink(&victim, da.join(".0001.key.consumed.tmp")).unwrap();
     let source = |d: &str| format!("kind = \"key-files\"\ndir = \"{{dir}}/{d}\"\npoll_ms = 50");
     let net = devnet::Devnet::start(
         dir.path(),
@@ -367,6 +377,14 @@ async fn key_file_directories_feed_a_link_while_the_kmes_serve() {
             async move { (!d.join("0001.key").exists()).then_some(()) }
         })
         .await;
+    }
+    // The links were ignored, never followed: targets intact, no key came from them.
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious too");
+    for d in [&da, &db] {
+        assert!(std::fs::symlink_metadata(d.join("0000.key"))
+            .unwrap()
+            .is_symlink());
     }
 }
 

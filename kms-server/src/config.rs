@@ -61,23 +61,30 @@ pub struct Limits {
     pub key_ttl_secs: u64,
     /// Keys (of `key_size` bits; a longer key counts as several) that may await slaves
     /// attached here for one master SAE; beyond it Get key answers 503 until slaves fetch
-    /// or keys expire. Default: `max_key_count` (one pool's worth).
+    /// or keys expire. Default: 16 x `max_key_count`, at least 256 MiB of key: room for
+    /// the keys a client in flight (or killed, until `key_ttl_secs`) leaves unfetched.
     pub max_awaiting_keys_per_master: Option<u64>,
-    /// The same bound over all masters. Default: 4 x `max_key_count`.
+    /// The same bound over all masters. Default: 64 x `max_key_count`, at least 1 GiB of
+    /// key. Keys awaiting slaves are held in memory (plus ~200 bytes each): this is the
+    /// bound on that memory.
     pub max_awaiting_keys: Option<u64>,
 }
 
 impl Limits {
     /// The bound on keys awaiting slaves, with its defaults resolved.
     pub fn awaiting_bound(&self) -> crate::pool::records::Bound {
+        let unit = (self.key_size / 8).max(1);
+        let keys_in = |bytes: u64| bytes / unit;
         crate::pool::records::Bound {
-            per_master: self
-                .max_awaiting_keys_per_master
-                .unwrap_or(self.max_key_count),
+            per_master: self.max_awaiting_keys_per_master.unwrap_or(
+                self.max_key_count
+                    .saturating_mul(16)
+                    .max(keys_in(256 << 20)),
+            ),
             total: self
                 .max_awaiting_keys
-                .unwrap_or(self.max_key_count.saturating_mul(4)),
-            unit: (self.key_size / 8).max(1),
+                .unwrap_or(self.max_key_count.saturating_mul(64).max(keys_in(1 << 30))),
+            unit,
         }
     }
 }

@@ -26,6 +26,8 @@ use qkd_sim::physics::LinkPerformance;
 /// Whether the far end answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Health {
+    /// Not tried yet since start.
+    Starting,
     /// Not reached since start or since the last failure.
     Down,
     /// Blocks or heartbeats get through.
@@ -109,7 +111,7 @@ impl Producer {
             refill_at: refill_threshold(cap, params.block_bytes),
             pacer: Pacer::new(&params, 2 * cap),
             modelled: source.modelled(),
-            health: Health::Down,
+            health: Health::Starting,
             alarm: Alarm::Clear,
             last_beat: Instant::now(),
             pending: None,
@@ -172,10 +174,14 @@ impl Producer {
         let Err(e) = sync_with(&self.kme, &self.peer).await else {
             return Flow::Proceed;
         };
-        if self.health == Health::Up {
-            tracing::warn!(peer = %self.peer, error = %e, "QKD link down; retrying");
-        } else {
-            tracing::debug!(peer = %self.peer, error = %e, "QKD link not up yet");
+        match self.health {
+            Health::Up => tracing::warn!(peer = %self.peer, error = %e, "QKD link down; retrying"),
+            // The first failure is worth a warning (a peer that is not there yet, or one whose
+            // certificate is not the peer's); repeats are not.
+            Health::Down => tracing::debug!(peer = %self.peer, error = %e, "QKD link not up yet"),
+            Health::Starting => {
+                tracing::warn!(peer = %self.peer, error = %e, "QKD link not up yet; retrying")
+            }
         }
         self.health = Health::Down;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -350,7 +356,7 @@ impl Producer {
     /// The far end holds the pending block: release it at the source, then append this
     /// end's copy.
     async fn held_at_far_end(&mut self, slot: &Slot) -> Flow {
-        if self.health == Health::Down {
+        if self.health != Health::Up {
             tracing::info!(peer = %self.peer, source = self.source.kind(), "QKD link up");
             self.health = Health::Up;
         }
