@@ -384,8 +384,8 @@ async fn an_sae_hoarding_unfetched_local_keys_hits_its_bound_and_the_kme_restart
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kme_and_operator_roles_come_from_their_sans_not_from_a_name() {
-    let net = frozen_net(2000);
-    let info = &net.info;
+    let mut net = frozen_net(2000);
+    let info = &net.info.clone();
     let ca = certs::Ca::load(&info.ca_cert, &pki_dir(info).join("ca.key")).unwrap();
     // A certificate of the CA whose CN is a peer KME's ID, without the KME SAN.
     ca.issue_to(pki_dir(info), "KME_B", certs::Purpose::Sae)
@@ -438,6 +438,47 @@ async fn kme_and_operator_roles_come_from_their_sans_not_from_a_name() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    // An operator not named in `operators` is let in by its certificate's fingerprint (given
+    // as `openssl x509 -fingerprint -sha256` prints it), once configured.
+    let night = ca
+        .issue_to(pki_dir(info), "night-shift", certs::Purpose::Operator)
+        .unwrap();
+    let fresh = |stem: &str| client_with(info, stem, 0);
+    let set = |c: reqwest::Client| {
+        let admin = admin.clone();
+        async move {
+            c.post(&admin)
+                .json(&json!({"fraction": 0.0}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    assert_eq!(set(fresh("operator-night-shift")).await, 401);
+    let digest = certs::read_cert(&night.cert)
+        .unwrap()
+        .digest(openssl::hash::MessageDigest::sha256())
+        .unwrap();
+    let colons: Vec<String> = digest.iter().map(|b| format!("{b:02X}")).collect();
+    let cfg = info.sites[0].kme_config.clone();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("operator_fingerprints = [\"{}\"]\n{text}", colons.join(":")),
+    )
+    .unwrap();
+    net.restart_kme(0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut code = 0;
+    while Instant::now() < deadline {
+        code = set(fresh("operator-night-shift")).await;
+        if code != 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(code, 200);
 }
 
 /// A TLS server on 127.0.0.1 with the certificate `stem` of the PKI: counts handshakes that

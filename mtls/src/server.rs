@@ -137,6 +137,12 @@ fn acceptor_inner(
     let ca = X509::from_pem(&ca_pem).map_err(|e| format!("tls.ca: {e}"))?;
     b.add_client_ca(&ca).map_err(|e| format!("tls.ca: {e}"))?;
     b.set_verify(SslVerifyMode::PEER);
+    // Clients that resume TLS sessions (hyper-openssl, browsers, many 014 clients) would
+    // otherwise get a fatal "internal error" alert: with client certificates OpenSSL refuses
+    // to resume a session whose context is not set. A resumed session keeps the verified
+    // client certificate of the full handshake.
+    b.set_session_id_context(b"qkd-mtls")
+        .map_err(|e| format!("TLS: {e}"))?;
     // HTTP/1.1 only (what 014 clients use).
     b.set_alpn_select_callback(|_, client| {
         openssl::ssl::select_next_proto(b"\x08http/1.1", client)
