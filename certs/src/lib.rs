@@ -290,10 +290,16 @@ impl Ca {
         Ok(b.build()?)
     }
 
-    /// Writes `crl.pem` into `dir`, revoking the given serials (see [`Ca::crl`]).
+    /// Writes `crl.pem` into `dir`, revoking the given serials (see [`Ca::crl`]): into a
+    /// temporary file renamed into place, so a KME reading it never sees half a CRL.
     pub fn write_crl(&self, dir: &Path, serials_hex: &[String]) -> Result<PathBuf, PkiError> {
         let path = dir.join("crl.pem");
-        write_file(&path, &self.crl(serials_hex)?.to_pem()?, 0o644)?;
+        let tmp = dir.join(".crl.pem.tmp");
+        write_file(&tmp, &self.crl(serials_hex)?.to_pem()?, 0o644)?;
+        fs::rename(&tmp, &path).map_err(|source| PkiError::Io {
+            path: path.clone(),
+            source,
+        })?;
         Ok(path)
     }
 

@@ -278,7 +278,8 @@ async fn an_sae_hoarding_unfetched_local_keys_hits_its_bound_and_the_kme_restart
         rate_bytes_per_sec: 1,
         max_key_count: 20_000,
         agents: false,
-        limits_toml: "max_awaiting_keys_per_master = 3000\nmax_awaiting_keys = 5000".into(),
+        // 3000 and 5000 keys of 32 bytes, each with its 256-byte record.
+        limits_toml: "max_awaiting_bytes_per_master = 864000\nmax_awaiting_bytes = 1440000".into(),
         ..Options::default()
     });
     let info = net.info.clone();
@@ -297,12 +298,12 @@ async fn an_sae_hoarding_unfetched_local_keys_hits_its_bound_and_the_kme_restart
     assert!(r.body["message"]
         .as_str()
         .unwrap()
-        .contains("max_awaiting_keys_per_master"));
+        .contains("max_awaiting_bytes_per_master"));
     let st = call(&a1, "get", &format!("{base_a}/SAE_A2/status"), STATUS, None).await;
     assert_eq!(st.body["stored_key_count"], 0, "{}", st.body);
     assert_eq!(
-        st.body["status_extension"]["keys_awaiting_slaves"]["master"],
-        3000
+        st.body["status_extension"]["awaiting_slaves"]["master_bytes"],
+        864_000
     );
     // Nothing grows while it keeps trying.
     let rss = rss_kib(info.sites[0].kme_pid);
@@ -310,6 +311,7 @@ async fn an_sae_hoarding_unfetched_local_keys_hits_its_bound_and_the_kme_restart
         assert_eq!(call(&a1, "get", &hoard, ENC, None).await.status, 503);
     }
     let grown = rss_kib(info.sites[0].kme_pid).saturating_sub(rss);
+    eprintln!("KME RSS {rss} KiB at the bound; +{grown} KiB after 100 more refused requests");
     assert!(grown < 16 * 1024, "RSS grew by {grown} KiB");
     // Others are still served: another master here, and the hoarder towards another KME.
     let r = call(
@@ -330,7 +332,7 @@ async fn an_sae_hoarding_unfetched_local_keys_hits_its_bound_and_the_kme_restart
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    // ... until the bound over all masters (5000) is reached.
+    // ... until the bound over all masters (5000 keys' worth) is reached.
     let r = call(
         &a2,
         "get",
@@ -343,7 +345,7 @@ async fn an_sae_hoarding_unfetched_local_keys_hits_its_bound_and_the_kme_restart
     assert!(r.body["message"]
         .as_str()
         .unwrap()
-        .contains("max_awaiting_keys"));
+        .contains("max_awaiting_bytes"));
     drop(b1);
     let _ = base_b;
 
@@ -365,6 +367,7 @@ async fn an_sae_hoarding_unfetched_local_keys_hits_its_bound_and_the_kme_restart
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(up, "KME back within 20 s");
+    eprintln!("KME serving again {:?} after SIGKILL", began.elapsed());
     assert!(
         began.elapsed() < Duration::from_secs(10),
         "restart took {:?}",
@@ -600,9 +603,17 @@ async fn a_revoked_sae_is_refused_with_401_while_others_are_served() {
         async move { call(&c, "get", &format!("{base}/SAE_B1/status"), STATUS, None).await }
     };
     assert_eq!(status("SAE_A2").await.status, 200);
+    // A connection opened before the revocation, kept alive across it.
+    let (open, base) = raw(info, Some("SAE_A2"), 0);
+    let url = format!("{base}/SAE_B1/status");
+    assert_eq!(call(&open, "get", &url, STATUS, None).await.status, 200);
     let (cert, _) = sae_files(info, "SAE_A2");
     let (_, serials) = certs::DevPki::revoke(pki_dir(info), &[cert]).unwrap();
     assert_eq!(serials.len(), 1);
+    // The KME looks at the CRL file at most once a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = call(&open, "get", &url, STATUS, None).await;
+    assert_eq!(r.status, 401, "on the open connection: {}", r.body);
     let r = status("SAE_A2").await;
     assert_eq!(r.status, 401, "{}", r.body);
     assert!(r.body["message"].as_str().unwrap().contains("revoked"));
@@ -630,4 +641,58 @@ fn every_file_and_folder_of_a_kme_store_is_owner_only() {
         }
     }
     assert!(seen >= 6, "state databases and segment files: {seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_refused_at_the_slaves_kme_for_want_of_room_never_stall_the_link() {
+    // Bulk link, 64 KB pools; at KME_B a master may leave at most 100 keys unfetched.
+    let net = start(Options {
+        sites: 2,
+        agents: false,
+        rate_bytes_per_sec: 0,
+        max_key_count: 2000,
+        limits_toml: "max_awaiting_bytes_per_master = 28800".into(),
+        ..Options::default()
+    });
+    let info = &net.info;
+    let (a1, base_a) = raw(info, Some("SAE_A1"), 0);
+    let (a2, _) = raw(info, Some("SAE_A2"), 0);
+    let (b1, base_b) = raw(info, Some("SAE_B1"), 1);
+    let hoard = format!("{base_a}/SAE_B1/enc_keys?number=50");
+    let mut refused = 0;
+    // 100 x 1600 bytes: more than twice what B's copy of the link can hold.
+    for _ in 0..100 {
+        let r = call(&a1, "get", &hoard, ENC, None).await;
+        match r.status {
+            200 => {}
+            503 => {
+                refused += 1;
+                assert!(r.body["message"].as_str().unwrap().contains("KME_B"));
+            }
+            s => panic!("{s}: {}", r.body),
+        }
+    }
+    assert!(refused >= 90, "B refused the hoarder's keys: {refused}");
+    // The link still runs: another master gets keys for the same slave, who fetches them.
+    let got = call(
+        &a2,
+        "get",
+        &format!("{base_a}/SAE_B1/enc_keys?number=50"),
+        ENC,
+        None,
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    let ids = ids_of(&got.body);
+    let body = json!({"key_IDs": ids.iter().map(|i| json!({"key_ID": i})).collect::<Vec<_>>()});
+    let back = call(
+        &b1,
+        "post",
+        &format!("{base_b}/SAE_A2/dec_keys"),
+        DEC,
+        Some(&body.to_string()),
+    )
+    .await;
+    assert_eq!(back.status, 200, "{}", back.body);
+    assert_eq!(back.body["keys"], got.body["keys"]);
 }

@@ -59,32 +59,21 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Seconds a key waits for its slaves before it is erased unfetched.
     pub key_ttl_secs: u64,
-    /// Keys (of `key_size` bits; a longer key counts as several) that may await slaves
-    /// attached here for one master SAE; beyond it Get key answers 503 until slaves fetch
-    /// or keys expire. Default: 16 x `max_key_count`, at least 256 MiB of key: room for
-    /// the keys a client in flight (or killed, until `key_ttl_secs`) leaves unfetched.
-    pub max_awaiting_keys_per_master: Option<u64>,
-    /// The same bound over all masters. Default: 64 x `max_key_count`, at least 1 GiB of
-    /// key. Keys awaiting slaves are held in memory (plus ~200 bytes each): this is the
-    /// bound on that memory.
-    pub max_awaiting_keys: Option<u64>,
+    /// Bytes of memory that keys awaiting slaves attached here may take for one master SAE
+    /// (each key counts its length plus 256 bytes for its record); beyond it Get key answers
+    /// 503 until slaves fetch or keys expire. The default, 256 MiB, leaves room for the keys
+    /// that clients in flight (or killed, until `key_ttl_secs`) leave unfetched.
+    pub max_awaiting_bytes_per_master: u64,
+    /// The same bound over all masters: the most memory keys awaiting slaves can take.
+    pub max_awaiting_bytes: u64,
 }
 
 impl Limits {
-    /// The bound on keys awaiting slaves, with its defaults resolved.
+    /// The bound on keys awaiting slaves.
     pub fn awaiting_bound(&self) -> crate::pool::records::Bound {
-        let unit = (self.key_size / 8).max(1);
-        let keys_in = |bytes: u64| bytes / unit;
         crate::pool::records::Bound {
-            per_master: self.max_awaiting_keys_per_master.unwrap_or(
-                self.max_key_count
-                    .saturating_mul(16)
-                    .max(keys_in(256 << 20)),
-            ),
-            total: self
-                .max_awaiting_keys
-                .unwrap_or(self.max_key_count.saturating_mul(64).max(keys_in(1 << 30))),
-            unit,
+            per_master: self.max_awaiting_bytes_per_master,
+            total: self.max_awaiting_bytes,
         }
     }
 }
@@ -100,8 +89,8 @@ impl Default for Limits {
             max_sae_id_count: 2,
             max_body_bytes: 256 * 1024,
             key_ttl_secs: 3600,
-            max_awaiting_keys_per_master: None,
-            max_awaiting_keys: None,
+            max_awaiting_bytes_per_master: 256 << 20,
+            max_awaiting_bytes: 1 << 30,
         }
     }
 }
@@ -354,7 +343,7 @@ impl Settings {
         let b = l.awaiting_bound();
         if b.per_master == 0 || b.total == 0 || b.per_master > b.total {
             return err(
-                "limits.max_awaiting_keys_per_master, limits.max_awaiting_keys: must be positive, per master at most the total"
+                "limits.max_awaiting_bytes_per_master, limits.max_awaiting_bytes: must be positive, per master at most the total"
                     .into(),
             );
         }

@@ -69,12 +69,6 @@ pub async fn run(settings: config::Settings) -> anyhow::Result<()> {
     }
     let data = web::Data::new(kme.clone());
     let h = settings.http.clone();
-    let crl = t
-        .crl
-        .as_deref()
-        .map(|p| mtls::server::Revocations::load(p, &t.ca))
-        .transpose()?
-        .map(Arc::new);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
@@ -86,7 +80,7 @@ pub async fn run(settings: config::Settings) -> anyhow::Result<()> {
     .client_request_timeout(std::time::Duration::from_millis(h.head_timeout_ms))
     .client_disconnect_timeout(std::time::Duration::from_secs(1))
     .keep_alive(std::time::Duration::from_secs(h.keep_alive_secs))
-    .on_connect(move |conn, ext| mtls::server::on_connect_checking(conn, ext, crl.as_deref()))
+    .on_connect(mtls::server::on_connect)
     .bind_openssl(listen, acceptor)
     .map_err(|e| anyhow::anyhow!("listen {listen}: {e}"))?;
     tracing::info!(kme = %settings.kme_id, %listen, "KME serving ETSI GS QKD 014");

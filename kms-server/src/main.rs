@@ -33,8 +33,9 @@ use clap::Parser;
 ///   [limits] key_size=256 min_key_size=64 max_key_size=65536 max_key_per_request=1024
 ///            max_key_count=100000 max_sae_id_count=2 max_body_bytes=262144  (sizes in bits)
 ///            key_ttl_secs=3600       # unfetched keys are erased after this
-///            max_awaiting_keys_per_master=<max_key_count> max_awaiting_keys=<4 x max_key_count>
-///                                    # keys awaiting slaves here; beyond: 503 until fetched
+///            max_awaiting_bytes_per_master=268435456 max_awaiting_bytes=1073741824
+///                                    # memory keys awaiting slaves here may take (each key
+///                                    # counts its bytes + 256); beyond: 503 until fetched
 ///   [http]  max_head_bytes=16384 max_headers=64   # larger heads: 431
 ///           head_timeout_ms=5000 body_timeout_secs=30 keep_alive_secs=15
 ///   [local]  rate_bytes_per_sec=1250000 block_bytes=65536 prefill=true  (rate 0 = bulk)

@@ -20,6 +20,7 @@
 
 #[cfg(feature = "client")]
 pub mod client;
+pub mod crl;
 #[cfg(feature = "pinned")]
 pub mod pinned;
 #[cfg(feature = "server")]

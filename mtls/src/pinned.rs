@@ -47,12 +47,22 @@ pub struct Pin<'a> {
     pub key: &'a std::path::Path,
     /// The URI SAN the server's certificate must carry, e.g. `urn:qkd:kme:KME_B`.
     pub server_uri_san: String,
+    /// The CA's revocation list: a server certificate it lists is refused in the handshake.
+    pub crl: Option<std::sync::Arc<crate::crl::Revocations>>,
 }
 
 fn leaf_has_uri(ctx: &X509StoreContextRef, want: &str) -> bool {
     ctx.current_cert()
         .and_then(|c| c.subject_alt_names())
         .is_some_and(|names| names.iter().any(|n| n.uri() == Some(want)))
+}
+
+fn leaf_revoked(ctx: &X509StoreContextRef, crl: Option<&crate::crl::Revocations>) -> bool {
+    match (crl, ctx.current_cert()) {
+        (None, _) => false,
+        (Some(crl), Some(cert)) => crl.revokes(cert),
+        (Some(_), None) => true,
+    }
 }
 
 impl PinnedClient {
@@ -78,9 +88,12 @@ impl PinnedClient {
         ssl.set_alpn_protos(b"\x08http/1.1")
             .map_err(|e| TlsError(format!("TLS: {e}")))?;
         let want = pin.server_uri_san;
+        let crl = pin.crl;
         ssl.set_verify_callback(SslVerifyMode::PEER, move |chain_ok, ctx| {
             // Depth 0 is the server's own certificate; the chain above it is OpenSSL's check.
-            chain_ok && (ctx.error_depth() != 0 || leaf_has_uri(ctx, &want))
+            chain_ok
+                && (ctx.error_depth() != 0
+                    || (leaf_has_uri(ctx, &want) && !leaf_revoked(ctx, crl.as_deref())))
         });
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false);
@@ -94,8 +107,14 @@ impl PinnedClient {
         Ok(PinnedClient { http, timeout })
     }
 
-    /// POSTs `body` (JSON) to `url`; the status code and the whole reply body.
+    /// POSTs `body` (JSON) to `url` (`https://` only: the pin is a TLS check); the status
+    /// code and the whole reply body.
     pub async fn post_json(&self, url: &str, body: Vec<u8>) -> Result<(u16, Bytes), PinnedError> {
+        if !url.starts_with("https://") {
+            return Err(PinnedError::Request(format!(
+                "{url}: only https:// URLs (the server's identity is checked in TLS)"
+            )));
+        }
         let req = hyper::Request::post(url)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))

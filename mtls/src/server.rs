@@ -3,8 +3,9 @@
 //! A client certificate is requested and, when presented, must chain to the configured CA or
 //! the handshake fails. A connection without a certificate is accepted at the TLS level so
 //! that its requests get a proper 401 in the spec's Error format (the server decides). For
-//! the same reason a certificate revoked by the CA's CRL ([`Revocations`]) is accepted at
-//! the TLS level and marked [`PeerCert::revoked`]: the server answers its requests with 401.
+//! the same reason a certificate revoked by the CA's CRL is accepted at the TLS level: the
+//! server checks each request's certificate against [`crate::crl::Revocations`] and answers
+//! 401.
 
 use std::any::Any;
 
@@ -41,8 +42,6 @@ pub struct PeerCert {
     pub serial_hex: String,
     /// SHA-256 of the certificate's DER, lower-case hex without separators.
     pub fingerprint_sha256: String,
-    /// The CA's current CRL lists this certificate.
-    pub revoked: bool,
 }
 
 impl PeerCert {
@@ -81,7 +80,6 @@ impl PeerCert {
             san_uri,
             serial_hex,
             fingerprint_sha256,
-            revoked: false,
         }
     }
 
@@ -153,102 +151,10 @@ fn acceptor_inner(
 
 /// `on_connect` hook: sets TCP_NODELAY and records the verified client certificate.
 pub fn on_connect(conn: &dyn Any, ext: &mut Extensions) {
-    on_connect_checking(conn, ext, None);
-}
-
-/// As [`on_connect`], also marking a certificate the CRL revokes.
-pub fn on_connect_checking(conn: &dyn Any, ext: &mut Extensions, crl: Option<&Revocations>) {
     if let Some(tls) = conn.downcast_ref::<TlsStream<TcpStream>>() {
         let _ = tls.get_ref().set_nodelay(true);
         if let Some(cert) = tls.ssl().peer_certificate() {
-            let mut peer = PeerCert::from_x509(&cert);
-            peer.revoked = crl.is_some_and(|c| c.revokes(&cert));
-            ext.insert(peer);
+            ext.insert(PeerCert::from_x509(&cert));
         }
-    }
-}
-
-/// The CA's certificate revocation list, from a PEM file that is read again whenever it
-/// changes (checked at each new connection). A CRL that is missing, unreadable, not signed by
-/// the CA or past its nextUpdate revokes every certificate (fail closed) and is logged.
-pub struct Revocations {
-    path: std::path::PathBuf,
-    ca: X509,
-    current: std::sync::Mutex<Loaded>,
-}
-
-struct Loaded {
-    modified: Option<std::time::SystemTime>,
-    crl: Result<openssl::x509::X509Crl, String>,
-}
-
-impl Revocations {
-    /// Loads the CRL at `crl`, which must be signed by the CA at `ca` (errors name the file).
-    pub fn load(crl: &std::path::Path, ca: &std::path::Path) -> Result<Self, TlsError> {
-        let pem =
-            std::fs::read(ca).map_err(|e| TlsError(format!("tls.ca {}: {e}", ca.display())))?;
-        let ca = X509::from_pem(&pem).map_err(|e| TlsError(format!("tls.ca: {e}")))?;
-        let r = Revocations {
-            path: crl.to_owned(),
-            ca,
-            current: std::sync::Mutex::new(Loaded {
-                modified: None,
-                crl: Err("not loaded".into()),
-            }),
-        };
-        let loaded = r.read();
-        if let Err(e) = &loaded.crl {
-            return Err(TlsError(format!("tls.crl {}: {e}", crl.display())));
-        }
-        if let Ok(mut cur) = r.current.lock() {
-            *cur = loaded;
-        }
-        Ok(r)
-    }
-
-    fn read(&self) -> Loaded {
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
-        let crl = std::fs::read(&self.path)
-            .map_err(|e| e.to_string())
-            .and_then(|pem| openssl::x509::X509Crl::from_pem(&pem).map_err(|e| e.to_string()))
-            .and_then(|crl| {
-                let key = self.ca.public_key().map_err(|e| e.to_string())?;
-                match crl.verify(&key) {
-                    Ok(true) => Ok(crl),
-                    _ => Err("the CRL is not signed by the CA (tls.ca)".to_owned()),
-                }
-            });
-        Loaded { modified, crl }
-    }
-
-    /// Whether the CRL revokes `cert` (or cannot be trusted at all).
-    pub fn revokes(&self, cert: &X509) -> bool {
-        let Ok(mut cur) = self.current.lock() else {
-            return true;
-        };
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
-        if modified != cur.modified {
-            *cur = self.read();
-            match &cur.crl {
-                Ok(_) => {
-                    tracing::info!(crl = %self.path.display(), "certificate revocation list reloaded")
-                }
-                Err(e) => {
-                    tracing::error!(crl = %self.path.display(), error = %e, "certificate revocation list unusable: refusing every client certificate")
-                }
-            }
-        }
-        let Ok(crl) = &cur.crl else { return true };
-        let expired = crl.next_update().is_some_and(|next| {
-            openssl::asn1::Asn1Time::days_from_now(0)
-                .ok()
-                .and_then(|now| now.compare(next).ok())
-                .is_some_and(|o| o == std::cmp::Ordering::Greater)
-        });
-        expired || matches!(crl.get_by_cert(cert), openssl::x509::CrlStatus::Revoked(_))
     }
 }

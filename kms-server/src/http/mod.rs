@@ -86,11 +86,17 @@ async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
 
 /// The verified client certificate of the connection: 401 without one, or when the CA's CRL
 /// revokes it.
-pub(super) fn peer_cert(req: &HttpRequest) -> Result<&PeerCert, KmeError> {
+pub(super) fn peer_cert<'a>(req: &'a HttpRequest, kme: &Kme) -> Result<&'a PeerCert, KmeError> {
     let cert = req.conn_data::<PeerCert>().ok_or_else(|| {
         KmeError::unauthorized("a client certificate issued by the KME's CA is required")
     })?;
-    if cert.revoked {
+    // Per request, not per connection: a keep-alive connection opened before a revocation
+    // is refused from the next request on.
+    let revoked = kme
+        .revocations
+        .as_ref()
+        .is_some_and(|crl| crl.revokes_serial(&cert.serial_hex));
+    if revoked {
         tracing::warn!(serial = %cert.serial_hex, cn = ?cert.cn, "request with a revoked certificate refused");
         return Err(KmeError::unauthorized(format!(
             "the client certificate (serial {}) is revoked by the CA's CRL",
@@ -101,11 +107,13 @@ pub(super) fn peer_cert(req: &HttpRequest) -> Result<&PeerCert, KmeError> {
 }
 
 /// The calling SAE, from its client certificate. A certificate that names a KME or an
-/// operator in its URI SAN never acts as an SAE, whatever its other fields say.
+/// operator in its URI SAN, or that is an operator's by fingerprint, never acts as an SAE,
+/// whatever its other fields say.
 pub(super) fn caller_sae(req: &HttpRequest, kme: &Kme) -> Result<String, KmeError> {
-    let cert = peer_cert(req)?;
+    let cert = peer_cert(req, kme)?;
     if cert.uri_names(peer::KME_URI).next().is_some()
         || cert.uri_names(peer::OPERATOR_URI).next().is_some()
+        || operator_by_fingerprint(cert, kme)
     {
         return Err(KmeError::unauthorized(
             "a KME or operator certificate cannot act as an SAE",
@@ -122,7 +130,7 @@ pub(super) fn caller_sae(req: &HttpRequest, kme: &Kme) -> Result<String, KmeErro
 /// The calling peer KME: its certificate must carry exactly one KME SAN
 /// (`urn:qkd:kme:<ID>`), naming a configured peer. The CN alone proves nothing.
 pub(super) fn caller_kme(req: &HttpRequest, kme: &Kme) -> Result<String, KmeError> {
-    let cert = peer_cert(req)?;
+    let cert = peer_cert(req, kme)?;
     let mut ids = cert.uri_names(peer::KME_URI);
     match (ids.next(), ids.next()) {
         (Some(id), None) if kme.peer(id).is_some() => Ok(id.to_owned()),
@@ -136,23 +144,27 @@ pub(super) fn caller_kme(req: &HttpRequest, kme: &Kme) -> Result<String, KmeErro
 /// whose name is in `operators`, or whose SHA-256 fingerprint is in
 /// `operator_fingerprints`.
 pub(super) fn caller_operator(req: &HttpRequest, kme: &Kme) -> Result<String, KmeError> {
-    let cert = peer_cert(req)?;
-    let s = &kme.settings;
+    let cert = peer_cert(req, kme)?;
     if let Some(name) = cert
         .uri_names(peer::OPERATOR_URI)
-        .find(|n| s.operators.iter().any(|o| o == n))
+        .find(|n| kme.settings.operators.iter().any(|o| o == n))
     {
         return Ok(name.to_owned());
     }
-    if s.operator_fingerprints
-        .iter()
-        .any(|f| crate::config::normalise_fingerprint(f) == cert.fingerprint_sha256)
-    {
+    if operator_by_fingerprint(cert, kme) {
         return Ok(format!("sha256:{}", cert.fingerprint_sha256));
     }
     Err(KmeError::unauthorized(
         "the admin interface needs an operator certificate",
     ))
+}
+
+/// Whether the certificate's fingerprint is in `operator_fingerprints`.
+fn operator_by_fingerprint(cert: &PeerCert, kme: &Kme) -> bool {
+    kme.settings
+        .operator_fingerprints
+        .iter()
+        .any(|f| crate::config::normalise_fingerprint(f) == cert.fingerprint_sha256)
 }
 
 /// Reads a request body, refusing more than `limit` bytes or one that takes longer than

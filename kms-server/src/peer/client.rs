@@ -21,7 +21,14 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
-    pub fn new(settings: &Settings, kme_id: &str, url: &str) -> Result<Self, PeerError> {
+    /// A client of peer `kme_id` at `url`; with `crl`, a revoked peer certificate is
+    /// refused in the handshake.
+    pub fn new(
+        settings: &Settings,
+        kme_id: &str,
+        url: &str,
+        crl: Option<std::sync::Arc<mtls::crl::Revocations>>,
+    ) -> Result<Self, PeerError> {
         let t = &settings.tls;
         let http = mtls::pinned::PinnedClient::new(
             mtls::pinned::Pin {
@@ -29,6 +36,7 @@ impl PeerClient {
                 cert: &t.peer_cert,
                 key: &t.peer_key,
                 server_uri_san: format!("{KME_URI}{kme_id}"),
+                crl,
             },
             Duration::from_secs(5),
             Duration::from_secs(30),

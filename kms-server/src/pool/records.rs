@@ -61,13 +61,16 @@ impl KeyBytes {
 /// Reads `len` bytes at `offset` of a stream from the durable store.
 pub type ReadStored<'a> = dyn FnMut(&StreamId, u64, u64) -> Result<Zeroizing<Vec<u8>>, String> + 'a;
 
-/// How much key may await slaves: per master SAE and in total, in keys of `unit` bytes (the
-/// KME's `key_size`); a key counts as `ceil(len / unit)` keys, at least one.
+/// Memory a key record takes besides its bytes (IDs, names, indexes), counted against the
+/// bound so that many tiny keys cannot exceed it either.
+pub const RECORD_BYTES: u64 = 256;
+
+/// How much memory keys awaiting slaves may take: per master SAE and in total, in bytes; a
+/// key counts its length plus [`RECORD_BYTES`].
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
     pub per_master: u64,
     pub total: u64,
-    pub unit: u64,
 }
 
 impl Default for Bound {
@@ -76,29 +79,28 @@ impl Default for Bound {
         Bound {
             per_master: u64::MAX,
             total: u64::MAX,
-            unit: 1,
         }
     }
 }
 
 impl Bound {
-    /// How many keys of `unit` bytes a key of `len` bytes counts as.
+    /// What a key of `len` bytes counts as.
     pub fn charge(&self, len: u64) -> u64 {
-        len.div_ceil(self.unit.max(1)).max(1)
+        len.saturating_add(RECORD_BYTES)
     }
 }
 
 /// Why new keys cannot await their slaves now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RoomError {
-    #[error("master SAE {master:?} already has {held} keys awaiting slaves that have not fetched them; {asked} more would pass its bound of {max} (limits.max_awaiting_keys_per_master): the slaves must fetch keys, or they expire after limits.key_ttl_secs")]
+    #[error("master SAE {master:?} already has {held} bytes of keys awaiting slaves that have not fetched them; {asked} more would pass its bound of {max} (limits.max_awaiting_bytes_per_master): the slaves must fetch keys, or they expire after limits.key_ttl_secs")]
     PerMaster {
         master: String,
         held: u64,
         asked: u64,
         max: u64,
     },
-    #[error("{held} keys already await slaves at this KME; {asked} more would pass its bound of {max} (limits.max_awaiting_keys)")]
+    #[error("{held} bytes of keys already await slaves at this KME; {asked} more would pass its bound of {max} (limits.max_awaiting_bytes)")]
     Total { held: u64, asked: u64, max: u64 },
 }
 
@@ -200,7 +202,7 @@ pub struct Records {
     by_age: BTreeSet<(u64, Uuid)>,
     /// Per stream, how many records sit at each offset: the low water is the first entry.
     offsets: HashMap<StreamId, BTreeMap<u64, u32>>,
-    /// Keys (in units of the bound) held per master, and in total.
+    /// Bytes charged (see [`Bound`]) per master, and in total.
     per_master: HashMap<String, u64>,
     total: u64,
     bound: Bound,
@@ -232,7 +234,7 @@ impl Records {
         self.bound
     }
 
-    /// Keys (in units of the bound) awaiting slaves for `master`, and in total.
+    /// Bytes charged for keys awaiting slaves of `master`, and in total.
     pub fn held(&self, master: &str) -> (u64, u64) {
         (
             self.per_master.get(master).copied().unwrap_or(0),
@@ -541,32 +543,31 @@ mod tests {
 
     #[test]
     fn awaiting_keys_are_bounded_per_master_and_in_total() {
+        let k = 32 + RECORD_BYTES;
         let mut r = Records::new(Bound {
-            per_master: 4,
-            total: 6,
-            unit: 32,
+            per_master: 4 * k,
+            total: 6 * k,
         });
-        assert_eq!(r.bound().charge(1), 1, "a short key counts as one");
-        assert_eq!(r.bound().charge(33), 2);
+        assert_eq!(r.bound().charge(32), k, "a key counts its record too");
         assert!(r.check_room("M", 4, 32).is_ok());
         assert!(matches!(
             r.check_room("M", 5, 32),
-            Err(RoomError::PerMaster { max: 4, .. })
+            Err(RoomError::PerMaster { .. })
         ));
         let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
         for (i, id) in ids.iter().enumerate() {
             r.insert(*id, rec("M", i as u64 * 32, 32, now_unix()));
         }
-        assert_eq!(r.held("M"), (4, 4));
+        assert_eq!(r.held("M"), (4 * k, 4 * k));
         assert!(r.check_room("M", 1, 8).is_err(), "M is full");
         assert!(r.check_room("N", 2, 32).is_ok(), "others are still served");
         assert!(matches!(
             r.check_room("N", 3, 32),
-            Err(RoomError::Total { held: 4, .. })
+            Err(RoomError::Total { held, .. }) if held == 4 * k
         ));
         let one = [ids[0].to_string()];
         r.deliver("M", "S", &one, &mut no_store).unwrap();
-        assert_eq!(r.held("M"), (3, 3), "a fetched key frees its room");
+        assert_eq!(r.held("M"), (3 * k, 3 * k), "a fetched key frees its room");
         r.remove_many(&ids[1..2]);
         let (ch, more) = r.expire(0, 10);
         assert_eq!((ch.erased.len(), more), (2, false));

@@ -236,20 +236,15 @@ impl Store {
         }
     }
 
-    /// Reads `len` bytes at `offset` of `stream`: the bytes of a key awaiting slaves that a
-    /// restart left on disk only. Safe beside the committer: a record's range is neither
-    /// overwritten nor unlinked before the record's deletion is committed.
-    pub fn read(
-        &self,
-        stream: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-        let mut segments = Segments {
+    /// A reader of the bytes of keys awaiting slaves that a restart left on disk only
+    /// (it keeps the segment files it opens until dropped). Safe beside the committer: a
+    /// record's range is neither overwritten nor unlinked before the record's deletion is
+    /// committed.
+    pub fn reader(&self) -> StoredReader {
+        StoredReader(Segments {
             root: self.pool.clone(),
             files: HashMap::new(),
-        };
-        segments.read(stream, offset, len)
+        })
     }
 
     /// Queues `batch` without waiting (for wipes and housekeeping).
@@ -257,6 +252,21 @@ impl Store {
         if !batch.is_empty() {
             let _ = self.tx.send((batch, None));
         }
+    }
+}
+
+/// Reads key bytes from the segment files (see [`Store::reader`]).
+pub struct StoredReader(Segments);
+
+impl StoredReader {
+    /// Reads `len` bytes at `offset` of `stream`.
+    pub fn read(
+        &mut self,
+        stream: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        self.0.read(stream, offset, len)
     }
 }
 
@@ -817,7 +827,7 @@ mod tests {
         assert_eq!(loaded.records.len(), 1);
         let m = &loaded.records[0].1;
         assert_eq!(
-            &_store.read(&m.stream, m.offset, m.len).unwrap()[..],
+            &_store.reader().read(&m.stream, m.offset, m.len).unwrap()[..],
             &data[10..15]
         );
     }

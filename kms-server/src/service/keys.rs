@@ -84,18 +84,15 @@ impl Kme {
                 .per_master
                 .saturating_sub(mine)
                 .min(bound.total.saturating_sub(total));
-            stored = stored.min(room);
+            stored = stored.min(room / bound.charge(l.key_size / 8));
         }
         let mut status_extension = serde_json::Map::new();
         let mut waiting = serde_json::Map::new();
-        waiting.insert("master".into(), mine.into());
-        waiting.insert("max_per_master".into(), bound.per_master.into());
-        waiting.insert("total".into(), total.into());
-        waiting.insert("max_total".into(), bound.total.into());
-        status_extension.insert(
-            "keys_awaiting_slaves".into(),
-            serde_json::Value::Object(waiting),
-        );
+        waiting.insert("master_bytes".into(), mine.into());
+        waiting.insert("max_bytes_per_master".into(), bound.per_master.into());
+        waiting.insert("total_bytes".into(), total.into());
+        waiting.insert("max_bytes".into(), bound.total.into());
+        status_extension.insert("awaiting_slaves".into(), serde_json::Value::Object(waiting));
         if let Some((peer, p)) = route.zip(perf) {
             let length = self
                 .settings
@@ -443,8 +440,9 @@ impl Kme {
         }
         let (delivered, durable) = {
             let mut st = self.lock()?;
-            let mut read = |s: &StreamId, off: u64, len: u64| match &self.store {
-                Some(store) => store.read(&s.name(), off, len).map_err(|e| e.to_string()),
+            let mut reader = self.store.as_ref().map(|s| s.reader());
+            let mut read = |s: &StreamId, off: u64, len: u64| match reader.as_mut() {
+                Some(r) => r.read(&s.name(), off, len).map_err(|e| e.to_string()),
                 None => Err("no durable store holds this key".to_owned()),
             };
             let (delivered, changes) = st
@@ -497,6 +495,6 @@ pub(super) fn awaiting_full(e: crate::pool::records::RoomError) -> KmeError {
         }
     };
     KmeError::unavailable(e.to_string())
-        .detail("keys_awaiting_slaves", held)
-        .detail("max_awaiting_keys", max)
+        .detail("awaiting_bytes", held)
+        .detail("max_awaiting_bytes", max)
 }

@@ -50,6 +50,8 @@ pub enum StartError {
         peer: String,
         error: crate::source::SourceError,
     },
+    #[error(transparent)]
+    Tls(#[from] mtls::TlsError),
 }
 
 /// One KME.
@@ -67,6 +69,8 @@ pub struct Kme {
     /// Signalled whenever a block is appended to a pool (registrations wait on it).
     appended: Notify,
     pub metrics: crate::metrics::Metrics,
+    /// The CA's revocation list (`tls.crl`), checked for every request and every peer.
+    pub revocations: Option<Arc<mtls::crl::Revocations>>,
 }
 
 /// The peers of a KME with their key sources and link states.
@@ -79,11 +83,18 @@ struct Links {
 impl Kme {
     /// Sets up the KME: peers, key sources, and the durable store (loading what it holds).
     pub fn new(settings: Settings) -> Result<Self, StartError> {
+        let t = &settings.tls;
+        let revocations = t
+            .crl
+            .as_deref()
+            .map(|p| mtls::crl::Revocations::load(p, &t.ca))
+            .transpose()?
+            .map(Arc::new);
         let Links {
             peers,
             sources,
             mut state,
-        } = Self::connect_links(&settings)?;
+        } = Self::connect_links(&settings, revocations.as_ref())?;
         state.records = crate::pool::Records::new(settings.limits.awaiting_bound());
         let store = match &settings.store_dir {
             None => {
@@ -112,18 +123,22 @@ impl Kme {
             consumed: Notify::new(),
             appended: Notify::new(),
             metrics: crate::metrics::Metrics::default(),
+            revocations,
         })
     }
 
     /// A client, a key source and an unsynchronised link state per configured peer.
-    fn connect_links(settings: &Settings) -> Result<Links, StartError> {
+    fn connect_links(
+        settings: &Settings,
+        crl: Option<&Arc<mtls::crl::Revocations>>,
+    ) -> Result<Links, StartError> {
         let mut links = Links {
             peers: HashMap::new(),
             sources: HashMap::new(),
             state: State::default(),
         };
         for p in &settings.peers {
-            let client = PeerClient::new(settings, &p.kme_id, &p.url)?;
+            let client = PeerClient::new(settings, &p.kme_id, &p.url, crl.cloned())?;
             let source = crate::source::build_for_link(&p.link, &client).map_err(|error| {
                 StartError::Source {
                     peer: p.kme_id.clone(),

@@ -37,13 +37,12 @@ impl Kme {
             };
             let mut batch = Batch::default();
             let mut results = Vec::with_capacity(regs.len());
-            let mut any = false;
             for reg in regs {
                 let r = self.register_locked(&mut st, from_kme, reg, &mut batch);
-                any |= r.is_ok();
                 results.push(r.err().map(|e| e.body.message));
             }
-            if any && self.durable() {
+            // Registered or refused for want of room, ranges may have been taken.
+            if self.durable() {
                 if let Some(link) = st.links.get(from_kme) {
                     batch
                         .streams
@@ -125,11 +124,6 @@ impl Kme {
                 "a registered key ID already exists or is named twice",
             ));
         }
-        // Counted at the longest key's size (one Get key request asks keys of one size).
-        let longest = reg.keys.iter().map(|k| k.len).max().unwrap_or(0);
-        st.records
-            .check_room(&reg.master, reg.keys.len() as u64, longest)
-            .map_err(super::keys::awaiting_full)?;
         let link = st
             .links
             .get_mut(from_kme)
@@ -140,6 +134,22 @@ impl Kme {
             .take_many(&ranges)
             .map_err(|e| KmeError::bad_request(e.to_string()))?;
         let stream = StreamId::theirs(from_kme);
+        // Counted at the longest key's size (one Get key request asks keys of one size). A
+        // refusal still consumes the ranges, as the master's KME discards its copy: left free
+        // here, they would never be taken and would fill this end's pool for good.
+        let longest = reg.keys.iter().map(|k| k.len).max().unwrap_or(0);
+        if let Err(full) = st
+            .records
+            .check_room(&reg.master, reg.keys.len() as u64, longest)
+        {
+            drop(taken); // wiped
+            if self.durable() {
+                for &(off, len) in &ranges {
+                    batch.wipes.push((stream.name(), off, len));
+                }
+            }
+            return Err(super::keys::awaiting_full(full));
+        }
         let now = now_unix();
         for (k, bytes) in reg.keys.iter().zip(taken) {
             let meta = st.records.insert(
