@@ -123,9 +123,14 @@ impl ClientConfig {
         if !c.sites.iter().any(|s| s.name == c.site) {
             return Err(err(format!("site: {:?} is not among [[sites]]", c.site)));
         }
-        for p in &c.backup.placement {
+        for (i, p) in c.backup.placement.iter().enumerate() {
             if !c.sites.iter().any(|s| &s.name == p) {
                 return Err(err(format!("backup.placement: unknown site {p:?}")));
+            }
+            if c.backup.placement[..i].contains(p) {
+                return Err(err(format!(
+                    "backup.placement: site {p:?} is listed twice; one site holding two shares could rebuild the file alone"
+                )));
             }
         }
         if c.backup.streams == 0 || c.backup.batch_chunks == 0 || c.backup.checkpoint_chunks == 0 {

@@ -307,6 +307,9 @@ impl<'a> Plan<'a> {
         if opts.sites == 0 || opts.sites > 26 {
             bail!("--sites must be within 1..=26");
         }
+        // Keys, shares, genomes, logs: everything this process and the KMEs, agents and clients
+        // it starts create is for this user alone (process-wide, inherited by children).
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let links = match &opts.links {

@@ -48,6 +48,9 @@ pub enum RngError {
         /// Underlying I/O error.
         source: std::io::Error,
     },
+    /// The randomness path is not a character device.
+    #[error("randomness source {0} is not a character device (a file would repeat its bytes in every backup): use a device like /dev/hwrng, or chacha12 / os")]
+    NotADevice(PathBuf),
 }
 
 /// A source of uniformly random bytes.
@@ -168,10 +171,13 @@ impl RandomSource for OsSource {
     }
 }
 
-/// Reads random bytes from a device or file such as `/dev/hwrng`.
+/// Reads random bytes from a character device such as `/dev/hwrng`.
 ///
 /// Claims [`Secrecy::InformationTheoretic`]: that holds only if the device really is a
-/// true (physical/quantum) random source; this type cannot check it.
+/// true (physical/quantum) random source; this type cannot check it. A regular file (or
+/// anything but a character device) is refused: it would be read again from its start by
+/// every store, so two backups' shares would use the same "randomness" and their XOR would
+/// reveal the XOR of the two files.
 #[derive(Debug)]
 pub struct DeviceSource {
     path: PathBuf,
@@ -184,11 +190,19 @@ impl DeviceSource {
     /// # Errors
     /// [`RngError::Device`] if it cannot be opened.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, RngError> {
+        use std::os::unix::fs::FileTypeExt;
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|source| RngError::Device {
             path: path.clone(),
             source,
         })?;
+        let is_char = file
+            .metadata()
+            .map(|m| m.file_type().is_char_device())
+            .unwrap_or(false);
+        if !is_char {
+            return Err(RngError::NotADevice(path));
+        }
         Ok(Self { path, file })
     }
 }
@@ -281,6 +295,15 @@ mod tests {
         let mut src = DeviceSource::open("/dev/null").expect("open");
         let mut buf = [0u8; 4];
         assert!(matches!(src.fill(&mut buf), Err(RngError::Device { .. })));
+    }
+
+    #[test]
+    fn a_regular_file_is_not_a_randomness_device() {
+        let dir = std::env::temp_dir().join(format!("rng-test-{}", std::process::id()));
+        std::fs::write(&dir, [7u8; 64]).expect("write");
+        let r = DeviceSource::open(&dir);
+        let _ = std::fs::remove_file(&dir);
+        assert!(matches!(r, Err(RngError::NotADevice(_))));
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! an unacknowledged one is simply sent again. The manifest, checked and marked complete at
 //! finalisation, lets the catalogue be rebuilt from the sites alone.
 //!
+//! Folders are created 0700 and files 0600: shares are for the agent's user alone.
+//!
 //! Writes use O_DIRECT with 4096-byte aligned buffers when the chunk size allows it and the
 //! filesystem accepts it, and fall back to buffered writes otherwise.
 
@@ -202,7 +204,8 @@ impl ShareFiles {
         Ok(())
     }
 
-    /// Marks the share complete after checking the header, trailer and chunk coverage.
+    /// Marks the share complete after checking the header, trailer, chunk coverage, and every
+    /// chunk's BLAKE3 against its record.
     pub fn finalize(
         &self,
         header: &[u8],
@@ -265,6 +268,14 @@ impl ShareFiles {
                     .into(),
             ));
         }
+        // Every chunk is read back and hashed: a share is never complete with a damaged one.
+        let check = self.check();
+        if !check.damaged.is_empty() || !check.missing.is_empty() {
+            return Err(fail(format!(
+                "chunks {:?} are damaged and {:?} missing on disk; run the store again",
+                check.damaged, check.missing
+            )));
+        }
         m.header_hex = Some(hex::encode(header));
         m.trailer_hex = Some(hex::encode(trailer));
         m.complete = true;
@@ -297,11 +308,28 @@ impl ShareFiles {
     }
 }
 
+/// Creates `dir` and its missing parents with mode 0700 (whatever the umask: a mode can only
+/// lose bits to it); an existing folder is left as it is.
+fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))
+}
+
 fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), StoreError> {
     let tmp = dir.join("manifest.json.tmp");
     let fin = dir.join("manifest.json");
     let text = serde_json::to_vec_pretty(m).unwrap_or_default();
-    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
     f.write_all(&text).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     fs::rename(&tmp, &fin).map_err(io(&fin))?;
@@ -320,7 +348,7 @@ pub struct Storage {
 
 impl Storage {
     pub fn new(root: &Path, direct_io: bool) -> Result<Self, StoreError> {
-        fs::create_dir_all(root).map_err(io(root))?;
+        private_dir(root)?;
         Ok(Storage {
             root: root.to_owned(),
             direct_io,
@@ -363,7 +391,7 @@ impl Storage {
             return Ok(s);
         }
         let dir = self.share_dir(id, index);
-        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        private_dir(&dir)?;
         let m = Manifest {
             backup_id: id,
             share_index: index,
@@ -411,6 +439,7 @@ impl Storage {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&data_path)
             .map_err(io(&data_path))?;
         let cs = manifest.open.chunk_size as usize;
@@ -428,6 +457,7 @@ impl Storage {
             .read(true)
             .append(true)
             .create(true)
+            .mode(0o600)
             .open(&log_path)
             .map_err(io(&log_path))?;
         let mut raw = Vec::new();
@@ -449,6 +479,7 @@ impl Storage {
         let keys = OpenOptions::new()
             .append(true)
             .create(true)
+            .mode(0o600)
             .open(&keys_path)
             .map_err(io(&keys_path))?;
         let s = Arc::new(ShareFiles {

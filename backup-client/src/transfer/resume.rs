@@ -9,6 +9,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -70,7 +71,7 @@ impl StoreResume {
             None => (fresh, Start::Fresh),
         };
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(io_err(dir))?;
+            private_dir(dir)?;
         }
         // One store of a file at a time: two would interleave different splits.
         let lock = lock_exclusive(&with_suffix(&path, ".lock")).map_err(|_| {
@@ -141,6 +142,10 @@ impl PartialOutput {
         let target = absolute(out)?;
         let partial = with_suffix(&target, ".partial");
         let state_path = with_suffix(&target, ".partial.json");
+        // The restored genome goes into these files: never through a link, never into a
+        // file someone else made or can read.
+        check_private(&partial)?;
+        check_private(&state_path)?;
         let start_chunk =
             resumable_chunks(&state_path, &partial, id, chunk_count, original_len, cs);
         let file = OpenOptions::new()
@@ -148,6 +153,8 @@ impl PartialOutput {
             .write(true)
             .create(true)
             .truncate(start_chunk == 0)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&partial)
             .map_err(io_err(&partial))?;
         let mut output = PartialOutput {
@@ -290,12 +297,55 @@ fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Creates `dir` and its missing parents with mode 0700 (a mode only loses bits to the
+/// umask); an existing folder is left as it is.
+fn private_dir(dir: &Path) -> Result<(), TransferError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))
+}
+
+/// A file the restore will write into, if it exists already, must be a regular file (not a
+/// link), owned by this user and closed to group and others; otherwise the restore stops and
+/// says so, rather than write a genome where someone else can read it.
+fn check_private(path: &Path) -> Result<(), TransferError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let why = if meta.file_type().is_symlink() {
+        Some("is a symbolic link")
+    } else if !meta.is_file() {
+        Some("is not a regular file")
+    } else if meta.uid() != rustix::process::geteuid().as_raw() {
+        Some("belongs to another user")
+    } else if meta.permissions().mode() & 0o077 != 0 {
+        Some("is open to group or others")
+    } else {
+        None
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(TransferError::Usage(format!(
+            "{} {why}: the restore will not write there; remove it (or restore to another path)",
+            path.display()
+        ))),
+    }
+}
+
 /// An exclusive advisory lock on `path`, held while the returned file is open.
 fn lock_exclusive(path: &Path) -> std::io::Result<File> {
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     f.try_lock().map_err(std::io::Error::from)?;
     Ok(f)
@@ -304,7 +354,18 @@ fn lock_exclusive(path: &Path) -> std::io::Result<File> {
 /// Replaces `path` with `data` atomically (temporary file, fsync, rename).
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), TransferError> {
     let tmp = with_suffix(path, ".tmp");
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    // A leftover (or planted) temporary is removed, never written through.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&tmp)(e)),
+        _ => {}
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
     f.write_all(data).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))

@@ -209,6 +209,12 @@ impl BackupClient {
         open_body: &[u8],
         chunk_size: usize,
     ) -> Result<(Target, bool), TransferError> {
+        // The QKD route first: a site this site has no link to is named as such, and no
+        // share is opened there in vain.
+        let status = match self.keys.status(&site.agent_sae_id).await {
+            Ok(st) => st,
+            Err(e) => return Err(route_error(site, e)),
+        };
         let _: Manifest = self
             .agent_call(
                 site,
@@ -225,7 +231,6 @@ impl BackupClient {
                 None,
             )
             .await?;
-        let status = self.keys.status(&site.agent_sae_id).await?;
         let plan = KeyPlan::new(
             &self.cfg.kme_url,
             chunk_size,
@@ -485,6 +490,34 @@ fn regular_file(file: &Path) -> Result<(PathBuf, u64, u128), TransferError> {
     Ok((file, meta.len(), mtime_ns))
 }
 
+/// Why this site's KME cannot give keys for `site`'s agent, in the user's terms: no QKD link
+/// to that site, an agent SAE the KME does not know, or the KME's own message.
+fn route_error(site: &Site, e: share_transfer::keys::KeyError) -> TransferError {
+    let text = e.to_string();
+    let message = if text.contains("no QKD link") {
+        format!(
+            "{NO_LINK} between this site and site {} ({text})",
+            site.name
+        )
+    } else if text.contains("unknown slave SAE ID") {
+        // A KME knows the SAEs of the sites it is linked to: most likely no link, else a
+        // wrong agent ID in the configuration.
+        format!(
+            "this site's KME does not know site {}'s agent {:?}: {NO_LINK} between this site and site {}, or sites.agent_sae_id is wrong ({text})",
+            site.name, site.agent_sae_id, site.name
+        )
+    } else {
+        text
+    };
+    TransferError::Site {
+        site: site.name.clone(),
+        message,
+    }
+}
+
+/// How a missing QKD link is named (and recognised by [`check_sites`]).
+const NO_LINK: &str = "no QKD link";
+
 /// Fails unless at least `k` sites took their share, and all did unless degraded.
 fn check_sites(
     opts: &StoreOptions,
@@ -509,8 +542,13 @@ fn check_sites(
         )));
     }
     if !down.is_empty() && !opts.allow_degraded {
+        let what = if down.iter().all(|d| d.contains(NO_LINK)) {
+            "a share goes only to a site this site's KME has a QKD link to: store from a site linked to the others, choose sites with backup.placement"
+        } else {
+            "re-run when the site is back"
+        };
         return Err(TransferError::Failed(format!(
-            "{}; re-run when the site is back, or pass --allow-degraded to store on the {} reachable sites (k = {})",
+            "{}; {what}, or pass --allow-degraded to store on the {} usable sites (k = {})",
             down.join("; "),
             alive,
             opts.k
