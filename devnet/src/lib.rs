@@ -837,6 +837,46 @@ impl Devnet {
         Ok(())
     }
 
+    /// Starts the backup agent of site `i` again with its configuration (its log is appended
+    /// to) and waits until it answers on its port.
+    pub fn restart_agent(&mut self, i: usize) -> Result<()> {
+        self.kill_agent(i);
+        let site = self.info.sites.get_mut(i).context("no such site")?;
+        let bin = sibling_binary("backup-client")?;
+        let out = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&site.agent_log)?;
+        let err = out.try_clone()?;
+        use std::os::unix::process::CommandExt;
+        let child = Command::new(bin)
+            .args(["serve", "--config"])
+            .arg(&site.agent_config)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .context("restarting the site agent")?;
+        site.agent_pid = child.id();
+        let addr = site
+            .agent_url
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_owned();
+        if let Some(slot) = self.agents.get_mut(i) {
+            *slot = Some(child);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if std::time::Instant::now() > deadline {
+                bail!("site agent {i} did not come back on {addr}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// Kills the backup agent of site `i` with SIGKILL.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.agents.get_mut(i).and_then(Option::take) {

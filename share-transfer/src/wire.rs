@@ -186,6 +186,12 @@ pub struct ShareOpen {
     pub name: String,
     /// Seconds since the Unix epoch when the backup was started.
     pub created: u64,
+    /// The agent SAE ID of the site holding each share, in share order (share `i` at
+    /// `placement[i]`), recorded at every site: a restore accepts share `i` only from that
+    /// site, and only when at least `k` sites agree on it (empty for backups stored before
+    /// it was recorded).
+    #[serde(default)]
+    pub placement: Vec<String>,
 }
 
 /// What an agent keeps about one share; `GET /v1/backups` lists these.

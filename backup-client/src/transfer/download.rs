@@ -51,6 +51,8 @@ pub(super) struct ShareStreams<'a> {
     /// `(index into sources, its chunk stream)`.
     active: Vec<(usize, ChunkRx)>,
     next_spare: usize,
+    /// Every source that delivered a chunk, in the order they started.
+    contributed: Vec<usize>,
 }
 
 impl<'a> ShareStreams<'a> {
@@ -72,6 +74,7 @@ impl<'a> ShareStreams<'a> {
             sources,
             active: Vec::new(),
             next_spare: 0,
+            contributed: Vec::new(),
         };
         while s.active.len() < k && s.next_spare < s.sources.len() {
             let rx = s.spawn(s.next_spare, from);
@@ -114,6 +117,14 @@ impl<'a> ShareStreams<'a> {
             .collect()
     }
 
+    /// Share indices of every share that delivered a chunk to the combiner.
+    pub(super) fn contributors(&self) -> Vec<u8> {
+        self.contributed
+            .iter()
+            .map(|i| self.sources[*i].share)
+            .collect()
+    }
+
     /// `(site, share index)` of the active shares.
     pub(super) fn used(&self) -> Vec<(String, u8)> {
         self.active
@@ -140,6 +151,10 @@ impl<'a> ShareStreams<'a> {
                 Some(Ok((c, nonce, data))) if c == j && split_nonce.is_none_or(|n| n == nonce) => {
                     split_nonce = Some(nonce);
                     pieces.push(data);
+                    let source = self.active[slot].0;
+                    if !self.contributed.contains(&source) {
+                        self.contributed.push(source);
+                    }
                     slot += 1;
                 }
                 other => {

@@ -2,14 +2,22 @@
 //!
 //! 1. **find** ([`BackupClient::find_shares`]) — ask every site (this one first) for the
 //!    backup's manifests;
-//! 2. **choose** ([`BackupClient::usable_shares`]) — keep the shares of the same set as the
-//!    first complete one, one per index, with QKD keys to their site;
-//! 3. **resume** (`resume::PartialOutput`) — open `<out>.partial`, continuing after its last
+//! 2. **agree** (`Found::agree`) — a share counts only from the site the backup's
+//!    placement gives it to, and only if at least `k` sites agree on what the backup is
+//!    (scheme, chunk size, length, whole-file digest, placement): so fewer than `k` sites,
+//!    colluding or not, can neither choose the digest the file is checked against nor pass
+//!    off a share that is not theirs; the others are named;
+//! 3. **choose** ([`BackupClient::usable_shares`]) — one agreed share per index, with QKD
+//!    keys to its site;
+//! 4. **resume** (`resume::PartialOutput`) — open `<out>.partial`, continuing after its last
 //!    checkpoint if it is of this backup;
-//! 4. **download and combine** ([`BackupClient::download_and_combine`]) — `k` share streams
+//! 5. **download and combine** ([`BackupClient::download_and_combine`]) — `k` share streams
 //!    (see `download`), chunk by chunk, into the partial file;
-//! 5. **verify and rename** — the whole-file digest must match before the partial file is
-//!    renamed over the output.
+//! 6. **verify and rename** — the whole-file digest must match before the partial file is
+//!    renamed over the output. If it does not (a site served a share it forged, sealed with
+//!    keys it took itself), every other `k`-subset of the shares is tried, from the start;
+//!    the shares only wrong subsets used are named as inconsistent. Nothing is ever renamed
+//!    into place that does not match the agreed digest.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -36,7 +44,192 @@ struct Found {
     unreachable: Vec<String>,
 }
 
+/// What at least `k` sites agree the backup is, and their shares (this site's first).
+struct Agreed {
+    header: ShareHeader,
+    trailer: ShareTrailer,
+    members: Vec<(Site, Manifest)>,
+}
+
+/// How one pass of downloads ended.
+enum Run {
+    /// Every chunk was combined: the shares of the last chunk, and every share that
+    /// delivered one.
+    Done {
+        used: Vec<(String, u8)>,
+        contributors: Vec<u8>,
+    },
+    /// Fewer than `k` shares could deliver some chunk.
+    NoSpare(TransferError),
+}
+
+/// Every `k`-subset of `0..n`, in lexicographic order (this site's share is index 0).
+fn k_subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
+    let mut out = Vec::new();
+    let mut cur: Vec<usize> = Vec::with_capacity(k);
+    fn rec(start: usize, n: usize, k: usize, cur: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
+        if cur.len() == k {
+            out.push(cur.clone());
+            return;
+        }
+        for i in start..n {
+            cur.push(i);
+            rec(i + 1, n, k, cur, out);
+            cur.pop();
+        }
+    }
+    rec(0, n, k, &mut cur, &mut out);
+    out
+}
+
 impl Found {
+    /// Step 2: the shares of the sites that agree on what the backup is. A share claimed by
+    /// a site the placement does not give it to is refused; shares of sites that disagree
+    /// with the agreeing `k` are named.
+    fn agree(&mut self, id: Uuid) -> Result<Agreed, TransferError> {
+        type Group = (String, ShareHeader, ShareTrailer, Vec<(Site, Manifest)>);
+        let mut groups: Vec<Group> = Vec::new();
+        for (site, m) in std::mem::take(&mut self.candidates) {
+            let (h, t) = match decode_ends(&m) {
+                Ok(ends) => ends,
+                Err(e) => {
+                    self.rejected
+                        .push((site.name.clone(), m.share_index, e.to_string()));
+                    continue;
+                }
+            };
+            let place = &m.open.placement;
+            let owner = place.get(m.share_index as usize);
+            if !place.is_empty() && owner != Some(&site.agent_sae_id) {
+                self.rejected.push((
+                    site.name.clone(),
+                    m.share_index,
+                    format!(
+                        "site {} ({}) claims share {}, which the backup's placement gives to {}",
+                        site.name,
+                        site.agent_sae_id,
+                        m.share_index,
+                        owner.map_or("no site", String::as_str)
+                    ),
+                ));
+                continue;
+            }
+            let key = format!(
+                "{:?}|{}|{}|{}|{}|{}|{:?}",
+                h.scheme,
+                h.chunk_size,
+                hex::encode(h.set_id),
+                t.original_len,
+                t.chunk_count,
+                hex::encode(t.digest),
+                place
+            );
+            match groups.iter_mut().find(|g| g.0 == key) {
+                Some(g) => g.3.push((site, m)),
+                None => groups.push((key, h, t, vec![(site, m)])),
+            }
+        }
+        // Sites, not shares, are counted: one site holding several shares is one voice.
+        let sites_of = |g: &Group| {
+            let mut v: Vec<&str> = g.3.iter().map(|(s, _)| s.agent_sae_id.as_str()).collect();
+            v.sort_unstable();
+            v.dedup();
+            v.len()
+        };
+        groups.sort_by_key(|g| std::cmp::Reverse(sites_of(g)));
+        let describe = |groups: &[Group]| {
+            groups
+                .iter()
+                .map(|g| {
+                    let sites: Vec<&str> = g.3.iter().map(|(s, _)| s.name.as_str()).collect();
+                    format!("{{{}}}", sites.join(", "))
+                })
+                .collect::<Vec<_>>()
+                .join(" vs ")
+        };
+        let Some(best) = groups.first() else {
+            return Err(self.nothing_error(id));
+        };
+        let k = best.1.scheme.k() as usize;
+        if sites_of(best) < k {
+            return Err(TransferError::Failed(format!(
+                "backup {id}: fewer than k = {k} sites agree on what it is (size, digest, placement): {}; a restore needs {k} sites that agree",
+                describe(&groups)
+            )));
+        }
+        if groups
+            .get(1)
+            .is_some_and(|g| sites_of(g) >= g.1.scheme.k() as usize)
+        {
+            return Err(TransferError::Failed(format!(
+                "backup {id}: sites disagree on what it is, each side with enough sites to restore: {}; restore from sites you trust (backup.placement)",
+                describe(&groups)
+            )));
+        }
+        let mut groups = groups.into_iter();
+        let Some((_, header, trailer, members)) = groups.next() else {
+            return Err(self.nothing_error(id));
+        };
+        for (_, _, _, others) in groups {
+            for (site, m) in others {
+                self.rejected.push((
+                    site.name.clone(),
+                    m.share_index,
+                    format!(
+                        "site {} disagrees with the {} sites that agree on this backup's size, digest and placement",
+                        site.name, k
+                    ),
+                ));
+            }
+        }
+        Ok(Agreed {
+            header,
+            trailer,
+            members,
+        })
+    }
+
+    /// Names the shares that only passes with a wrong result used.
+    fn name_inconsistent(&mut self, usable: &[ShareSource], wrong: &[Vec<u8>], good: &[u8]) {
+        let mut named: Vec<u8> = Vec::new();
+        for share in wrong.iter().flatten() {
+            if good.contains(share) || named.contains(share) {
+                continue;
+            }
+            named.push(*share);
+            if let Some(src) = usable.iter().find(|u| u.share == *share) {
+                tracing::warn!(site = %src.site.name, share, "share inconsistent with the others; the file was restored without it");
+                self.rejected.push((
+                    src.site.name.clone(),
+                    *share,
+                    format!(
+                        "inconsistent: files rebuilt with the share from site {} do not match the digest the sites agree on (tampered or forged there)",
+                        src.site.name
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// No `k` of the usable shares rebuild the agreed file.
+    fn no_consistent_subset(
+        &self,
+        id: Uuid,
+        k: usize,
+        usable: &[ShareSource],
+        wrong: &[Vec<u8>],
+    ) -> TransferError {
+        let shares: Vec<String> = usable
+            .iter()
+            .map(|u| format!("share {} at {}", u.share, u.site.name))
+            .collect();
+        TransferError::Failed(format!(
+            "backup {id}: no {k} of the shares ({}) rebuild the file whose digest the sites agree on ({} wrong results); some site altered its share; nothing was written",
+            shares.join(", "),
+            wrong.len()
+        ))
+    }
+
     /// Why nothing can be restored when no complete share was found.
     fn nothing_error(&self, id: Uuid) -> TransferError {
         TransferError::Usage(if self.rejected.is_empty() && self.unreachable.is_empty() {
@@ -79,39 +272,87 @@ impl BackupClient {
     pub async fn restore(&self, id: Uuid, out: &Path) -> Result<RestoreReport, TransferError> {
         let started = Instant::now();
         let mut found = self.find_shares(id).await;
-        let Some((_, first)) = found.candidates.first().cloned() else {
+        if found.candidates.is_empty() {
             return Err(found.nothing_error(id));
-        };
-        let (header, trailer) = decode_ends(&first)?;
+        }
+        let Agreed {
+            header,
+            trailer,
+            members,
+        } = found.agree(id)?;
         let k = header.scheme.k() as usize;
-        let usable = self.usable_shares(&mut found, &header, &trailer).await;
+        let usable = self.usable_shares(&mut found, members).await;
         if usable.len() < k {
             return Err(found.too_few_error(id, k, usable.len()));
         }
-        let cs = header.chunk_size;
-        let mut output =
-            PartialOutput::open(out, id, trailer.chunk_count, trailer.original_len, cs)?;
-        let start_chunk = output.start_chunk;
-        self.progress
-            .total
-            .store(trailer.original_len, Ordering::Relaxed);
-        self.progress.done.store(
-            (start_chunk * cs as u64).min(trailer.original_len),
-            Ordering::Relaxed,
-        );
-        let used = self
-            .download_and_combine(id, &header, &trailer, usable, &mut output, &mut found)
-            .await?;
-        let output = output.commit(id, &trailer.digest, out)?;
-        Ok(RestoreReport {
-            backup_id: id,
-            output,
-            bytes: trailer.original_len,
-            seconds: started.elapsed().as_secs_f64(),
-            resumed_at_chunk: start_chunk,
-            used,
-            rejected: found.rejected,
-        })
+        // First every usable share (a failing one is replaced by a spare); should the file
+        // not match the digest the sites agree on, each k-subset in turn, from the start.
+        let subsets = k_subsets(usable.len(), k);
+        let mut wrong: Vec<Vec<u8>> = Vec::new();
+        let mut next = 0;
+        let mut sources = usable.clone();
+        loop {
+            let first = wrong.is_empty() && next == 0;
+            let mut output = PartialOutput::open(
+                out,
+                id,
+                trailer.chunk_count,
+                trailer.original_len,
+                header.chunk_size,
+            )?;
+            let start_chunk = output.start_chunk;
+            self.progress
+                .total
+                .store(trailer.original_len, Ordering::Relaxed);
+            self.progress.done.store(
+                (start_chunk * header.chunk_size as u64).min(trailer.original_len),
+                Ordering::Relaxed,
+            );
+            let run = self
+                .download_and_combine(id, &header, &trailer, sources, &mut output, &mut found)
+                .await?;
+            match run {
+                Run::Done { used, contributors } if output.matches(&trailer.digest) => {
+                    let output = output.commit(id, &trailer.digest, out)?;
+                    found.name_inconsistent(&usable, &wrong, &contributors);
+                    return Ok(RestoreReport {
+                        backup_id: id,
+                        output,
+                        bytes: trailer.original_len,
+                        seconds: started.elapsed().as_secs_f64(),
+                        resumed_at_chunk: start_chunk,
+                        used,
+                        rejected: found.rejected,
+                    });
+                }
+                Run::Done { contributors, .. } => {
+                    output.discard();
+                    tracing::warn!(shares = ?contributors, "the rebuilt file does not match the digest the sites agree on; trying other shares");
+                    let mut c = contributors;
+                    c.sort_unstable();
+                    wrong.push(c);
+                }
+                Run::NoSpare(e) if first => {
+                    output.forget_checkpoint();
+                    return Err(e);
+                }
+                Run::NoSpare(_) => output.discard(),
+            }
+            // The next k-subset not known to hold a share that gave a wrong file... or not
+            // yet tried at all.
+            let pick = loop {
+                let Some(sub) = subsets.get(next) else {
+                    return Err(found.no_consistent_subset(id, k, &usable, &wrong));
+                };
+                next += 1;
+                let mut shares: Vec<u8> = sub.iter().map(|i| usable[*i].share).collect();
+                shares.sort_unstable();
+                if !wrong.contains(&shares) {
+                    break sub;
+                }
+            };
+            sources = pick.iter().map(|i| usable[*i].clone()).collect();
+        }
     }
 
     /// Step 1: the manifests of backup `id` at every site, this site first.
@@ -152,29 +393,15 @@ impl BackupClient {
         found
     }
 
-    /// Step 2: the candidates consistent with the first share's header and trailer, one per
-    /// share index, with QKD keys to their site; the others go to `found.rejected`.
+    /// Step 3: the agreed shares, one per share index, with QKD keys to their site; the
+    /// others go to `found.rejected`.
     async fn usable_shares(
         &self,
         found: &mut Found,
-        header: &ShareHeader,
-        trailer: &ShareTrailer,
+        members: Vec<(Site, Manifest)>,
     ) -> Vec<ShareSource> {
         let mut usable: Vec<ShareSource> = Vec::new();
-        for (site, m) in &found.candidates {
-            let reject = match decode_ends(m) {
-                Ok((h, t))
-                    if h.set_id == header.set_id && h.scheme == header.scheme && t == *trailer =>
-                {
-                    None
-                }
-                Ok(_) => Some("belongs to another share set".to_owned()),
-                Err(e) => Some(e.to_string()),
-            };
-            if let Some(why) = reject {
-                found.rejected.push((site.name.clone(), m.share_index, why));
-                continue;
-            }
+        for (site, m) in members {
             if usable.iter().any(|u| u.share == m.share_index) {
                 continue;
             }
@@ -195,7 +422,8 @@ impl BackupClient {
     }
 
     /// Step 4: rebuilds chunks `output.start_chunk..` from `k` of the `usable` shares into
-    /// `output`; returns the `(site, share)` pairs that delivered the last chunk.
+    /// `output`; says which shares delivered (the last chunk, and any), or that fewer than
+    /// `k` could.
     async fn download_and_combine(
         &self,
         id: Uuid,
@@ -204,7 +432,7 @@ impl BackupClient {
         usable: Vec<ShareSource>,
         output: &mut PartialOutput,
         found: &mut Found,
-    ) -> Result<Vec<(String, u8)>, TransferError> {
+    ) -> Result<Run, TransferError> {
         let scheme = header.scheme;
         let k = scheme.k() as usize;
         let cs = header.chunk_size;
@@ -219,8 +447,7 @@ impl BackupClient {
                 match streams.receive(j, k, &mut found.rejected).await {
                     Ok(r) => r,
                     Err(NoSpare) => {
-                        output.forget_checkpoint();
-                        return Err(no_spare_error(id, j, k, &found.rejected));
+                        return Ok(Run::NoSpare(no_spare_error(id, j, k, &found.rejected)));
                     }
                 };
             if replaced {
@@ -236,7 +463,10 @@ impl BackupClient {
             self.progress.done.fetch_add(len as u64, Ordering::Relaxed);
             output.chunk_written(j + 1, self.cfg.backup.checkpoint_chunks)?;
         }
-        Ok(streams.used())
+        Ok(Run::Done {
+            used: streams.used(),
+            contributors: streams.contributors(),
+        })
         // `streams` is dropped here: the downloaders stop before the digest is checked.
     }
 }

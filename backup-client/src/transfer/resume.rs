@@ -232,6 +232,18 @@ impl PartialOutput {
         let _ = fs::remove_file(&self.state_path);
     }
 
+    /// Whether what was written hashes to `digest`.
+    pub(super) fn matches(&self, digest: &[u8; 32]) -> bool {
+        self.hasher.finalize().as_bytes() == digest
+    }
+
+    /// Removes the partial output and its checkpoint (its bytes are not the file's).
+    pub(super) fn discard(self) {
+        drop(self.file);
+        let _ = fs::remove_file(&self.partial);
+        let _ = fs::remove_file(&self.state_path);
+    }
+
     /// Renames the output into place if its digest is `digest`; otherwise removes it and
     /// fails, naming `shown` (the output as the user gave it).
     pub(super) fn commit(

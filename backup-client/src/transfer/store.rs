@@ -63,6 +63,11 @@ impl StorePlan {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             created,
+            placement: self
+                .placement
+                .iter()
+                .map(|s| s.agent_sae_id.clone())
+                .collect(),
         }
     }
 }
