@@ -151,6 +151,19 @@ impl Found {
             return Err(self.nothing_error(id));
         };
         let k = best.1.scheme.k() as usize;
+        let answered = {
+            let mut v: Vec<&str> = groups
+                .iter()
+                .flat_map(|g| g.3.iter().map(|(s, _)| s.agent_sae_id.as_str()))
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v.len()
+        };
+        if answered < k {
+            // Not a disagreement: too few sites answered with a share at all.
+            return Err(self.too_few_error(id, k, answered));
+        }
         if sites_of(best) < k {
             return Err(TransferError::Failed(format!(
                 "backup {id}: fewer than k = {k} sites agree on what it is (size, digest, placement): {}; a restore needs {k} sites that agree",
