@@ -130,3 +130,33 @@ fn a_store_to_a_site_without_a_qkd_link_says_so() {
     assert!(!r.stderr.contains("is back"), "{}", r.stderr);
     assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
 }
+
+#[test]
+fn a_server_that_is_not_the_sites_own_agent_is_refused() {
+    let net = backup_net(None);
+    let f = random_file(&net.dir, "in", 100_000);
+    let id = store(&net.info, 0, &f, &[]);
+    // Site A's client configuration now sends site B's traffic to site C's agent: a server
+    // with a valid certificate of the CA, but not AGENT_B's.
+    let text = std::fs::read_to_string(&net.info.sites[0].client_config).unwrap();
+    let b_url = &net.info.sites[1].agent_url;
+    let c_url = &net.info.sites[2].agent_url;
+    assert!(text.contains(b_url.as_str()));
+    let cfg = net.dir.join("client-A-misdirected.toml");
+    std::fs::write(&cfg, text.replace(b_url.as_str(), c_url)).unwrap();
+    let r = client_with_config(&cfg, &["store", f.to_str().unwrap()]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("is not site B's agent AGENT_B")
+            && r.stderr.contains("urn:qkd:sae:AGENT_C"),
+        "{}",
+        r.stderr
+    );
+    // A restore does not take the impostor's answers for B's; A and C suffice.
+    let out = net.dir.join("out");
+    let r = client_with_config(&cfg, &["restore", &id, out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&f).unwrap());
+    let used = r.json()["used"].to_string();
+    assert!(!used.contains("\"B\""), "{used}");
+}

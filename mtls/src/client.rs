@@ -33,3 +33,38 @@ pub fn builder(
     }
     Ok(b)
 }
+
+/// Checks that the server that sent `resp` presented a certificate with the URI SAN `uri`
+/// (e.g. `urn:qkd:sae:AGENT_B`): every certificate of the CA passes the TLS check, so a
+/// client that means one particular server checks its name too. The client must be built
+/// with `tls_info(true)`. The error says what the certificate names instead.
+pub fn check_server_uri(resp: &reqwest::Response, uri: &str) -> Result<(), String> {
+    let der = resp
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|t| t.peer_certificate())
+        .ok_or_else(|| "no server certificate to check (not TLS?)".to_owned())?;
+    let cert =
+        openssl::x509::X509::from_der(der).map_err(|e| format!("server certificate: {e}"))?;
+    let uris: Vec<String> = cert
+        .subject_alt_names()
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|n| n.uri().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if uris.iter().any(|u| u == uri) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the server's certificate names {} instead of {uri}",
+            if uris.is_empty() {
+                "no URI".to_owned()
+            } else {
+                uris.join(", ")
+            }
+        ))
+    }
+}

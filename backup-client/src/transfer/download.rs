@@ -280,6 +280,7 @@ impl Downloader {
             .send()
             .await
             .map_err(|e| format!("agent at {} unreachable: {e}", self.site.agent_url))?;
+        super::check_agent(&self.site, &resp)?;
         let status = resp.status();
         if !status.is_success() {
             let bytes = resp.bytes().await.unwrap_or_default();

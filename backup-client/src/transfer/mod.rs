@@ -83,6 +83,20 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
     }
 }
 
+/// URI SAN prefix of an SAE's certificate (a site agent is an SAE of its KME).
+const SAE_URI: &str = "urn:qkd:sae:";
+
+/// Whether the reply came from `site`'s own agent (`urn:qkd:sae:<agent_sae_id>` in its
+/// certificate), not merely from a holder of some certificate of the CA.
+fn check_agent(site: &Site, resp: &reqwest::Response) -> Result<(), String> {
+    mtls::client::check_server_uri(resp, &format!("{SAE_URI}{}", site.agent_sae_id)).map_err(|e| {
+        format!(
+            "the server at {} is not site {}'s agent {}: {e}",
+            site.agent_url, site.name, site.agent_sae_id
+        )
+    })
+}
+
 /// The message of an agent's error reply, or the reply itself if it is not one.
 fn agent_message(body: &[u8]) -> String {
     serde_json::from_slice::<AgentError>(body)
@@ -216,6 +230,8 @@ impl BackupClient {
         let http = mtls::client::builder(&ca_pem, Some(id), Duration::from_secs(5))
             .map_err(|e| TransferError::Usage(format!("tls.ca, tls.cert, tls.key: {e}")))?
             .pool_idle_timeout(Duration::from_secs(60))
+            // Each agent reply's certificate is checked for the agent's own SAE URI.
+            .tls_info(true)
             .build()
             .map_err(|e| TransferError::Usage(e.to_string()))?;
         let progress = Arc::new(Progress::default());
@@ -262,6 +278,7 @@ impl BackupClient {
                 format!("agent at {} unreachable: {e}", site.agent_url),
             )
         })?;
+        check_agent(site, &resp).map_err(|m| Self::site_err(site, m))?;
         let status = resp.status();
         let bytes = resp
             .bytes()

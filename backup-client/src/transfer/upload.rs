@@ -268,6 +268,7 @@ impl Uploader {
             .send()
             .await
             .map_err(|e| self.site_err(format!("upload to {} failed: {e}", self.site.agent_url)))?;
+        super::check_agent(&self.site, &resp).map_err(|m| self.site_err(m))?;
         let status = resp.status();
         let bytes = resp
             .bytes()
