@@ -24,7 +24,8 @@
 //! from `etsi-spec`, `async-channel` for the multi-consumer upload queues, `indicatif` for the
 //! progress line, `mimalloc` so large short-lived buffers are reused, `blake3` for the restore
 //! digest and the resume-state file names, `getrandom` for split nonces, `actix-web`'s
-//! runtime to run the agent under `serve`.
+//! runtime to run the agent under `serve`, `libc` for `O_NOFOLLOW` and `rustix` for a safe
+//! `geteuid` (a restore writes only into files that are this user's own and private).
 
 #![forbid(unsafe_code)]
 

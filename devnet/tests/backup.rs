@@ -269,6 +269,15 @@ fn start_tampering_proxy(
     let t2 = tampered.clone();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    // The attacker holds agent B's certificate and key (the client checks whose certificate
+    // answers, so a tamperer in the path needs them): what it alters must still be caught.
+    let pki = info.ca_cert.parent().unwrap().to_owned();
+    let acceptor = mtls::server::acceptor(
+        &info.ca_cert,
+        &pki.join("sae-AGENT_B.pem"),
+        &pki.join("sae-AGENT_B.key"),
+    )
+    .unwrap();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
             actix_web::HttpServer::new(move || {
@@ -315,14 +324,14 @@ fn start_tampering_proxy(
                     ))
             })
             .workers(1)
-            .listen(listener)
+            .listen_openssl(listener, acceptor)
             .unwrap()
             .run()
             .await
             .unwrap();
         });
     });
-    (format!("http://127.0.0.1:{port}"), tampered)
+    (format!("https://127.0.0.1:{port}"), tampered)
 }
 
 #[test]

@@ -28,12 +28,14 @@
 //!   store behind them) and [`metrics`]: leaves.
 //!
 //! Dependencies: actix-web with OpenSSL for the mTLS server (OpenSSL exposes the verified
-//! peer certificate per connection; through `mtls`); reqwest (native-tls, i.e. the same
-//! OpenSSL) for the KME-to-KME client; `config` for layered TOML/env settings; `zeroize` to
+//! peer certificate per connection; through `mtls`); for the KME-to-KME client, hyper with
+//! hyper-openssl (`mtls::pinned`: the same OpenSSL, with a verification callback that
+//! requires the peer's `urn:qkd:kme:` SAN before anything is sent, which reqwest's
+//! native-tls cannot offer); `config` for layered TOML/env settings; `zeroize` to
 //! wipe key material; `uuid` for key IDs; `tracing` for logs, which never contain key
 //! material; `redb` for the durable pool's state (pure Rust, ACID, crash-safe with fsync on
 //! commit, no server); `async-trait` so key sources can be chosen at run time
-//! (`dyn KeySource`).
+//! (`dyn KeySource`); `libc` for `O_NOFOLLOW` in the key-files source.
 
 #![forbid(unsafe_code)]
 
