@@ -89,6 +89,7 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict { .. } | StoreError::Complete { .. } => StatusCode::CONFLICT,
             StoreError::NotOwner { .. } => StatusCode::FORBIDDEN,
             StoreError::Finalize(_) => StatusCode::BAD_REQUEST,
+            StoreError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             StoreError::Damaged { .. } | StoreError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())

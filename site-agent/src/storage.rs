@@ -9,8 +9,14 @@
 //!
 //! Durability: a chunk is acknowledged only after its data is written and `fdatasync`ed and
 //! then its record is appended to `chunks.log` and that is `fdatasync`ed too; on start the log
-//! is replayed (a torn last record is ignored), so an acknowledged chunk survives a crash and
-//! an unacknowledged one is simply sent again. The manifest, checked and marked complete at
+//! is replayed (a torn last record is ignored, the last record of a chunk wins), so an
+//! acknowledged chunk survives a crash and an unacknowledged one is simply sent again.
+//!
+//! Rewrites (a resumed store sends a chunk of a new split): a **tombstone** record (nonce
+//! [`TOMBSTONE`]) is appended and `fdatasync`ed *before* the data is overwritten, so a crash
+//! at any moment leaves the chunk either recorded with the data it describes, or missing (and
+//! sent again), never a record that describes other bytes. One upload at a time may write a
+//! given chunk: a second one racing it is refused ([`StoreError::Busy`]) and retries. The manifest, checked and marked complete at
 //! finalisation, lets the catalogue be rebuilt from the sites alone.
 //!
 //! Folders are created 0700 and files 0600: shares are for the agent's user alone.
@@ -34,6 +40,10 @@ use sharing::format::{ShareHeader, ShareTrailer, HEADER_LEN, TRAILER_LEN};
 pub use crate::aligned::{AlignedBuf, DIO_ALIGN};
 
 const RECORD: usize = 48;
+
+/// The nonce of a tombstone record: the chunk's data is being replaced; until a later record,
+/// the chunk is not held.
+pub const TOMBSTONE: u64 = u64::MAX;
 
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +72,8 @@ pub enum StoreError {
     Damaged { chunk: u64 },
     #[error("chunk {chunk} is missing")]
     Missing { chunk: u64 },
+    #[error("chunk {chunk} is being written by another upload; retry")]
+    Busy { chunk: u64 },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -91,7 +103,24 @@ pub struct ShareFiles {
     manifest: Mutex<Manifest>,
     /// chunk → (nonce, BLAKE3)
     chunks: Mutex<HashMap<u64, (u64, [u8; 32])>>,
+    /// Chunks an upload is writing now.
+    writing: Mutex<std::collections::HashSet<u64>>,
     broken: AtomicBool,
+}
+
+/// The chunks one upload claimed; released when dropped.
+struct Claim<'a> {
+    share: &'a ShareFiles,
+    chunks: Vec<u64>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut w = self.share.writing.lock().unwrap_or_else(|e| e.into_inner());
+        for j in &self.chunks {
+            w.remove(j);
+        }
+    }
 }
 
 impl ShareFiles {
@@ -117,7 +146,59 @@ impl ShareFiles {
         v
     }
 
-    /// Writes chunks durably, then records them. All chunks must be full-size.
+    /// Claims `chunks` for one upload, or says which one another upload is writing.
+    fn claim(&self, chunks: Vec<u64>) -> Result<Claim<'_>, StoreError> {
+        let mut w = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&chunk) = chunks.iter().find(|j| w.contains(j)) {
+            return Err(StoreError::Busy { chunk });
+        }
+        w.extend(chunks.iter().copied());
+        Ok(Claim {
+            share: self,
+            chunks,
+        })
+    }
+
+    /// Appends `records` to the chunk log and makes them durable.
+    fn append_records(&self, records: &[u8]) -> Result<(), StoreError> {
+        let log_path = self.dir.join("chunks.log");
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.write_all(records).map_err(io(&log_path))?;
+        log.sync_data().map_err(io(&log_path))
+    }
+
+    /// Before chunks that are held are overwritten: durably records them as not held
+    /// (tombstones), and forgets them, so no crash or reader sees a record of other bytes.
+    fn retire(&self, writes: &[ChunkWrite]) -> Result<(), StoreError> {
+        let held: Vec<u64> = {
+            let c = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
+            writes
+                .iter()
+                .map(|w| w.chunk)
+                .filter(|j| c.contains_key(j))
+                .collect()
+        };
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mut records = Vec::with_capacity(held.len() * RECORD);
+        for j in &held {
+            records.extend_from_slice(&j.to_le_bytes());
+            records.extend_from_slice(&TOMBSTONE.to_le_bytes());
+            records.extend_from_slice(&[0u8; 32]);
+        }
+        {
+            let mut c = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
+            for j in &held {
+                c.remove(j);
+            }
+        }
+        self.append_records(&records)
+    }
+
+    /// Writes chunks durably, then records them. All chunks must be full-size. A chunk
+    /// already held is first retired (see the module doc); a chunk another upload is writing
+    /// is refused.
     pub fn write_chunks(&self, writes: &[ChunkWrite]) -> Result<(), StoreError> {
         if self.manifest().complete {
             return Err(StoreError::Complete {
@@ -125,6 +206,14 @@ impl ShareFiles {
                 index: self.index,
             });
         }
+        let _claim = self.claim(writes.iter().map(|w| w.chunk).collect())?;
+        self.retire(writes)?;
+        self.write_data(writes)?;
+        self.record(writes)
+    }
+
+    /// Writes the chunks' data in place and `fdatasync`s it (step 2 of a write).
+    fn write_data(&self, writes: &[ChunkWrite]) -> Result<(), StoreError> {
         let cs = self.chunk_size() as u64;
         let data_path = self.dir.join("data");
         let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
@@ -148,7 +237,11 @@ impl ShareFiles {
             }
         }
         drop(direct);
-        self.data.sync_data().map_err(io(&data_path))?;
+        self.data.sync_data().map_err(io(&data_path))
+    }
+
+    /// Records the written chunks (step 3 of a write): durably in the log, then in memory.
+    fn record(&self, writes: &[ChunkWrite]) -> Result<(), StoreError> {
         let mut records = Vec::with_capacity(writes.len() * RECORD);
         let mut key_lines = String::new();
         let mut hashes = Vec::with_capacity(writes.len());
@@ -165,11 +258,8 @@ impl ShareFiles {
             key_lines.push('\n');
             hashes.push((w.chunk, w.nonce, h));
         }
+        self.append_records(&records)?;
         {
-            let log_path = self.dir.join("chunks.log");
-            let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-            log.write_all(&records).map_err(io(&log_path))?;
-            log.sync_data().map_err(io(&log_path))?;
             let keys_path = self.dir.join("keys.log");
             let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
             keys.write_all(key_lines.as_bytes())
@@ -468,7 +558,11 @@ impl Storage {
             let n = u64::from_le_bytes(rec[8..16].try_into().unwrap_or([0; 8]));
             let mut h = [0u8; 32];
             h.copy_from_slice(&rec[16..48]);
-            chunks.insert(j, (n, h));
+            if n == TOMBSTONE {
+                chunks.remove(&j);
+            } else {
+                chunks.insert(j, (n, h));
+            }
         }
         if raw.len() % RECORD != 0 {
             // A torn record from a crash mid-append: drop it so later appends stay aligned.
@@ -492,6 +586,7 @@ impl Storage {
             keys: Mutex::new(keys),
             manifest: Mutex::new(manifest),
             chunks: Mutex::new(chunks),
+            writing: Mutex::new(std::collections::HashSet::new()),
             broken: AtomicBool::new(false),
         });
         open.insert((id, index), s.clone());
@@ -536,5 +631,109 @@ impl Storage {
         }
         out.sort_by_key(|m| (m.open.created, m.backup_id));
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use share_transfer::wire::{SchemeInfo, SchemeName};
+
+    const CS: usize = 4096;
+
+    fn open() -> ShareOpen {
+        ShareOpen {
+            scheme: SchemeInfo {
+                kind: SchemeName::Xor,
+                k: 2,
+                n: 3,
+            },
+            chunk_size: CS as u32,
+            chunk_count: 4,
+            original_len: 4 * CS as u64,
+            name: "f".into(),
+            created: 1,
+            placement: Vec::new(),
+        }
+    }
+
+    fn chunk(j: u64, nonce: u64, byte: u8) -> ChunkWrite {
+        let mut data = AlignedBuf::new(CS);
+        data.fill(byte);
+        ChunkWrite {
+            chunk: j,
+            nonce,
+            data,
+            key_ids: Vec::new(),
+        }
+    }
+
+    fn reopen(dir: &Path, id: Uuid) -> Arc<ShareFiles> {
+        Storage::new(dir, false)
+            .unwrap()
+            .get(id, 0)
+            .unwrap()
+            .expect("share")
+    }
+
+    #[test]
+    fn a_crash_mid_rewrite_leaves_the_chunk_missing_never_a_record_of_other_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Uuid::new_v4();
+        let store = Storage::new(dir.path(), false).unwrap();
+        let share = store.create(id, 0, &open(), "C").unwrap();
+        share.write_chunks(&[chunk(0, 1, 0xAA)]).unwrap();
+        share.write_chunks(&[chunk(1, 1, 0xBB)]).unwrap();
+        // A resumed store rewrites chunk 0 from a new split; the agent dies after the data
+        // is overwritten, before the new record (steps 1 and 2 of 3).
+        let rewrite = [chunk(0, 2, 0xCC)];
+        share.retire(&rewrite).unwrap();
+        share.write_data(&rewrite).unwrap();
+        drop(share);
+        drop(store);
+        let share = reopen(dir.path(), id);
+        assert_eq!(
+            share.state(),
+            vec![(1, 1)],
+            "chunk 0 is not held, so it is sent again"
+        );
+        let mut buf = vec![0u8; CS];
+        assert!(matches!(
+            share.read_chunk(0, &mut buf),
+            Err(StoreError::Missing { chunk: 0 })
+        ));
+        let check = share.check();
+        assert_eq!(
+            (check.missing.clone(), check.damaged.clone()),
+            (vec![0, 2, 3], vec![])
+        );
+        // Sent again, it is held with the new split and reads back.
+        share.write_chunks(&[chunk(0, 2, 0xCC)]).unwrap();
+        drop(share);
+        let share = reopen(dir.path(), id);
+        share.read_chunk(0, &mut buf).unwrap();
+        assert_eq!(buf, vec![0xCC; CS]);
+        assert_eq!(share.state(), vec![(0, 2), (1, 1)]);
+    }
+
+    #[test]
+    fn two_uploads_never_write_one_chunk_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Storage::new(dir.path(), false).unwrap();
+        let share = store.create(Uuid::new_v4(), 0, &open(), "C").unwrap();
+        let claim = share.claim(vec![2, 3]).unwrap();
+        assert!(matches!(
+            share.write_chunks(&[chunk(1, 1, 1), chunk(3, 1, 1)]),
+            Err(StoreError::Busy { chunk: 3 })
+        ));
+        assert!(
+            share.state().is_empty(),
+            "nothing of the refused upload was written"
+        );
+        drop(claim);
+        share
+            .write_chunks(&[chunk(1, 1, 1), chunk(3, 1, 1)])
+            .unwrap();
+        assert_eq!(share.state().len(), 2);
     }
 }
