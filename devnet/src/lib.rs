@@ -815,20 +815,7 @@ impl Devnet {
         self.kill_kme(i);
         let site = self.info.sites.get_mut(i).context("no such site")?;
         let bin = sibling_binary("kms-server")?;
-        let out = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&site.kme_log)?;
-        let err = out.try_clone()?;
-        use std::os::unix::process::CommandExt;
-        let child = Command::new(bin)
-            .arg("--config")
-            .arg(&site.kme_config)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0)
-            .spawn()
+        let child = spawn_logging(&bin, &["--config"], &site.kme_config, &site.kme_log, true)
             .context("restarting kms-server")?;
         site.kme_pid = child.id();
         if let Some(slot) = self.children.get_mut(i) {
@@ -843,21 +830,14 @@ impl Devnet {
         self.kill_agent(i);
         let site = self.info.sites.get_mut(i).context("no such site")?;
         let bin = sibling_binary("backup-client")?;
-        let out = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&site.agent_log)?;
-        let err = out.try_clone()?;
-        use std::os::unix::process::CommandExt;
-        let child = Command::new(bin)
-            .args(["serve", "--config"])
-            .arg(&site.agent_config)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0)
-            .spawn()
-            .context("restarting the site agent")?;
+        let child = spawn_logging(
+            &bin,
+            &["serve", "--config"],
+            &site.agent_config,
+            &site.agent_log,
+            true,
+        )
+        .context("restarting the site agent")?;
         site.agent_pid = child.id();
         let addr = site
             .agent_url
@@ -912,8 +892,19 @@ fn log_tail(path: &Path) -> String {
 }
 
 fn spawn(bin: &Path, args: &[&str], cfg: &Path, log: &Path) -> Result<Child> {
+    spawn_logging(bin, args, cfg, log, false)
+}
+
+/// Starts `bin ARGS CFG` in its own process group, stdout and stderr into `log` (appended to
+/// when `append`, else truncated: a restart keeps the log of the first run).
+fn spawn_logging(bin: &Path, args: &[&str], cfg: &Path, log: &Path, append: bool) -> Result<Child> {
     use std::os::unix::process::CommandExt;
-    let out = std::fs::File::create(log)?;
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .append(append)
+        .truncate(!append)
+        .open(log)?;
     let err = out.try_clone()?;
     Command::new(bin)
         .args(args)

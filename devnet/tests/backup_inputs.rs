@@ -7,23 +7,8 @@
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
 
-use common::{backup_net, client, client_with_config, random_file, store};
-
-/// Every file and folder below `root` (links are not followed).
-fn walk(root: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(p) = stack.pop() {
-        let meta = std::fs::symlink_metadata(&p).unwrap();
-        if meta.is_dir() {
-            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
-        }
-        out.push(p);
-    }
-    out
-}
+use common::{backup_net, client, client_with_config, random_file, store, walk};
 
 #[test]
 fn every_file_a_devnet_and_its_processes_create_is_private() {

@@ -11,33 +11,10 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{call, frozen_net, raw, start};
+use common::{call, frozen_net, ids_of, raw, sae_files, start, DEC, ENC, STATUS};
 use devnet::{DevnetInfo, Options};
 use openssl::ssl::{SslAcceptor, SslConnector, SslFiletype, SslMethod, SslStream, SslVerifyMode};
 use serde_json::{json, Value};
-
-const STATUS: &str = "/keys/{slave_SAE_ID}/status";
-const ENC: &str = "/keys/{slave_SAE_ID}/enc_keys";
-const DEC: &str = "/keys/{master_SAE_ID}/dec_keys";
-
-fn ids_of(body: &Value) -> Vec<String> {
-    body["keys"]
-        .as_array()
-        .expect("keys")
-        .iter()
-        .map(|k| k["key_ID"].as_str().expect("key_ID").to_owned())
-        .collect()
-}
-
-fn sae_files(info: &DevnetInfo, id: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let s = info
-        .sites
-        .iter()
-        .flat_map(|s| &s.saes)
-        .find(|x| x.id == id)
-        .expect("sae");
-    (s.cert.clone(), s.key.clone())
-}
 
 fn pki_dir(info: &DevnetInfo) -> &Path {
     info.ca_cert.parent().expect("pki folder")

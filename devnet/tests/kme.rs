@@ -5,21 +5,8 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{call, frozen_net, raw, stored};
+use common::{call, frozen_net, ids_of, raw, stored, DEC, ENC, STATUS};
 use serde_json::{json, Value};
-
-const STATUS: &str = "/keys/{slave_SAE_ID}/status";
-const ENC: &str = "/keys/{slave_SAE_ID}/enc_keys";
-const DEC: &str = "/keys/{master_SAE_ID}/dec_keys";
-
-fn ids_of(body: &Value) -> Vec<String> {
-    body["keys"]
-        .as_array()
-        .expect("keys")
-        .iter()
-        .map(|k| k["key_ID"].as_str().expect("key_ID").to_owned())
-        .collect()
-}
 
 fn keys_of(body: &Value) -> Vec<(String, String)> {
     body["keys"]

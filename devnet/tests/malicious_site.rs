@@ -97,6 +97,18 @@ fn claim_share(store_dir: &Path, id: &str, from: u8, to: u8) {
     write_manifest(&dst, &m);
 }
 
+/// Restores backup `id` at site A, which must succeed with the bytes of `original`.
+fn restores_the_original(net: &common::Net, id: &str, original: &Path) -> common::Run {
+    let out = net.dir.join("restored");
+    let r = client(&net.info, 0, &["restore", id, out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(original).unwrap()
+    );
+    r
+}
+
 fn rejected_text(r: &common::Run) -> String {
     r.json()["rejected"].to_string()
 }
@@ -114,10 +126,7 @@ fn a_site_that_alters_its_share_and_claims_the_others_is_outvoted_and_named() {
     claim_share(&a_store, &id, 0, 1);
     claim_share(&a_store, &id, 0, 2);
     net.restart_agent(0).unwrap();
-    let out = net.dir.join("restored");
-    let r = client(&net.info, 0, &["restore", &id, out.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&f).unwrap());
+    let r = restores_the_original(&net, &id, &f);
     let rejected = rejected_text(&r);
     assert!(
         rejected.contains("claims share 1, which the backup's placement gives to AGENT_B"),
@@ -147,10 +156,7 @@ fn a_site_that_forges_its_manifest_cannot_choose_the_digest() {
     m["placement"] = serde_json::json!(["AGENT_A", "AGENT_A", "AGENT_A"]);
     write_manifest(&dir, &m);
     net.restart_agent(0).unwrap();
-    let out = net.dir.join("restored");
-    let r = client(&net.info, 0, &["restore", &id, out.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&f).unwrap());
+    let r = restores_the_original(&net, &id, &f);
     let rejected = rejected_text(&r);
     assert!(
         rejected.contains("site A disagrees with the 2 sites that agree"),

@@ -196,6 +196,25 @@ fn smallest_prime_at_least(n: u8) -> u8 {
     u8::try_from(x).unwrap_or(u8::MAX)
 }
 
+/// All `k`-element subsets of `0..n` (share positions), in lexicographic order: what the
+/// tests run every subset over, and the order a restore tries subsets of shares in.
+pub fn subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
+    fn rec(start: usize, n: usize, k: usize, cur: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
+        if cur.len() == k {
+            out.push(cur.clone());
+            return;
+        }
+        for i in start..n {
+            cur.push(i);
+            rec(i + 1, n, k, cur, out);
+            cur.pop();
+        }
+    }
+    let mut out = Vec::new();
+    rec(0, n, k, &mut Vec::new(), &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

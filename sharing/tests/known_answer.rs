@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{subsets, Replay};
+use common::Replay;
+use sharing::scheme::subsets;
 use sharing::{Combiner, Scheme, Splitter};
 
 fn hex(s: &str) -> Vec<u8> {

@@ -5,7 +5,8 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{subsets, Replay};
+use common::Replay;
+use sharing::scheme::subsets;
 use sharing::{Combiner, Scheme, Splitter};
 
 /// XOR scheme with 1-bit pieces: chunk = p−1 bytes, each byte 0 or 1 (XOR of 0/1 bytes is

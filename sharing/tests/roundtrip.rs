@@ -3,9 +3,10 @@
 
 mod common;
 
-use common::{data, subsets, Replay};
+use common::{data, Replay};
 use sharing::format::{HEADER_LEN, TRAILER_LEN};
 use sharing::rng::{ChaChaRounds, ChaChaSource};
+use sharing::scheme::subsets;
 use sharing::{
     combine, split, ChunkedSplit, Combiner, Scheme, SchemeKind, SharingError, SplitDigest, Splitter,
 };

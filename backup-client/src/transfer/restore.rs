@@ -63,23 +63,15 @@ enum Run {
     NoSpare(TransferError),
 }
 
-/// Every `k`-subset of `0..n`, in lexicographic order (this site's share is index 0).
-fn k_subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
-    let mut out = Vec::new();
-    let mut cur: Vec<usize> = Vec::with_capacity(k);
-    fn rec(start: usize, n: usize, k: usize, cur: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
-        if cur.len() == k {
-            out.push(cur.clone());
-            return;
-        }
-        for i in start..n {
-            cur.push(i);
-            rec(i + 1, n, k, cur, out);
-            cur.pop();
-        }
-    }
-    rec(0, n, k, &mut cur, &mut out);
-    out
+/// How many different sites (agents) hold the given shares.
+fn distinct_sites<'a>(shares: impl IntoIterator<Item = &'a (Site, Manifest)>) -> usize {
+    let mut v: Vec<&str> = shares
+        .into_iter()
+        .map(|(s, _)| s.agent_sae_id.as_str())
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v.len()
 }
 
 impl Found {
@@ -130,12 +122,7 @@ impl Found {
             }
         }
         // Sites, not shares, are counted: one site holding several shares is one voice.
-        let sites_of = |g: &Group| {
-            let mut v: Vec<&str> = g.3.iter().map(|(s, _)| s.agent_sae_id.as_str()).collect();
-            v.sort_unstable();
-            v.dedup();
-            v.len()
-        };
+        let sites_of = |g: &Group| distinct_sites(&g.3);
         groups.sort_by_key(|g| std::cmp::Reverse(sites_of(g)));
         let describe = |groups: &[Group]| {
             groups
@@ -151,15 +138,7 @@ impl Found {
             return Err(self.nothing_error(id));
         };
         let k = best.1.scheme.k() as usize;
-        let answered = {
-            let mut v: Vec<&str> = groups
-                .iter()
-                .flat_map(|g| g.3.iter().map(|(s, _)| s.agent_sae_id.as_str()))
-                .collect();
-            v.sort_unstable();
-            v.dedup();
-            v.len()
-        };
+        let answered = distinct_sites(groups.iter().flat_map(|g| &g.3));
         if answered < k {
             // Not a disagreement: too few sites answered with a share at all.
             return Err(self.too_few_error(id, k, answered));
@@ -300,7 +279,8 @@ impl BackupClient {
         }
         // First every usable share (a failing one is replaced by a spare); should the file
         // not match the digest the sites agree on, each k-subset in turn, from the start.
-        let subsets = k_subsets(usable.len(), k);
+        // Lexicographic: this site's share (first) is tried first.
+        let subsets = sharing::scheme::subsets(usable.len(), k);
         let mut wrong: Vec<Vec<u8>> = Vec::new();
         let mut next = 0;
         let mut sources = usable.clone();

@@ -47,17 +47,38 @@ pub fn info(net: &Net) -> &DevnetInfo {
     &net.net.info
 }
 
+/// OpenAPI path templates of the 014 operations (for [`call`]'s reply check).
+pub const STATUS: &str = "/keys/{slave_SAE_ID}/status";
+pub const ENC: &str = "/keys/{slave_SAE_ID}/enc_keys";
+pub const DEC: &str = "/keys/{master_SAE_ID}/dec_keys";
+
+/// The key IDs of a key container.
+pub fn ids_of(body: &Value) -> Vec<String> {
+    body["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| k["key_ID"].as_str().expect("key_ID").to_owned())
+        .collect()
+}
+
+/// Certificate and key files of SAE `id`.
+pub fn sae_files(info: &DevnetInfo, id: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let s = info
+        .sites
+        .iter()
+        .flat_map(|s| &s.saes)
+        .find(|x| x.id == id)
+        .expect("sae");
+    (s.cert.clone(), s.key.clone())
+}
+
 /// A raw reqwest client presenting `sae`'s certificate (or none) to its site's KME.
 pub fn raw(info: &DevnetInfo, sae: Option<&str>, site: usize) -> (reqwest::Client, String) {
     let ca = std::fs::read(&info.ca_cert).expect("ca");
     let ident = sae.map(|id| {
-        let s = info
-            .sites
-            .iter()
-            .flat_map(|s| &s.saes)
-            .find(|x| x.id == id)
-            .expect("sae");
-        etsi_spec::Identity::from_files(&s.cert, &s.key).expect("identity")
+        let (cert, key) = sae_files(info, id);
+        etsi_spec::Identity::from_files(&cert, &key).expect("identity")
     });
     let url = info.sites[site].kme_url.clone();
     let c = etsi_spec::Client::new(&url, &ca, ident.as_ref()).expect("client");
@@ -272,17 +293,20 @@ pub fn used_key_ids(info: &DevnetInfo) -> Vec<String> {
     ids
 }
 
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+/// Every file and folder below `root`, `root` included (links are not followed).
+pub fn walk(root: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
+    let mut stack = vec![root.to_owned()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.flatten().map(|e| e.path()));
             }
         }
+        out.push(p);
     }
     out
 }

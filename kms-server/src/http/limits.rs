@@ -18,7 +18,12 @@ use crate::service::Kme;
 
 /// Bytes a request head occupies: request line and every field, as sent.
 fn head_bytes(req: &ServiceRequest) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    // Origin-form target as sent (no allocation on this per-request path).
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or(req.uri().path().len(), |pq| pq.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
     req.headers()
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 4)

@@ -29,24 +29,6 @@ impl RandomSource for Replay {
     }
 }
 
-/// All `k`-element subsets of `0..n`, in lexicographic order.
-pub fn subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
-    fn rec(start: usize, n: usize, k: usize, cur: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
-        if cur.len() == k {
-            out.push(cur.clone());
-            return;
-        }
-        for i in start..n {
-            cur.push(i);
-            rec(i + 1, n, k, cur, out);
-            cur.pop();
-        }
-    }
-    let mut out = Vec::new();
-    rec(0, n, k, &mut Vec::new(), &mut out);
-    out
-}
-
 /// Deterministic pseudo-random bytes (xorshift), for test data.
 pub fn data(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
