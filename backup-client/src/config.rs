@@ -40,6 +40,11 @@ pub struct BackupDefaults {
     /// Site names in share order (share i goes to `placement[i]`); default: this site first,
     /// then the others in configuration order.
     pub placement: Vec<String>,
+    /// SAEs besides this client that may read the backups it stores (restore, list,
+    /// verify). Absent: the clients of this client's own site (SAEs of its KME); `[]`: this
+    /// client alone. Each agent's operator may add readers for disaster recovery
+    /// (`recovery_clients` in the agent's configuration).
+    pub readers: Option<Vec<String>>,
     /// Randomness for the shares: `chacha12` (default), `chacha8`, `chacha20`, `os`, or a
     /// device path such as `/dev/hwrng`.
     pub rng: String,
@@ -69,6 +74,7 @@ impl Default for BackupDefaults {
             streams: default_streams(),
             batch_chunks: 4,
             placement: Vec::new(),
+            readers: None,
             rng: "chacha12".into(),
             key_wait_secs: 600,
             retries: 5,

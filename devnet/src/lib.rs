@@ -53,6 +53,8 @@ pub struct Options {
     /// Write an empty CRL (`pki/crl.pem`, signed by the CA) and give it to every KME as
     /// `tls.crl`; `certs --dir DIR/pki --revoke CERT.pem` then revokes a certificate live.
     pub crl: bool,
+    /// Lines of every backup agent's `[limits]` table.
+    pub agent_limits_toml: String,
 }
 
 impl Default for Options {
@@ -74,6 +76,7 @@ impl Default for Options {
             local_toml: None,
             limits_toml: String::new(),
             crl: false,
+            agent_limits_toml: String::new(),
         }
     }
 }
@@ -489,19 +492,26 @@ impl<'a> Plan<'a> {
     fn agent_toml(&self, i: usize, agent: &certs::IdentityFiles, store_dir: &Path) -> String {
         format!(
             "sae_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\nkme_url = \"{}\"\nstore_dir = \"{}\"\n\
-             # the backup clients of every site (restore anywhere after a disaster)\n\
-             allowed_clients = {:?}\n\n\
-             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+             # every SAE of the network may use the agent\n\
+             allowed_clients = {:?}\n\
+             # the first client of every site may read every backup (restore anywhere after a \
+             disaster); others read what the owner allowed\n\
+             recovery_clients = {:?}\n\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[limits]\n{}\n",
             self.agent_id(i),
             self.agent_ports[i],
             self.url(i),
             store_dir.display(),
+            (0..self.opts.sites)
+                .flat_map(|j| self.sae_ids(j))
+                .collect::<Vec<_>>(),
             (0..self.opts.sites)
                 .map(|j| self.sae_ids(j)[0].clone())
                 .collect::<Vec<_>>(),
             self.pki.ca.cert.display(),
             agent.cert.display(),
             agent.key.display(),
+            self.opts.agent_limits_toml,
         )
     }
 

@@ -13,6 +13,8 @@
 //! * [`auth`] — the Wegman–Carter MAC over POLYVAL.
 //! * [`keys`] — key plans: how many ETSI 014 keys of which size cover a chunk's pad and MAC
 //!   key, and fetching them (as master or slave) while waiting out an empty pool.
+//! * [`receipt`] — download receipts: a restoring client's proof that it fetched the keys
+//!   an agent issued to it, which lets the agent bound keys issued and never fetched.
 //! * [`config`] — the configuration file loader and TLS file set both ends use.
 //!
 //! Must never depend on: `kms-server` (any ETSI 014 KME must do), the HTTP server stack, or
@@ -37,5 +39,6 @@ pub mod auth;
 pub mod config;
 pub mod keys;
 pub mod otp;
+pub mod receipt;
 pub mod seal;
 pub mod wire;

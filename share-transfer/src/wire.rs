@@ -99,12 +99,13 @@ pub struct Frame<'a> {
     pub tag: &'a [u8],
 }
 
-/// Parses the frame at the start of `buf`; returns it and its total length, or `Ok(None)`
-/// if `buf` does not yet hold a whole frame.
-pub fn parse_frame(
+/// Parses the header of the frame at the start of `buf`: returns it, where its payload
+/// starts and the whole frame's length, or `Ok(None)` if `buf` does not yet hold the header.
+/// Lets a receiver act on a frame's header (fetch its keys, say) before its payload is in.
+pub fn parse_header(
     buf: &[u8],
     max_payload: usize,
-) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
+) -> Result<Option<(FrameHeader, usize, usize)>, FrameError> {
     if buf.len() < 8 {
         return Ok(None);
     }
@@ -118,8 +119,7 @@ pub fn parse_frame(
     if buf.len() < 8 + hlen {
         return Ok(None);
     }
-    let header_bytes = &buf[8..8 + hlen];
-    let header: FrameHeader = serde_json::from_slice(header_bytes)?;
+    let header: FrameHeader = serde_json::from_slice(&buf[8..8 + hlen])?;
     let plen = header.len as usize;
     if plen > max_payload {
         return Err(FrameError::PayloadTooLarge {
@@ -128,18 +128,28 @@ pub fn parse_frame(
         });
     }
     let tag_len = if header.error.is_some() { 0 } else { TAG_LEN };
-    let total = 8 + hlen + plen + tag_len;
+    Ok(Some((header, 8 + hlen, 8 + hlen + plen + tag_len)))
+}
+
+/// Parses the frame at the start of `buf`; returns it and its total length, or `Ok(None)`
+/// if `buf` does not yet hold a whole frame.
+pub fn parse_frame(
+    buf: &[u8],
+    max_payload: usize,
+) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
+    let Some((header, start, total)) = parse_header(buf, max_payload)? else {
+        return Ok(None);
+    };
     if buf.len() < total {
         return Ok(None);
     }
-    let payload = &buf[8 + hlen..8 + hlen + plen];
-    let tag = &buf[8 + hlen + plen..total];
+    let end = start + header.len as usize;
     Ok(Some((
         Frame {
+            header_bytes: &buf[8..start],
+            payload: &buf[start..end],
+            tag: &buf[end..total],
             header,
-            header_bytes,
-            payload,
-            tag,
         },
         total,
     )))
@@ -192,6 +202,11 @@ pub struct ShareOpen {
     /// it was recorded).
     #[serde(default)]
     pub placement: Vec<String>,
+    /// SAEs besides the owner that may read this share; `None` (absent): the owner's own
+    /// site's clients (SAEs of the owner's KME). The agent's operator may add readers for
+    /// disaster recovery (`recovery_clients`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readers: Option<Vec<String>>,
 }
 
 /// What an agent keeps about one share; `GET /v1/backups` lists these.
@@ -223,6 +238,22 @@ pub struct ShareState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stored {
     pub stored: Vec<u64>,
+}
+
+/// Body of `POST /v1/backups/{id}/shares/{index}/receipts`: the client fetched the keys of
+/// these downloaded chunks (see [`crate::receipt`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Receipts {
+    /// `(chunk, receipt as hex)`.
+    pub chunks: Vec<(u64, String)>,
+}
+
+/// Reply to [`Receipts`]: how many matched keys the agent had issued and not yet seen
+/// acknowledged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Acknowledged {
+    pub matched: usize,
 }
 
 /// Body of `POST /v1/backups/{id}/shares/{index}/finalize`.

@@ -33,10 +33,14 @@
 
 #![deny(unsafe_code)]
 
+pub mod admission;
 #[allow(unsafe_code)] // the aligned direct-I/O buffer; every block carries its SAFETY argument
 mod aligned;
 pub mod config;
+mod download;
+pub mod ledger;
 pub mod storage;
+mod upload;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -44,18 +48,15 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
-use futures_util::StreamExt;
 use uuid::Uuid;
 
+use crate::admission::{Gate, Refused};
 use crate::config::AgentConfig;
+use crate::ledger::Ledger;
 use mtls::server::PeerCert;
-use share_transfer::keys::{KeyError, KeyFetcher, KeyPlan, Notice};
-use share_transfer::seal::{open_into, seal_into};
-use share_transfer::wire::{
-    mac_context, parse_frame, AgentError, Direction, Finalize, FrameHeader, Manifest, ShareOpen,
-    ShareState, Stored,
-};
-use storage::{AlignedBuf, ChunkWrite, Storage, StoreError};
+use share_transfer::keys::{KeyError, KeyFetcher, Notice};
+use share_transfer::wire::{AgentError, Finalize, Manifest, ShareOpen, ShareState};
+use storage::{Storage, StoreError};
 
 /// An error reply of the agent.
 #[derive(Debug)]
@@ -80,6 +81,13 @@ impl ResponseError for ApiError {
 
 fn bad(m: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, m.into())
+}
+
+impl ApiError {
+    /// A request past an admission bound: 429, the bound named.
+    fn refused(e: Refused) -> Self {
+        ApiError(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -120,6 +128,9 @@ pub struct Agent {
     storage: Storage,
     keys: KeyFetcher,
     peers: Mutex<HashMap<String, Peer>>,
+    uploads: Arc<Gate>,
+    downloads: Arc<Gate>,
+    ledger: Ledger,
 }
 
 type Shared = web::Data<Arc<Agent>>;
@@ -135,8 +146,15 @@ impl Agent {
             Duration::from_secs(cfg.key_wait_secs),
             Arc::new(Notice::default()),
         );
+        let l = &cfg.limits;
         Ok(Agent {
             storage: Storage::new(&cfg.store_dir, cfg.direct_io)?,
+            uploads: Gate::new("upload", l.max_uploads_per_client, l.max_uploads),
+            downloads: Gate::new("download", l.max_downloads_per_client, l.max_downloads),
+            ledger: Ledger::new(
+                l.max_unfetched_key_bytes_per_client,
+                Duration::from_secs(l.unfetched_key_ttl_secs),
+            ),
             cfg,
             keys,
             peers: Mutex::new(HashMap::new()),
@@ -162,25 +180,50 @@ impl Agent {
         Ok(cn)
     }
 
-    /// Whether `caller` may read a share: its owner always; other SAEs only when the
-    /// configuration lists them (`allowed_clients`, checked in [`Agent::caller`]), e.g. for
-    /// a restore at another site after a disaster.
-    fn may_read(&self, caller: &str, m: &Manifest) -> bool {
-        m.client_sae == caller || !self.cfg.allowed_clients.is_empty()
+    /// Whether `caller` may read a share: its owner; the readers the owner named (by
+    /// default the clients of the owner's own site, i.e. SAEs of the owner's KME); and the
+    /// operator's disaster-recovery clients (`recovery_clients`).
+    async fn may_read(&self, caller: &str, m: &Manifest) -> bool {
+        if m.client_sae == caller || self.cfg.recovery_clients.iter().any(|c| c == caller) {
+            return true;
+        }
+        match &m.open.readers {
+            Some(readers) => readers.iter().any(|r| r == caller),
+            None => self.same_site(caller, &m.client_sae).await,
+        }
+    }
+
+    /// Whether SAEs `a` and `b` are served by one KME (as this site's KME sees them).
+    async fn same_site(&self, a: &str, b: &str) -> bool {
+        match (self.peer(a).await, self.peer(b).await) {
+            (Ok(pa), Ok(pb)) => pa.status.target_KME_ID == pb.status.target_KME_ID,
+            _ => false,
+        }
+    }
+
+    /// The manifests among `all` that `caller` may read.
+    async fn readable<T>(&self, caller: &str, all: Vec<T>, m: impl Fn(&T) -> Manifest) -> Vec<T> {
+        let mut out = Vec::new();
+        for x in all {
+            if self.may_read(caller, &m(&x)).await {
+                out.push(x);
+            }
+        }
+        out
     }
 
     /// Share `i` of backup `id`, if `caller` may read it (404 otherwise, as if absent).
-    fn readable_share(
+    async fn readable_share(
         &self,
         caller: &str,
         id: Uuid,
         i: u8,
     ) -> Result<Arc<storage::ShareFiles>, ApiError> {
-        Ok(self
-            .storage
-            .get(id, i)?
-            .filter(|s| self.may_read(caller, &s.manifest()))
-            .ok_or(StoreError::NotFound { id, index: i })?)
+        let share = self.storage.get(id, i)?;
+        match share {
+            Some(s) if self.may_read(caller, &s.manifest()).await => Ok(s),
+            _ => Err(StoreError::NotFound { id, index: i }.into()),
+        }
     }
 
     /// Share `i` of backup `id`, if `caller` stored it (only the owner writes a share).
@@ -244,7 +287,9 @@ pub async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     actix_web::HttpServer::new(move || {
         actix_web::App::new()
             .app_data(data.clone())
-            .app_data(web::PayloadConfig::new(1 << 30))
+            // Chunk bodies are read as a stream, frame by frame (see `upload`); this bounds
+            // the JSON bodies, which are small.
+            .app_data(web::JsonConfig::default().limit(16 << 20))
             .configure(routes)
     })
     .workers(workers)
@@ -261,10 +306,17 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/backups/{id}/verify", web::post().to(verify))
         .route("/v1/backups/{id}/shares/{i}", web::put().to(open_share))
         .route("/v1/backups/{id}/shares/{i}/state", web::get().to(state))
-        .route("/v1/backups/{id}/shares/{i}/chunks", web::post().to(upload))
         .route(
             "/v1/backups/{id}/shares/{i}/chunks",
-            web::get().to(download),
+            web::post().to(upload::upload),
+        )
+        .route(
+            "/v1/backups/{id}/shares/{i}/chunks",
+            web::get().to(download::download),
+        )
+        .route(
+            "/v1/backups/{id}/shares/{i}/receipts",
+            web::post().to(download::receipts),
         )
         .route(
             "/v1/backups/{id}/shares/{i}/finalize",
@@ -286,26 +338,11 @@ fn ids(path: &(String, u8)) -> Result<(Uuid, u8), ApiError> {
     Ok((backup_id(&path.0)?, path.1))
 }
 
-async fn read_all(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
-    let mut body = web::BytesMut::new();
-    while let Some(c) = payload.next().await {
-        let c = c.map_err(|e| bad(format!("reading the body: {e}")))?;
-        if body.len() + c.len() > limit {
-            return Err(bad(format!("body exceeds {limit} bytes")));
-        }
-        body.extend_from_slice(&c);
-    }
-    Ok(body)
-}
-
 async fn list(req: HttpRequest, a: Shared) -> Result<HttpResponse, ApiError> {
     let caller = a.caller(&req)?;
-    let mine: Vec<Manifest> = a
-        .storage
-        .list()?
-        .into_iter()
-        .filter(|m| a.may_read(&caller, m))
-        .collect();
+    let mine = a
+        .readable(&caller, a.storage.list()?, Manifest::clone)
+        .await;
     Ok(HttpResponse::Ok().json(mine))
 }
 
@@ -316,13 +353,13 @@ async fn list_one(
 ) -> Result<HttpResponse, ApiError> {
     let caller = a.caller(&req)?;
     let id = backup_id(&path)?;
-    let m: Vec<Manifest> = a
+    let all = a
         .storage
         .shares_of(id)?
         .iter()
         .map(|s| s.manifest())
-        .filter(|m| a.may_read(&caller, m))
         .collect();
+    let m = a.readable(&caller, all, Manifest::clone).await;
     Ok(HttpResponse::Ok().json(m))
 }
 
@@ -333,12 +370,9 @@ async fn verify(
 ) -> Result<HttpResponse, ApiError> {
     let caller = a.caller(&req)?;
     let id = backup_id(&path)?;
-    let shares: Vec<_> = a
-        .storage
-        .shares_of(id)?
-        .into_iter()
-        .filter(|s| a.may_read(&caller, &s.manifest()))
-        .collect();
+    let shares = a
+        .readable(&caller, a.storage.shares_of(id)?, |s| s.manifest())
+        .await;
     let checks = web::block(move || shares.iter().map(|s| s.check()).collect::<Vec<_>>())
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -384,7 +418,7 @@ async fn state(
 ) -> Result<HttpResponse, ApiError> {
     let caller = a.caller(&req)?;
     let (id, i) = ids(&path)?;
-    let s = a.readable_share(&caller, id, i)?;
+    let s = a.readable_share(&caller, id, i).await?;
     Ok(HttpResponse::Ok().json(ShareState {
         chunks: s.state(),
         complete: s.manifest().complete,
@@ -408,207 +442,4 @@ async fn finalize(
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     tracing::info!(backup = %id, share = i, "share complete");
     Ok(HttpResponse::Ok().json(m))
-}
-
-async fn upload(
-    req: HttpRequest,
-    a: Shared,
-    path: web::Path<(String, u8)>,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    let caller = a.caller(&req)?;
-    let (id, i) = ids(&path)?;
-    let (share, m) = a.owned_share(&caller, id, i)?;
-    let cs = m.open.chunk_size as usize;
-    let body = read_all(payload, (64 * cs).min(256 << 20) + (1 << 20)).await?;
-    // Parse every frame first: the whole request is accepted or refused.
-    let mut frames = Vec::new();
-    let mut pos = 0;
-    while pos < body.len() {
-        let (f, used) = parse_frame(&body[pos..], cs)
-            .map_err(|e| bad(format!("frame at byte {pos}: {e}")))?
-            .ok_or_else(|| bad(format!("frame at byte {pos} is truncated")))?;
-        if f.header.error.is_some() || f.payload.len() != cs || f.header.chunk >= m.open.chunk_count
-        {
-            return Err(bad(format!(
-                "chunk {}: bad frame for this share",
-                f.header.chunk
-            )));
-        }
-        frames.push(f);
-        pos += used;
-    }
-    let peer = a.peer(&caller).await?;
-    let key_ids: Vec<&[Uuid]> = frames.iter().map(|f| &f.header.key_ids[..]).collect();
-    let keys = a
-        .keys
-        .fetch_chunks(&caller, &key_ids, peer.status.max_key_per_request as usize)
-        .await?;
-    let ctx = mac_context(id, i, Direction::Store);
-    let mut writes = Vec::with_capacity(frames.len());
-    for (f, ck) in frames.iter().zip(&keys) {
-        let mut buf = AlignedBuf::new(cs);
-        open_into(f, &ctx, ck, !peer.local, &mut buf).map_err(|e| {
-            tracing::warn!(backup = %id, share = i, error = %e, "rejected a chunk");
-            bad(e.to_string())
-        })?;
-        writes.push(ChunkWrite {
-            chunk: f.header.chunk,
-            nonce: f.header.nonce,
-            data: buf,
-            key_ids: f.header.key_ids.clone(),
-        });
-    }
-    let stored: Vec<u64> = writes.iter().map(|w| w.chunk).collect();
-    let s2 = share.clone();
-    web::block(move || s2.write_chunks(&writes))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    Ok(HttpResponse::Ok().json(Stored { stored }))
-}
-
-#[derive(serde::Deserialize)]
-struct Range {
-    from: Option<u64>,
-    to: Option<u64>,
-}
-
-async fn download(
-    req: HttpRequest,
-    a: Shared,
-    path: web::Path<(String, u8)>,
-    range: web::Query<Range>,
-) -> Result<HttpResponse, ApiError> {
-    let caller = a.caller(&req)?;
-    let (id, i) = ids(&path)?;
-    let share = a.readable_share(&caller, id, i)?;
-    let m = share.manifest();
-    if !m.complete {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
-            format!("share {i} of backup {id} is incomplete"),
-        ));
-    }
-    let peer = a.peer(&caller).await?;
-    let cs = m.open.chunk_size as usize;
-    let plan = KeyPlan::new(&a.cfg.kme_url, cs, !peer.local, &peer.status)?;
-    let from = range.from.unwrap_or(0);
-    let to = range
-        .to
-        .unwrap_or(m.open.chunk_count)
-        .min(m.open.chunk_count);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(4);
-    let served = ServedShare {
-        agent: a.get_ref().clone(),
-        share,
-        caller,
-        plan,
-        id,
-        i,
-        cs,
-    };
-    actix_web::rt::spawn(served.stream(from, to, tx));
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    Ok(HttpResponse::Ok()
-        .content_type("application/octet-stream")
-        .streaming(stream))
-}
-
-type FrameTx = tokio::sync::mpsc::Sender<Result<web::Bytes, std::io::Error>>;
-
-/// One share being streamed back to a restoring client, sealed chunk by chunk.
-struct ServedShare {
-    agent: Arc<Agent>,
-    share: Arc<storage::ShareFiles>,
-    caller: String,
-    plan: KeyPlan,
-    id: Uuid,
-    i: u8,
-    cs: usize,
-}
-
-impl ServedShare {
-    /// Sends chunks `from..to` as frames, in batches that share one key request; a chunk
-    /// that cannot be served ends the stream with an error frame.
-    async fn stream(self, from: u64, to: u64, tx: FrameTx) {
-        let (id, i, cs) = (self.id, self.i, self.cs);
-        let ctx = mac_context(id, i, Direction::Restore);
-        let batch = self.plan.chunks_per_request().clamp(1, 4) as u64;
-        let mut j = from;
-        let mut buf = vec![0u8; cs];
-        let nonce_of: HashMap<u64, u64> = self.share.state().into_iter().collect();
-        while j < to {
-            let n = batch.min(to - j);
-            let keys = match self
-                .agent
-                .keys
-                .take(&self.caller, &self.plan, n as usize)
-                .await
-            {
-                Ok(k) => k,
-                Err(e) => {
-                    let _ = tx.send(Ok(error_frame(j, &e.to_string()))).await;
-                    return;
-                }
-            };
-            let mut out = Vec::with_capacity((cs + 512) * n as usize);
-            for (ck, chunk) in keys.iter().zip(j..j + n) {
-                if let Err(e) = self.read_chunk(chunk, &mut buf).await {
-                    tracing::warn!(backup = %id, share = i, chunk, error = %e, "cannot serve chunk");
-                    if !out.is_empty() {
-                        let _ = tx.send(Ok(web::Bytes::from(out))).await;
-                    }
-                    let _ = tx.send(Ok(error_frame(chunk, &e))).await;
-                    return;
-                }
-                let header = FrameHeader {
-                    chunk,
-                    nonce: nonce_of.get(&chunk).copied().unwrap_or(0),
-                    key_ids: ck.ids.clone(),
-                    pad: self.plan.pad_bytes > 0,
-                    len: cs as u32,
-                    error: None,
-                };
-                if let Err(e) = seal_into(&mut out, &ctx, &header, &buf, ck) {
-                    let _ = tx.send(Ok(error_frame(chunk, &e.to_string()))).await;
-                    return;
-                }
-            }
-            if tx.send(Ok(web::Bytes::from(out))).await.is_err() {
-                return; // client went away; the keys taken are dropped (wiped), never reused
-            }
-            j += n;
-        }
-    }
-
-    /// Reads chunk `chunk` into `buf` on the blocking pool (`buf` is moved there and back).
-    async fn read_chunk(&self, chunk: u64, buf: &mut Vec<u8>) -> Result<(), String> {
-        let s2 = self.share.clone();
-        let mut b = std::mem::take(buf);
-        let r = web::block(move || s2.read_chunk(chunk, &mut b).map(|()| b)).await;
-        match r {
-            Ok(Ok(b)) => {
-                *buf = b;
-                Ok(())
-            }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-}
-
-fn error_frame(chunk: u64, message: &str) -> web::Bytes {
-    let header = FrameHeader {
-        chunk,
-        nonce: 0,
-        key_ids: Vec::new(),
-        pad: false,
-        len: 0,
-        error: Some(message.to_owned()),
-    };
-    let mut out = Vec::new();
-    share_transfer::wire::begin_frame(&mut out, &header);
-    web::Bytes::from(out)
 }

@@ -654,6 +654,7 @@ mod tests {
             name: "f".into(),
             created: 1,
             placement: Vec::new(),
+            readers: None,
         }
     }
 

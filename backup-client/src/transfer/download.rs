@@ -14,8 +14,9 @@ use zeroize::Zeroizing;
 use super::{agent_message, BackupClient};
 use crate::config::Site;
 use share_transfer::keys::KeyFetcher;
+use share_transfer::receipt::receipt;
 use share_transfer::seal::{open_into, SealError};
-use share_transfer::wire::{mac_context, parse_frame, Direction, Frame};
+use share_transfer::wire::{mac_context, parse_frame, Direction, Frame, Receipts};
 
 /// A share that can be read: where, which, and the KME's key limit for that site.
 #[derive(Clone)]
@@ -290,7 +291,50 @@ impl Downloader {
         Ok(resp)
     }
 
+    /// Streams chunks `from..to` into `tx`, then sends the site the receipts of the chunks
+    /// received (whatever the outcome), so that it stops counting their keys as unfetched.
     async fn pump(&self, from: u64, to: u64, tx: &ChunkTx) -> Result<(), String> {
+        let mut receipts = Vec::new();
+        let r = self.pump_frames(from, to, tx, &mut receipts).await;
+        self.send_receipts(receipts).await;
+        r
+    }
+
+    /// Posts receipts (before the restore can end, so none is lost at exit); a failure only
+    /// leaves keys counted at the site until they age out, so it is logged, not fatal.
+    async fn send_receipts(&self, chunks: Vec<(u64, String)>) {
+        if chunks.is_empty() {
+            return;
+        }
+        let url = format!(
+            "{}/v1/backups/{}/shares/{}/receipts",
+            self.site.agent_url.trim_end_matches('/'),
+            self.backup,
+            self.share
+        );
+        let req = self
+            .http
+            .post(url)
+            .timeout(Duration::from_secs(10))
+            .json(&Receipts { chunks });
+        match req.send().await {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => {
+                tracing::warn!(site = %self.site.name, status = %r.status(), "the site refused download receipts")
+            }
+            Err(e) => {
+                tracing::warn!(site = %self.site.name, error = %e, "download receipts not sent")
+            }
+        }
+    }
+
+    async fn pump_frames(
+        &self,
+        from: u64,
+        to: u64,
+        tx: &ChunkTx,
+        receipts: &mut Vec<(u64, String)>,
+    ) -> Result<(), String> {
         if from >= to {
             return Ok(());
         }
@@ -307,7 +351,8 @@ impl Downloader {
                     (true, 0)
                 } else {
                     (
-                        self.deliver(&frames, &mut expect, to, &ctx, tx).await?,
+                        self.deliver(&frames, &mut expect, to, &ctx, tx, receipts)
+                            .await?,
                         used,
                     )
                 }
@@ -358,6 +403,7 @@ impl Downloader {
         to: u64,
         ctx: &[u8],
         tx: &ChunkTx,
+        receipts: &mut Vec<(u64, String)>,
     ) -> Result<bool, String> {
         if tx.is_closed() {
             return Ok(false); // no key is taken for chunks nobody waits for
@@ -383,6 +429,10 @@ impl Downloader {
             let mut plain = Zeroizing::new(vec![0u8; self.chunk_size]);
             open_into(f, ctx, ck, self.require_pad, &mut plain)
                 .map_err(|e: SealError| e.to_string())?;
+            let pad = if f.header.pad { self.chunk_size } else { 0 };
+            if let Some(r) = receipt(ck, pad, self.backup, self.share, f.header.chunk) {
+                receipts.push((f.header.chunk, hex::encode(r)));
+            }
             if tx.send(Ok((*expect, f.header.nonce, plain))).await.is_err() {
                 return Ok(false);
             }

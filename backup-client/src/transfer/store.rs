@@ -43,6 +43,8 @@ struct StorePlan {
     mtime_ns: u128,
     /// The site of share `i`, for `i < n`.
     placement: Vec<Site>,
+    /// Who besides this client may read the shares (`backup.readers`).
+    readers: Option<Vec<String>>,
 }
 
 impl StorePlan {
@@ -68,6 +70,7 @@ impl StorePlan {
                 .iter()
                 .map(|s| s.agent_sae_id.clone())
                 .collect(),
+            readers: self.readers.clone(),
         }
     }
 }
@@ -455,6 +458,7 @@ fn plan_store(
         size,
         mtime_ns,
         placement,
+        readers: cfg.backup.readers.clone(),
     })
 }
 

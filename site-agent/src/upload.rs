@@ -1,0 +1,214 @@
+//! Receiving a share's chunks (`POST …/chunks`): frames are read from the body one at a
+//! time, each opened (tag checked, pad removed) as soon as it is whole, and written in small
+//! groups while the next frames arrive. Nothing unauthenticated is held beyond the frame
+//! being read, so a body's size costs the agent no memory; a client that goes silent for
+//! `limits.idle_secs` is dropped.
+//!
+//! A frame's keys are fetched as soon as its header is in, while its payload still arrives.
+//! Chunks that verified are kept (written durably) even when a later frame of the same body
+//! fails; the reply then is an error and the client sends the batch again.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+
+use crate::storage::{AlignedBuf, ChunkWrite, ShareFiles, StoreError};
+use crate::{bad, ids, ApiError, Shared};
+use share_transfer::seal::open_into;
+use share_transfer::wire::{
+    mac_context, parse_frame, parse_header, Direction, FrameHeader, Stored,
+};
+
+/// Bytes of verified chunks written to disk in one go (one `fdatasync` of data and log).
+const WRITE_GROUP_BYTES: usize = 8 << 20;
+
+pub(crate) async fn upload(
+    req: HttpRequest,
+    a: Shared,
+    path: web::Path<(String, u8)>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let caller = a.caller(&req)?;
+    let _pass = a.uploads.enter(&caller).map_err(ApiError::refused)?;
+    let (id, i) = ids(&path)?;
+    let (share, m) = a.owned_share(&caller, id, i)?;
+    let peer = a.peer(&caller).await?;
+    let cs = m.open.chunk_size as usize;
+    let max_per_request = peer.status.max_key_per_request as usize;
+    let idle = Duration::from_secs(a.cfg.limits.idle_secs);
+    let mut body = FrameReader::new(payload, cs, idle);
+    let mut writer = Writer::new(share, cs);
+    let ctx = mac_context(id, i, Direction::Store);
+    let mut seen = HashSet::new();
+    while let Some((header, len)) = body.header().await? {
+        if header.error.is_some()
+            || header.len as usize != cs
+            || header.chunk >= m.open.chunk_count
+            || !seen.insert(header.chunk)
+        {
+            return Err(bad(format!(
+                "chunk {}: bad frame for this share",
+                header.chunk
+            )));
+        }
+        let key_ids = [&header.key_ids[..]];
+        let fetch = async {
+            a.keys
+                .fetch_chunks(&caller, &key_ids, max_per_request)
+                .await
+                .map_err(ApiError::from)
+        };
+        let (keys, bytes) = futures_util::try_join!(fetch, body.frame(len))?;
+        let (frame, _) = parse_frame(&bytes, cs)
+            .map_err(|e| bad(e.to_string()))?
+            .ok_or_else(|| bad("frame truncated"))?;
+        let mut data = AlignedBuf::new(cs);
+        open_into(&frame, &ctx, &keys[0], !peer.local, &mut data).map_err(|e| {
+            tracing::warn!(backup = %id, share = i, chunk = header.chunk, error = %e, "rejected a chunk");
+            bad(e.to_string())
+        })?;
+        writer.push(header, data).await?;
+    }
+    let stored = writer.finish().await?;
+    Ok(HttpResponse::Ok().json(Stored { stored }))
+}
+
+/// A request body read frame by frame.
+struct FrameReader {
+    payload: web::Payload,
+    buf: web::BytesMut,
+    cs: usize,
+    idle: Duration,
+}
+
+impl FrameReader {
+    fn new(payload: web::Payload, cs: usize, idle: Duration) -> Self {
+        FrameReader {
+            payload,
+            buf: web::BytesMut::new(),
+            cs,
+            idle,
+        }
+    }
+
+    /// Reads the next piece of the body; `false` at its end.
+    async fn fill(&mut self) -> Result<bool, ApiError> {
+        let next = tokio::time::timeout(self.idle, self.payload.next())
+            .await
+            .map_err(|_| {
+                ApiError(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "no data from the client for {} s (limits.idle_secs)",
+                        self.idle.as_secs()
+                    ),
+                )
+            })?;
+        match next {
+            None => Ok(false),
+            Some(Err(e)) => Err(bad(format!("reading the body: {e}"))),
+            Some(Ok(piece)) => {
+                self.buf.extend_from_slice(&piece);
+                Ok(true)
+            }
+        }
+    }
+
+    /// The next frame's header and the frame's whole length, or `None` at the body's end.
+    async fn header(&mut self) -> Result<Option<(FrameHeader, usize)>, ApiError> {
+        loop {
+            if let Some((h, _, len)) =
+                parse_header(&self.buf, self.cs).map_err(|e| bad(e.to_string()))?
+            {
+                return Ok(Some((h, len)));
+            }
+            if !self.fill().await? {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(bad("the body ends inside a frame"))
+                };
+            }
+        }
+    }
+
+    /// The frame of `len` bytes whose header [`FrameReader::header`] returned.
+    async fn frame(&mut self, len: usize) -> Result<web::BytesMut, ApiError> {
+        while self.buf.len() < len {
+            if !self.fill().await? {
+                return Err(bad("the body ends inside a frame"));
+            }
+        }
+        Ok(self.buf.split_to(len))
+    }
+}
+
+/// Writes verified chunks in groups, one group on the disk while the next is gathered.
+struct Writer {
+    share: Arc<ShareFiles>,
+    group: Vec<ChunkWrite>,
+    group_len: usize,
+    writing: Option<tokio::task::JoinHandle<Result<Vec<u64>, StoreError>>>,
+    stored: Vec<u64>,
+}
+
+impl Writer {
+    fn new(share: Arc<ShareFiles>, cs: usize) -> Self {
+        Writer {
+            share,
+            group: Vec::new(),
+            group_len: (WRITE_GROUP_BYTES / cs.max(1)).max(1),
+            writing: None,
+            stored: Vec::new(),
+        }
+    }
+
+    async fn push(&mut self, h: FrameHeader, data: AlignedBuf) -> Result<(), ApiError> {
+        self.group.push(ChunkWrite {
+            chunk: h.chunk,
+            nonce: h.nonce,
+            data,
+            key_ids: h.key_ids,
+        });
+        if self.group.len() >= self.group_len {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the group on the disk, then starts writing the gathered one.
+    async fn flush(&mut self) -> Result<(), ApiError> {
+        self.wait().await?;
+        if self.group.is_empty() {
+            return Ok(());
+        }
+        let group = std::mem::take(&mut self.group);
+        let share = self.share.clone();
+        self.writing = Some(tokio::task::spawn_blocking(move || {
+            share.write_chunks(&group)?;
+            Ok(group.iter().map(|w| w.chunk).collect())
+        }));
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> Result<(), ApiError> {
+        if let Some(w) = self.writing.take() {
+            let done = w
+                .await
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+            self.stored.extend(done);
+        }
+        Ok(())
+    }
+
+    /// Writes what is left; the chunks now durable, in the order received.
+    async fn finish(mut self) -> Result<Vec<u64>, ApiError> {
+        self.flush().await?;
+        self.wait().await?;
+        Ok(self.stored)
+    }
+}
