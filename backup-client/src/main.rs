@@ -40,12 +40,17 @@ use uuid::Uuid;
 ///   [[sites]] name = "A"  agent_url = "https://127.0.0.1:9001"  agent_sae_id = "AGENT_A"
 ///   [backup] k = 2  n = 3  scheme = "xor"  streams = cores (2..16)  batch_chunks = 4  rng = "chacha12"
 ///            placement = ["A", "B", "C"]  chunk_size = 0  key_wait_secs = 600  retries = 5
+///            readers = [...]   # who else may read what you store; absent = your site's SAEs
 ///
 /// The site agent's configuration (for `serve`):
 ///
 ///   sae_id = "AGENT_A"   listen = "127.0.0.1:9001"   kme_url = "https://127.0.0.1:8443"
 ///   store_dir = "shares"   direct_io = true   allowed_clients = []   # [] = any SAE of the CA
+///   recovery_clients = []   # may read every backup here (disaster recovery at another site)
 ///   [tls] ca = "ca.pem"  cert = "agent.pem"  key = "agent.key"
+///   [limits] max_uploads_per_client = 32  max_uploads = 128  max_downloads_per_client = 64
+///            max_downloads = 256  idle_secs = 60  unfetched_key_ttl_secs = 3600
+///            max_unfetched_key_bytes_per_client = 1073741824   # download keys not acknowledged
 ///
 /// Exit status: 0 success, 1 failure (the message says what to do), 2 bad usage or
 /// configuration; `verify` exits 1 when a share is missing or damaged.

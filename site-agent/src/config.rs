@@ -34,6 +34,10 @@ pub struct AgentConfig {
     /// Bounds on what one client, and all together, may hold of the agent.
     #[serde(default)]
     pub limits: Limits,
+    /// For crash tests only: abort the process at this point (see
+    /// [`crate::storage::Failpoint`]). Never set in production.
+    #[serde(default)]
+    pub failpoint: Option<crate::storage::Failpoint>,
     /// Write share chunks with O_DIRECT where the filesystem allows it.
     #[serde(default = "yes")]
     pub direct_io: bool,

@@ -18,7 +18,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use uuid::Uuid;
 
 use crate::admission::Pass;
-use crate::ledger::ENTRY_COST;
+use crate::ledger::{Reservation, ENTRY_COST};
 use crate::storage::ShareFiles;
 use crate::{bad, ids, Agent, ApiError, Shared};
 use share_transfer::keys::KeyPlan;
@@ -71,7 +71,7 @@ pub(crate) async fn download(
         _pass: pass,
     };
     // Refused before the reply starts when the client already holds its bound of keys.
-    served.admit(served.batch().min(to.saturating_sub(from)))?;
+    drop(served.reserve(served.batch().min(to.saturating_sub(from)))?);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(1);
     actix_web::rt::spawn(served.stream(from, to, tx));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -130,12 +130,12 @@ impl ServedShare {
         self.plan.chunks_per_request().clamp(1, 4) as u64
     }
 
-    /// Whether the client may be issued keys for `n` more chunks now.
-    fn admit(&self, n: u64) -> Result<(), ApiError> {
+    /// Reserves, in the ledger, keys for `n` more chunks for the client, or says why not.
+    fn reserve(&self, n: u64) -> Result<Reservation<'_>, ApiError> {
         let per_chunk = (self.plan.keys * self.plan.key_bytes) as u64 + ENTRY_COST;
         self.agent
             .ledger
-            .admit(&self.caller, n * per_chunk)
+            .reserve(&self.caller, n * per_chunk)
             .map_err(|e| ApiError(StatusCode::TOO_MANY_REQUESTS, e.to_string()))
     }
 
@@ -182,7 +182,7 @@ impl ServedShare {
         buf: &mut Vec<u8>,
     ) -> Result<Vec<u8>, (Vec<u8>, u64, String)> {
         let (id, i, cs) = (self.id, self.i, self.cs);
-        self.admit(n).map_err(|e| (Vec::new(), j, e.1))?;
+        let mut reserved = self.reserve(n).map_err(|e| (Vec::new(), j, e.1))?;
         let keys = self
             .agent
             .keys
@@ -194,9 +194,7 @@ impl ServedShare {
         let mut out = Vec::with_capacity((cs + 512) * n as usize);
         for (ck, chunk) in keys.iter().zip(j..j + n) {
             if let Some(r) = receipt(ck, self.plan.pad_bytes, id, i, chunk) {
-                self.agent
-                    .ledger
-                    .issued(&self.caller, (id, i, chunk), key_bytes, r);
+                reserved.issue((id, i, chunk), key_bytes, r);
             }
             if let Err(e) = self.read_chunk(chunk, buf).await {
                 tracing::warn!(backup = %id, share = i, chunk, error = %e, "cannot serve chunk");

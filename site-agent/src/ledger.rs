@@ -4,7 +4,7 @@
 //! after its key TTL).
 //!
 //! Invariant, per client: the key bytes issued and not acknowledged stay within
-//! `max_unfetched_key_bytes_per_client`. A download asks [`Ledger::admit`] before it takes
+//! `max_unfetched_key_bytes_per_client`. A download reserves ([`Ledger::reserve`]) before it takes
 //! keys for a batch; a client that starts downloads and drops them, or never fetches their
 //! keys, is refused once it holds the bound, however often it restarts: a restarted download
 //! adds its new keys to the old ones, which still count until acknowledged or aged out. An
@@ -52,7 +52,54 @@ impl Client {
             });
             !v.is_empty()
         });
-        self.bytes -= freed;
+        self.bytes = self.bytes.saturating_sub(freed);
+    }
+}
+
+/// Bytes counted for a download's next batch; see [`Ledger::reserve`].
+pub struct Reservation<'a> {
+    ledger: &'a Ledger,
+    client: String,
+    left: u64,
+}
+
+impl Reservation<'_> {
+    /// Records that the client was sent chunk `at` with `key_bytes` of key whose receipt
+    /// is `receipt`, out of this reservation.
+    pub fn issue(&mut self, at: ChunkRef, key_bytes: u64, receipt: [u8; RECEIPT_LEN]) {
+        let bytes = (key_bytes + ENTRY_COST).min(self.left);
+        self.left -= bytes;
+        let mut all = self
+            .ledger
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let c = all.entry(self.client.clone()).or_default();
+        // Counted since `reserve`; from now on the entry holds those bytes.
+        c.issued.entry(at).or_default().push(Issued {
+            receipt,
+            bytes,
+            at: Instant::now(),
+        });
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.left == 0 {
+            return;
+        }
+        let mut all = self
+            .ledger
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = all.get_mut(&self.client) {
+            c.bytes = c.bytes.saturating_sub(self.left);
+            if c.bytes == 0 && c.issued.is_empty() {
+                all.remove(&self.client);
+            }
+        }
     }
 }
 
@@ -81,9 +128,10 @@ impl Ledger {
         }
     }
 
-    /// Whether `client` may be issued `bytes` more now (key bytes plus [`ENTRY_COST`] per
-    /// chunk).
-    pub fn admit(&self, client: &str, bytes: u64) -> Result<(), OverBound> {
+    /// Reserves `bytes` (key bytes plus [`ENTRY_COST`] per chunk) for `client`, counted at
+    /// once so that downloads running side by side cannot pass the bound together; what the
+    /// reservation does not [`issue`](Reservation::issue) is released when it is dropped.
+    pub fn reserve(&self, client: &str, bytes: u64) -> Result<Reservation<'_>, OverBound> {
         let mut all = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         let c = all.entry(client.to_owned()).or_default();
         c.expire(self.ttl);
@@ -94,21 +142,12 @@ impl Ledger {
                 limit: self.max_bytes,
             });
         }
-        Ok(())
-    }
-
-    /// Records that `client` was sent chunk `at` with `key_bytes` of key whose receipt is
-    /// `receipt`.
-    pub fn issued(&self, client: &str, at: ChunkRef, key_bytes: u64, receipt: [u8; RECEIPT_LEN]) {
-        let bytes = key_bytes + ENTRY_COST;
-        let mut all = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        let c = all.entry(client.to_owned()).or_default();
         c.bytes += bytes;
-        c.issued.entry(at).or_default().push(Issued {
-            receipt,
-            bytes,
-            at: Instant::now(),
-        });
+        Ok(Reservation {
+            ledger: self,
+            client: client.to_owned(),
+            left: bytes,
+        })
     }
 
     /// Clears the issues `receipts` acknowledge; returns how many matched.
@@ -130,14 +169,14 @@ impl Ledger {
                 continue;
             };
             if let Some(p) = v.iter().position(|i| &i.receipt == r) {
-                c.bytes -= v.remove(p).bytes;
+                c.bytes = c.bytes.saturating_sub(v.remove(p).bytes);
                 matched += 1;
             }
             if v.is_empty() {
                 c.issued.remove(&at);
             }
         }
-        if c.issued.is_empty() {
+        if c.issued.is_empty() && c.bytes == 0 {
             all.remove(client);
         }
         matched
@@ -161,26 +200,45 @@ mod tests {
         let cost = 100 + ENTRY_COST;
         let l = Ledger::new(3 * cost, Duration::from_secs(3600));
         for _ in 0..3 {
-            l.admit("A", cost).unwrap();
-            l.issued("A", (ID, 0, 0), 100, [1; RECEIPT_LEN]);
+            l.reserve("A", cost)
+                .unwrap()
+                .issue((ID, 0, 0), 100, [1; RECEIPT_LEN]);
         }
-        let e = l.admit("A", cost).unwrap_err();
+        let e = l.reserve("A", cost).err().unwrap();
         assert_eq!(e.held, 3 * cost);
-        assert!(l.admit("B", 100).is_ok(), "another client is not affected");
+        assert!(
+            l.reserve("B", 100).is_ok(),
+            "another client is not affected"
+        );
         assert_eq!(l.acknowledge("A", ID, 0, &[(0, [2; RECEIPT_LEN])]), 0);
         assert_eq!(l.acknowledge("A", ID, 1, &[(0, [1; RECEIPT_LEN])]), 0);
         assert_eq!(l.acknowledge("A", ID, 0, &[(0, [1; RECEIPT_LEN])]), 1);
         assert_eq!(l.held("A"), 2 * cost);
-        l.admit("A", cost).unwrap();
+        l.reserve("A", cost).unwrap();
     }
 
     #[test]
     fn issues_age_out() {
         let l = Ledger::new(100 + ENTRY_COST, Duration::from_millis(20));
-        l.issued("A", (ID, 0, 0), 100, [1; RECEIPT_LEN]);
-        assert!(l.admit("A", 1).is_err());
+        l.reserve("A", 100 + ENTRY_COST)
+            .unwrap()
+            .issue((ID, 0, 0), 100, [1; RECEIPT_LEN]);
+        assert!(l.reserve("A", 1).is_err());
         std::thread::sleep(Duration::from_millis(40));
-        l.admit("A", 100 + ENTRY_COST).unwrap();
+        drop(l.reserve("A", 100 + ENTRY_COST).unwrap());
         assert_eq!(l.held("A"), 0);
+    }
+
+    #[test]
+    fn a_reservation_counts_at_once_and_returns_what_it_did_not_issue() {
+        let l = Ledger::new(1000, Duration::from_secs(3600));
+        let mut r = l.reserve("A", 600).unwrap();
+        assert!(
+            l.reserve("A", 600).is_err(),
+            "side-by-side downloads share the bound"
+        );
+        r.issue((ID, 0, 0), 100, [1; RECEIPT_LEN]);
+        drop(r);
+        assert_eq!(l.held("A"), 100 + ENTRY_COST);
     }
 }

@@ -8,7 +8,8 @@
 //! Must never depend on: `kms-server` (the site's KME is any ETSI 014 KME, reached over
 //! HTTPS), or the backup client's crate.
 //!
-//! Modules: this one (the HTTP handlers and [`Agent`]), [`config`] (`AgentConfig`),
+//! Modules: this one (the JSON handlers and [`Agent`]), `upload` and `download` (the
+//! chunk streams), [`admission`] and [`ledger`] (the bounds per client), [`config`] (`AgentConfig`),
 //! [`storage`] (share files, chunk logs, O_DIRECT writes, finalisation and checks; its
 //! doc has the on-disk layout) and `aligned` ([`storage::AlignedBuf`], the direct-I/O
 //! buffer: the crate's only `unsafe` code, allowed there alone under a crate-wide
@@ -28,6 +29,8 @@
 //! - `POST /v1/backups/{id}/shares/{i}/chunks` — frames → [`Stored`]
 //! - `POST /v1/backups/{id}/shares/{i}/finalize` — [`Finalize`] → [`Manifest`]
 //! - `GET  /v1/backups/{id}/shares/{i}/chunks?from=&to=` → frames (restore)
+//! - `POST /v1/backups/{id}/shares/{i}/receipts` — [`Receipts`](share_transfer::wire::Receipts)
+//!   → [`Acknowledged`](share_transfer::wire::Acknowledged)
 //! - `GET  /v1/backups`, `GET /v1/backups/{id}` → [`Manifest`]s
 //! - `POST /v1/backups/{id}/verify` → [`ShareCheck`](share_transfer::wire::ShareCheck)s
 
@@ -146,6 +149,9 @@ impl Agent {
             Duration::from_secs(cfg.key_wait_secs),
             Arc::new(Notice::default()),
         );
+        if let Some(f) = cfg.failpoint {
+            storage::arm_failpoint(f);
+        }
         let l = &cfg.limits;
         Ok(Agent {
             storage: Storage::new(&cfg.store_dir, cfg.direct_io)?,

@@ -83,6 +83,33 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
+/// A point where a crash test makes the agent abort, to check what a real crash there
+/// leaves (set by the configuration's `failpoint`, once per process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Failpoint {
+    /// Any write of chunks: after their data is written, before their records.
+    Write,
+    /// A rewrite of held chunks: after their tombstones are durable and the new data is
+    /// written, before the new records.
+    Rewrite,
+}
+
+static FAILPOINT: std::sync::OnceLock<Failpoint> = std::sync::OnceLock::new();
+
+/// Arms `f` for this process.
+pub fn arm_failpoint(f: Failpoint) {
+    let _ = FAILPOINT.set(f);
+    tracing::warn!(failpoint = ?f, "crash-test failpoint armed: this agent will abort on purpose");
+}
+
+fn failpoint(at: Failpoint) {
+    if FAILPOINT.get() == Some(&at) {
+        tracing::error!(failpoint = ?at, "failpoint reached: aborting");
+        std::process::abort();
+    }
+}
+
 /// One chunk ready to be written: index, split nonce, plaintext share chunk, key IDs used.
 pub struct ChunkWrite {
     pub chunk: u64,
@@ -169,7 +196,8 @@ impl ShareFiles {
 
     /// Before chunks that are held are overwritten: durably records them as not held
     /// (tombstones), and forgets them, so no crash or reader sees a record of other bytes.
-    fn retire(&self, writes: &[ChunkWrite]) -> Result<(), StoreError> {
+    /// Returns whether any was held.
+    fn retire(&self, writes: &[ChunkWrite]) -> Result<bool, StoreError> {
         let held: Vec<u64> = {
             let c = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
             writes
@@ -179,7 +207,7 @@ impl ShareFiles {
                 .collect()
         };
         if held.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let mut records = Vec::with_capacity(held.len() * RECORD);
         for j in &held {
@@ -193,7 +221,8 @@ impl ShareFiles {
                 c.remove(j);
             }
         }
-        self.append_records(&records)
+        self.append_records(&records)?;
+        Ok(true)
     }
 
     /// Writes chunks durably, then records them. All chunks must be full-size. A chunk
@@ -207,8 +236,12 @@ impl ShareFiles {
             });
         }
         let _claim = self.claim(writes.iter().map(|w| w.chunk).collect())?;
-        self.retire(writes)?;
+        let rewrite = self.retire(writes)?;
         self.write_data(writes)?;
+        failpoint(Failpoint::Write);
+        if rewrite {
+            failpoint(Failpoint::Rewrite);
+        }
         self.record(writes)
     }
 
