@@ -351,18 +351,17 @@ fn a_crash_in_the_middle_of_a_chunk_rewrite_leaves_every_share_correct() {
     let mut net = backup_net(None);
     let dir = tempfile::tempdir().unwrap();
     let f = random_file(dir.path(), "in", 4 << 20);
+    let path = f.to_str().unwrap();
+    let store_in = |net: &Net| {
+        client(
+            &net.info,
+            0,
+            &["store", path, SMALL_CHUNKS[0], SMALL_CHUNKS[1]],
+        )
+    };
     // C crashes at its first chunk write: the store fails with chunks at B that C lacks.
     restart_with_failpoint(&mut net, 2, Some("write"));
-    let r = client(
-        &net.info,
-        0,
-        &[
-            "store",
-            f.to_str().unwrap(),
-            SMALL_CHUNKS[0],
-            SMALL_CHUNKS[1],
-        ],
-    );
+    let r = store_in(&net);
     assert_ne!(r.code, 0, "the store went through a crashing site");
     assert!(aborted(&net, 2), "C did not reach its failpoint");
     // Resumed, the store re-splits those chunks and sends them to every site again; B
@@ -370,30 +369,12 @@ fn a_crash_in_the_middle_of_a_chunk_rewrite_leaves_every_share_correct() {
     // new records not).
     restart_with_failpoint(&mut net, 2, None);
     restart_with_failpoint(&mut net, 1, Some("rewrite"));
-    let r = client(
-        &net.info,
-        0,
-        &[
-            "store",
-            f.to_str().unwrap(),
-            SMALL_CHUNKS[0],
-            SMALL_CHUNKS[1],
-        ],
-    );
+    let r = store_in(&net);
     assert_ne!(r.code, 0, "the store went through a crashing site");
     assert!(aborted(&net, 1), "B did not reach its rewrite failpoint");
     // Back up normally: the store completes, and every share checks out and restores.
     restart_with_failpoint(&mut net, 1, None);
-    let r = client(
-        &net.info,
-        0,
-        &[
-            "store",
-            f.to_str().unwrap(),
-            SMALL_CHUNKS[0],
-            SMALL_CHUNKS[1],
-        ],
-    );
+    let r = store_in(&net);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let id = r.json()["backup_id"].as_str().unwrap().to_owned();
     let v = client(&net.info, 0, &["verify", &id]);
