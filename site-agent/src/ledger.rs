@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use share_transfer::receipt::RECEIPT_LEN;
 use uuid::Uuid;
 
-/// What one issue costs against the bound beyond its key bytes (its entry here), so that
-/// many tiny chunks cannot grow the ledger past the bound either.
-pub const ENTRY_COST: u64 = 64;
+/// What one issue costs against the bound beyond its key bytes: about the memory its entry
+/// takes here, so that many tiny chunks cannot grow the ledger past the bound either.
+pub const ENTRY_COST: u64 = 128;
 
 /// One chunk's keys, issued and not yet acknowledged.
 struct Issued {
@@ -134,7 +134,10 @@ impl Ledger {
     pub fn reserve(&self, client: &str, bytes: u64) -> Result<Reservation<'_>, OverBound> {
         let mut all = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         let c = all.entry(client.to_owned()).or_default();
-        c.expire(self.ttl);
+        if c.bytes + bytes > self.max_bytes {
+            // Only a client at its bound pays for the walk over its entries.
+            c.expire(self.ttl);
+        }
         if c.bytes + bytes > self.max_bytes {
             return Err(OverBound {
                 client: client.to_owned(),
