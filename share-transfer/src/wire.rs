@@ -137,22 +137,28 @@ pub fn parse_frame(
     buf: &[u8],
     max_payload: usize,
 ) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
-    let Some((header, start, total)) = parse_header(buf, max_payload)? else {
+    let Some((header, _, total)) = parse_header(buf, max_payload)? else {
         return Ok(None);
     };
-    if buf.len() < total {
-        return Ok(None);
-    }
+    Ok(frame_with(buf, header).map(|f| (f, total)))
+}
+
+/// The frame at the start of `buf` whose header [`parse_header`] already returned (so it is
+/// not parsed again), or `None` if `buf` does not yet hold the whole frame.
+pub fn frame_with(buf: &[u8], header: FrameHeader) -> Option<Frame<'_>> {
+    let hlen = u32::from_le_bytes(buf.get(4..8)?.try_into().ok()?) as usize;
+    let start = 8 + hlen;
     let end = start + header.len as usize;
-    Ok(Some((
-        Frame {
-            header_bytes: &buf[8..start],
-            payload: &buf[start..end],
-            tag: &buf[end..total],
-            header,
-        },
-        total,
-    )))
+    let total = end + if header.error.is_some() { 0 } else { TAG_LEN };
+    if buf.len() < total {
+        return None;
+    }
+    Some(Frame {
+        header_bytes: &buf[8..start],
+        payload: &buf[start..end],
+        tag: &buf[end..total],
+        header,
+    })
 }
 
 /// Scheme parameters as written in manifests.

@@ -19,9 +19,7 @@ use futures_util::StreamExt;
 use crate::storage::{AlignedBuf, ChunkWrite, ShareFiles, StoreError};
 use crate::{bad, ids, ApiError, Shared};
 use share_transfer::seal::open_into;
-use share_transfer::wire::{
-    mac_context, parse_frame, parse_header, Direction, FrameHeader, Stored,
-};
+use share_transfer::wire::{frame_with, mac_context, parse_header, Direction, FrameHeader, Stored};
 
 /// Bytes of verified chunks written to disk in one go (one `fdatasync` of data and log).
 const WRITE_GROUP_BYTES: usize = 8 << 20;
@@ -63,15 +61,13 @@ pub(crate) async fn upload(
                 .map_err(ApiError::from)
         };
         let (keys, bytes) = futures_util::try_join!(fetch, body.frame(len))?;
-        let (frame, _) = parse_frame(&bytes, cs)
-            .map_err(|e| bad(e.to_string()))?
-            .ok_or_else(|| bad("frame truncated"))?;
+        let frame = frame_with(&bytes, header).ok_or_else(|| bad("frame truncated"))?;
         let mut data = AlignedBuf::new(cs);
         open_into(&frame, &ctx, &keys[0], !peer.local, &mut data).map_err(|e| {
-            tracing::warn!(backup = %id, share = i, chunk = header.chunk, error = %e, "rejected a chunk");
+            tracing::warn!(backup = %id, share = i, chunk = frame.header.chunk, error = %e, "rejected a chunk");
             bad(e.to_string())
         })?;
-        writer.push(header, data).await?;
+        writer.push(frame.header, data).await?;
     }
     let stored = writer.finish().await?;
     Ok(HttpResponse::Ok().json(Stored { stored }))

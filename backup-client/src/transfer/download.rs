@@ -267,14 +267,19 @@ struct Downloader {
 }
 
 impl Downloader {
-    /// Asks the site for chunks `from..to`; the reply is a stream of frames.
-    async fn request(&self, from: u64, to: u64) -> Result<reqwest::Response, String> {
-        let url = format!(
-            "{}/v1/backups/{}/shares/{}/chunks?from={from}&to={to}",
+    /// `…/v1/backups/{backup}/shares/{share}/{tail}` at the share's site.
+    fn share_url(&self, tail: &str) -> String {
+        format!(
+            "{}/v1/backups/{}/shares/{}/{tail}",
             self.site.agent_url.trim_end_matches('/'),
             self.backup,
             self.share
-        );
+        )
+    }
+
+    /// Asks the site for chunks `from..to`; the reply is a stream of frames.
+    async fn request(&self, from: u64, to: u64) -> Result<reqwest::Response, String> {
+        let url = self.share_url(&format!("chunks?from={from}&to={to}"));
         let resp = self
             .http
             .get(&url)
@@ -306,12 +311,7 @@ impl Downloader {
         if chunks.is_empty() {
             return;
         }
-        let url = format!(
-            "{}/v1/backups/{}/shares/{}/receipts",
-            self.site.agent_url.trim_end_matches('/'),
-            self.backup,
-            self.share
-        );
+        let url = self.share_url("receipts");
         let req = self
             .http
             .post(url)
