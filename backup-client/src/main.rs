@@ -47,6 +47,8 @@ use uuid::Uuid;
 ///   sae_id = "AGENT_A"   listen = "127.0.0.1:9001"   kme_url = "https://127.0.0.1:8443"
 ///   store_dir = "shares"   direct_io = true   allowed_clients = []   # [] = any SAE of the CA
 ///   recovery_clients = []   # may read every backup here (disaster recovery at another site)
+///   metrics_listen = "127.0.0.1:9201"   # operator's listener: Prometheus /metrics and the
+///                                       # /jobs the dashboard shows (plain HTTP; unset: off)
 ///   [tls] ca = "ca.pem"  cert = "agent.pem"  key = "agent.key"
 ///   [limits] max_uploads_per_client = 32  max_uploads = 128  max_downloads_per_client = 64
 ///            max_downloads = 256  idle_secs = 60  unfetched_key_ttl_secs = 3600

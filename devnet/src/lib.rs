@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cpu;
 pub mod fastq;
 pub mod fill;
+pub mod monitor;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,8 @@ pub struct Options {
     pub crl: bool,
     /// Lines of every backup agent's `[limits]` table.
     pub agent_limits_toml: String,
+    /// Start `qkd-dashboard` with the operator's certificate (`devnet up` does).
+    pub dashboard: bool,
 }
 
 impl Default for Options {
@@ -77,6 +80,7 @@ impl Default for Options {
             limits_toml: String::new(),
             crl: false,
             agent_limits_toml: String::new(),
+            dashboard: false,
         }
     }
 }
@@ -120,6 +124,9 @@ pub struct SiteInfo {
     /// Where the agent keeps its shares.
     #[serde(default)]
     pub store_dir: PathBuf,
+    /// `http://127.0.0.1:port` of the agent's operator listener (`/metrics`, `/jobs`).
+    #[serde(default)]
+    pub agent_metrics_url: String,
 }
 
 /// The contents of `devnet.json`.
@@ -131,6 +138,14 @@ pub struct DevnetInfo {
     /// The operator identity (for the KMEs' admin interface, e.g. the eavesdropper switch).
     #[serde(default)]
     pub operator: Option<SaeInfo>,
+    /// The network view (`qkd-dashboard` with the operator's certificate), with its token.
+    #[serde(default)]
+    pub dashboard_url: String,
+    #[serde(default)]
+    pub dashboard_pid: u32,
+    /// A Prometheus configuration for this network (`prometheus --config.file=...`).
+    #[serde(default)]
+    pub prometheus_config: PathBuf,
 }
 
 impl DevnetInfo {
@@ -170,6 +185,8 @@ pub struct Devnet {
     pub info: DevnetInfo,
     children: Vec<Option<Child>>,
     agents: Vec<Option<Child>>,
+    /// The dashboard.
+    others: Vec<Child>,
     detached: bool,
 }
 
@@ -262,6 +279,16 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     bail!("cannot find the `{name}` binary next to {}; build the workspace first (`cargo build --release`) or set {env}", exe.display())
 }
 
+/// 128 bits from the OS's random source (a dashboard token).
+fn rand_u128() -> Result<u128> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom for the dashboard's token")?;
+    Ok(u128::from_le_bytes(b))
+}
+
 /// SAE IDs of the site named `site`: `SAE_<site>1`, `SAE_<site>2`, ...
 fn site_sae_ids(site: &str, count: usize) -> Vec<String> {
     (1..=count).map(|j| format!("SAE_{site}{j}")).collect()
@@ -290,6 +317,7 @@ struct Plan<'a> {
     ports: Vec<u16>,
     metrics_ports: Vec<u16>,
     agent_ports: Vec<u16>,
+    agent_metrics_ports: Vec<u16>,
 }
 
 /// The files of one site in the devnet folder.
@@ -340,6 +368,7 @@ impl<'a> Plan<'a> {
         let ports = free_ports(opts.sites)?;
         let metrics_ports = free_ports(opts.sites)?;
         let agent_ports = free_ports(opts.sites)?;
+        let agent_metrics_ports = free_ports(opts.sites)?;
         Ok(Plan {
             opts,
             dir,
@@ -351,6 +380,7 @@ impl<'a> Plan<'a> {
             ports,
             metrics_ports,
             agent_ports,
+            agent_metrics_ports,
         })
     }
 
@@ -491,7 +521,7 @@ impl<'a> Plan<'a> {
     /// The configuration of site `i`'s backup agent.
     fn agent_toml(&self, i: usize, agent: &certs::IdentityFiles, store_dir: &Path) -> String {
         format!(
-            "sae_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\nkme_url = \"{}\"\nstore_dir = \"{}\"\n\
+            "sae_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\nkme_url = \"{}\"\nstore_dir = \"{}\"\n\
              # every SAE of the network may use the agent\n\
              allowed_clients = {:?}\n\
              # the first client of every site may read every backup (restore anywhere after a \
@@ -500,6 +530,7 @@ impl<'a> Plan<'a> {
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[limits]\n{}\n",
             self.agent_id(i),
             self.agent_ports[i],
+            self.agent_metrics_ports[i],
             self.url(i),
             store_dir.display(),
             (0..self.opts.sites)
@@ -631,7 +662,36 @@ impl<'a> Plan<'a> {
             agent_log: path(files.agent_log),
             agent_pid,
             store_dir: path(files.store_dir),
+            agent_metrics_url: text(format!("http://127.0.0.1:{}", self.agent_metrics_ports[i])),
         }
+    }
+
+    /// Starts the network view with the operator's certificate; records its address.
+    fn start_dashboard(&self, info: &mut DevnetInfo, guard: &mut Devnet) -> Result<()> {
+        let port = free_port()?;
+        let token = format!("{:032x}", rand_u128()?);
+        let child = monitor::start_dashboard(&monitor::DashboardArgs {
+            info,
+            cert: &self.operator.cert,
+            key: &self.operator.key,
+            port,
+            token: &token,
+            log: &self.dir.join("logs").join("dashboard.log"),
+        })?;
+        info.dashboard_pid = child.id();
+        info.dashboard_url = monitor::dashboard_url(port, &token);
+        guard.others.push(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "qkd-dashboard not listening after 20 s; see {}",
+                    self.dir.join("logs").join("dashboard.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     /// The contents of `devnet.json`.
@@ -644,6 +704,9 @@ impl<'a> Plan<'a> {
                 key: self.operator.key.clone(),
             }),
             sites,
+            dashboard_url: String::new(),
+            dashboard_pid: 0,
+            prometheus_config: PathBuf::new(),
             links: self
                 .links
                 .iter()
@@ -672,7 +735,11 @@ impl Devnet {
         for i in 0..opts.sites {
             sites.push(plan.start_site(i, &kme_bin, agent_bin.as_deref(), &mut guard)?);
         }
-        let info = plan.info(sites);
+        let mut info = plan.info(sites);
+        info.prometheus_config = monitor::write_prometheus(&plan.dir, &info)?;
+        if opts.dashboard {
+            plan.start_dashboard(&mut info, &mut guard)?;
+        }
         std::fs::write(
             plan.dir.join("devnet.json"),
             serde_json::to_string_pretty(&info)?,
@@ -692,9 +759,13 @@ impl Devnet {
                 operator: None,
                 sites: Vec::new(),
                 links: Vec::new(),
+                dashboard_url: String::new(),
+                dashboard_pid: 0,
+                prometheus_config: PathBuf::new(),
             },
             children: Vec::new(),
             agents: Vec::new(),
+            others: Vec::new(),
             detached: false,
         }
     }
@@ -886,6 +957,7 @@ impl Drop for Devnet {
             .iter_mut()
             .chain(self.children.iter_mut())
             .filter_map(Option::take)
+            .chain(self.others.drain(..))
         {
             let mut c = c;
             let _ = c.kill();
@@ -934,7 +1006,8 @@ pub fn down(dir: &Path) -> Result<usize> {
     let procs = info
         .sites
         .iter()
-        .flat_map(|s| [(s.agent_pid, "backup-client"), (s.kme_pid, "kms-server")]);
+        .flat_map(|s| [(s.agent_pid, "backup-client"), (s.kme_pid, "kms-server")])
+        .chain([(info.dashboard_pid, "qkd-dashboard")]);
     for (pid, name) in procs {
         // Only signal a process that is still one of ours (pids get reused).
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();

@@ -18,37 +18,6 @@ fn link_ext(info: &devnet::DevnetInfo, master: &str, slave: &str) -> Value {
     serde_json::to_value(st.status_extension).unwrap()["qkd_link"].clone()
 }
 
-fn operator_post(
-    info: &devnet::DevnetInfo,
-    site: usize,
-    cert: &std::path::Path,
-    key: &std::path::Path,
-    fraction: f64,
-) -> (u16, String) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let ca = std::fs::read(&info.ca_cert).unwrap();
-    let ident = etsi_spec::Identity::from_files(cert, key).unwrap();
-    let url = &info.sites[site].kme_url;
-    let http = etsi_spec::Client::new(url, &ca, Some(&ident))
-        .unwrap()
-        .http()
-        .clone();
-    rt.block_on(async {
-        let r = http
-            .post(format!("{url}/admin/v1/links/KME_B/eavesdropper"))
-            .header("content-type", "application/json")
-            .body(format!("{{\"fraction\":{fraction}}}"))
-            .send()
-            .await
-            .expect("admin request sent");
-        let code = r.status().as_u16();
-        (code, r.text().await.unwrap_or_default())
-    })
-}
-
 #[test]
 fn a_modelled_link_reports_its_rate_and_an_eavesdropper_stops_it_with_an_alarm() {
     let net = common::start(devnet::Options {
@@ -83,7 +52,7 @@ fn a_modelled_link_reports_its_rate_and_an_eavesdropper_stops_it_with_an_alarm()
     for needle in [
         "qkd_pool_bytes{peer=\"KME_B\",direction=\"own\"}",
         "qkd_key_generated_bytes_total{peer=\"KME_B\"}",
-        "qkd_link_qber{peer=\"KME_B\"} 0.0",
+        "qkd_link_qber_ratio{peer=\"KME_B\"} 0.0",
         "kme_requests_total{endpoint=\"GET /api/v1/keys/{slave}/status\",code=\"200\"}",
         "kme_request_duration_seconds_bucket{endpoint=\"GET /api/v1/keys/{slave}/status\",le=\"+Inf\"}",
     ] {
@@ -92,10 +61,10 @@ fn a_modelled_link_reports_its_rate_and_an_eavesdropper_stops_it_with_an_alarm()
 
     // Only an operator may switch the eavesdropper on.
     let sae = &info.sites[0].saes[0];
-    let (code, body) = operator_post(info, 0, &sae.cert, &sae.key, 1.0);
+    let (code, body) = common::operator_post(info, 0, &sae.cert, &sae.key, 1.0);
     assert_eq!(code, 401, "{body}");
     let op = info.operator.clone().unwrap();
-    let (code, body) = operator_post(info, 0, &op.cert, &op.key, 1.0);
+    let (code, body) = common::operator_post(info, 0, &op.cert, &op.key, 1.0);
     assert_eq!(code, 200, "{body}");
 
     // The QBER rises by about 25 points, the link aborts, both ends show the alarm.
@@ -115,7 +84,7 @@ fn a_modelled_link_reports_its_rate_and_an_eavesdropper_stops_it_with_an_alarm()
     assert!(log.contains("ALARM"), "an alarm line is logged");
 
     // The attacker goes: the link recovers.
-    let (code, _) = operator_post(info, 0, &op.cert, &op.key, 0.0);
+    let (code, _) = common::operator_post(info, 0, &op.cert, &op.key, 0.0);
     assert_eq!(code, 200);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

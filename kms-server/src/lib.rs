@@ -70,10 +70,12 @@ pub async fn run(settings: config::Settings) -> anyhow::Result<()> {
         http::metrics::serve(kme.clone(), addr)?;
     }
     let data = web::Data::new(kme.clone());
+    let feed = web::Data::new(http::dashboard::start(kme.clone()));
     let h = settings.http.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .app_data(feed.clone())
             .wrap_fn(http::limits::bound_head)
             .wrap_fn(http::metrics::count_request)
             .configure(http::routes)

@@ -18,6 +18,12 @@ use clap::Parser;
 /// KMEs listed in the configuration over QKD links fed by a key source (simulated, key
 /// files of a device, or a vendor's own 014 interface).
 ///
+/// Its dashboard is at /dashboard/ on the same listener: links (QBER and key-rate charts
+/// with the abort threshold, alarm, pool fill per direction, key delivered), requests by
+/// status code, live by server-sent events; readable with any certificate of the CA, and
+/// with the eavesdropper switch for operator certificates only. `qkd-dashboard` shows a
+/// whole network at once.
+///
 /// Configuration (TOML):
 ///
 ///   kme_id = "KME_A"                 # this KME (CN of its certificates)

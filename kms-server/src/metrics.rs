@@ -5,8 +5,13 @@
 //!   for local masters, `theirs` = by the peer); `qkd_local_pool_bytes`.
 //! - `qkd_key_generated_bytes_total{peer}`, `qkd_key_consumed_bytes_total{peer}`: counters;
 //!   rates are `rate()` of them.
-//! - `qkd_link_qber{peer}`, `qkd_link_secure_key_rate_bps{peer}`, `qkd_link_alarm{peer}`
-//!   for links with a physical model.
+//!   `qkd_pool_capacity_bytes` (each direction's).
+//! - `qkd_link_qber_ratio{peer}`, `qkd_link_qber_abort_threshold_ratio{peer}`,
+//!   `qkd_link_secure_key_rate_bytes_per_second{peer}`, `qkd_link_alarm{peer}` (1 while
+//!   aborted) for links with a physical model, and `qkd_link_eavesdropper_ratio{peer}`: all
+//!   at the link's producing end only (the smaller KME ID, which models it), so each link
+//!   has one series and raises one alert. Names follow Prometheus conventions: base units, `_total` counters,
+//!   labels from a bounded set (configured peers, fixed endpoints and codes).
 //! - `kme_requests_total{endpoint,code}` and `kme_request_duration_seconds{endpoint}`
 //!   (histogram) for every HTTP request.
 
@@ -69,6 +74,24 @@ impl Metrics {
     /// Key material handed out or registered on the link to `peer` (or `local`).
     pub fn consumed(&self, peer: &str, bytes: u64) {
         bump(&self.consumed, peer, bytes);
+    }
+
+    /// Key material handed out or registered on the link to `peer` since start, bytes.
+    pub fn consumed_total(&self, peer: &str) -> u64 {
+        self.consumed
+            .lock()
+            .map_or(0, |m| m.get(peer).copied().unwrap_or(0))
+    }
+
+    /// HTTP requests since start by status code, over all endpoints.
+    pub fn requests_by_code(&self) -> std::collections::BTreeMap<u16, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        if let Ok(m) = self.requests.lock() {
+            for ((_, code), n) in m.iter() {
+                *out.entry(*code).or_default() += n;
+            }
+        }
+        out
     }
 
     /// The exposition text; `gauges` adds the live pool and link figures.

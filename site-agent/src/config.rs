@@ -22,6 +22,11 @@ pub struct AgentConfig {
     pub tls: TlsFiles,
     /// Where shares are kept.
     pub store_dir: PathBuf,
+    /// The operator's listener: Prometheus `/metrics` and the `/jobs` the dashboard shows,
+    /// plain HTTP for a scraper on the operator's network (no key material, no share bytes;
+    /// backup IDs, file names and clients). Unset: off.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// SAEs allowed to use the agent at all (empty = any SAE of the CA). Which backups a
     /// client may read is narrower: see `recovery_clients`.
     #[serde(default)]

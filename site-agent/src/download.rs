@@ -10,17 +10,20 @@
 //! for `limits.idle_secs` is dropped.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use uuid::Uuid;
 
 use crate::admission::Pass;
+use crate::jobs::{Begin, Failure};
 use crate::ledger::{Reservation, ENTRY_COST};
 use crate::storage::ShareFiles;
 use crate::{bad, ids, Agent, ApiError, Shared};
+use dashboard_web::JobKind;
 use share_transfer::keys::KeyPlan;
 use share_transfer::receipt::{receipt, RECEIPT_LEN};
 use share_transfer::seal::seal_into;
@@ -42,7 +45,7 @@ pub(crate) async fn download(
     range: web::Query<Range>,
 ) -> Result<HttpResponse, ApiError> {
     let caller = a.caller(&req)?;
-    let pass = a.downloads.enter(&caller).map_err(ApiError::refused)?;
+    let pass = a.downloads.enter(&caller).map_err(|r| a.refused(r))?;
     let (id, i) = ids(&path)?;
     let share = a.readable_share(&caller, id, i).await?;
     let m = share.manifest();
@@ -71,7 +74,10 @@ pub(crate) async fn download(
         _pass: pass,
     };
     // Refused before the reply starts when the client already holds its bound of keys.
-    drop(served.reserve(served.batch().min(to.saturating_sub(from)))?);
+    if let Err(e) = served.reserve(served.batch().min(to.saturating_sub(from))) {
+        a.jobs.failed(Failure::Refused);
+        return Err(e);
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(1);
     actix_web::rt::spawn(served.stream(from, to, tx));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -109,6 +115,10 @@ pub(crate) async fn receipts(
     Ok(HttpResponse::Ok().json(Acknowledged { matched }))
 }
 
+/// Why a batch could not be sealed: the frames sealed so far, the chunk that failed, why,
+/// and the kind of failure.
+type SealFailure = (Vec<u8>, u64, String, Failure);
+
 type FrameTx = tokio::sync::mpsc::Sender<Result<web::Bytes, std::io::Error>>;
 
 /// One share being streamed back to a restoring client, sealed chunk by chunk.
@@ -142,15 +152,26 @@ impl ServedShare {
     /// Sends chunks `from..to` as frames, in batches that share one key request; a chunk
     /// that cannot be served ends the stream with an error frame.
     async fn stream(self, from: u64, to: u64, tx: FrameTx) {
+        let m = self.share.manifest();
+        let agent = self.agent.clone();
+        let mut job = agent.jobs.begin(Begin {
+            id: self.id,
+            share: self.i,
+            kind: JobKind::Restore,
+            client: &self.caller,
+            name: &m.open.name,
+            total_bytes: m.open.chunk_count * u64::from(m.open.chunk_size),
+        });
         let idle = Duration::from_secs(self.agent.cfg.limits.idle_secs);
         let mut j = from;
         let mut buf = vec![0u8; self.cs];
         let nonce_of: HashMap<u64, u64> = self.share.state().into_iter().collect();
         while j < to {
             let n = self.batch().min(to - j);
-            let out = match self.seal_batch(j, n, &nonce_of, &mut buf).await {
+            let (out, key_wait) = match self.seal_batch(j, n, &nonce_of, &mut buf).await {
                 Ok(out) => out,
-                Err((sealed, chunk, why)) => {
+                Err((sealed, chunk, why, kind)) => {
+                    job.fail(kind, format!("chunk {chunk}: {why}"));
                     if !sealed.is_empty() {
                         let _ = tx.send(Ok(web::Bytes::from(sealed))).await;
                     }
@@ -165,9 +186,17 @@ impl ServedShare {
                 // or aged out.
                 Ok(Err(_)) | Err(_) => {
                     tracing::info!(backup = %self.id, share = self.i, client = %self.caller, chunk = j, "download ended before its end");
+                    job.fail(
+                        Failure::Idle,
+                        format!("the client stopped reading at chunk {j}"),
+                    );
                     return;
                 }
             }
+            let bytes = n * self.cs as u64;
+            agent.jobs.served_bytes.fetch_add(bytes, Ordering::Relaxed);
+            agent.jobs.chunks_served.fetch_add(n, Ordering::Relaxed);
+            job.progress(bytes, key_wait);
             j += n;
         }
     }
@@ -180,15 +209,19 @@ impl ServedShare {
         n: u64,
         nonce_of: &HashMap<u64, u64>,
         buf: &mut Vec<u8>,
-    ) -> Result<Vec<u8>, (Vec<u8>, u64, String)> {
+    ) -> Result<(Vec<u8>, Duration), SealFailure> {
         let (id, i, cs) = (self.id, self.i, self.cs);
-        let mut reserved = self.reserve(n).map_err(|e| (Vec::new(), j, e.1))?;
+        let mut reserved = self
+            .reserve(n)
+            .map_err(|e| (Vec::new(), j, e.1, Failure::Refused))?;
+        let t = Instant::now();
         let keys = self
             .agent
             .keys
             .take(&self.caller, &self.plan, n as usize)
             .await
-            .map_err(|e| (Vec::new(), j, e.to_string()))?;
+            .map_err(|e| (Vec::new(), j, e.to_string(), Failure::Key))?;
+        let key_wait = t.elapsed();
         let ctx = mac_context(id, i, Direction::Restore);
         let key_bytes = (self.plan.keys * self.plan.key_bytes) as u64;
         let mut out = Vec::with_capacity((cs + 512) * n as usize);
@@ -198,7 +231,7 @@ impl ServedShare {
             }
             if let Err(e) = self.read_chunk(chunk, buf).await {
                 tracing::warn!(backup = %id, share = i, chunk, error = %e, "cannot serve chunk");
-                return Err((out, chunk, e));
+                return Err((out, chunk, e, Failure::Storage));
             }
             let header = FrameHeader {
                 chunk,
@@ -209,10 +242,10 @@ impl ServedShare {
                 error: None,
             };
             if let Err(e) = seal_into(&mut out, &ctx, &header, buf, ck) {
-                return Err((out, chunk, e.to_string()));
+                return Err((out, chunk, e.to_string(), Failure::Other));
             }
         }
-        Ok(out)
+        Ok((out, key_wait))
     }
 
     /// Reads chunk `chunk` into `buf` on the blocking pool (`buf` is moved there and back).

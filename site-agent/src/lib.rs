@@ -33,6 +33,10 @@
 //!   → [`Acknowledged`](share_transfer::wire::Acknowledged)
 //! - `GET  /v1/backups`, `GET /v1/backups/{id}` → [`Manifest`]s
 //! - `POST /v1/backups/{id}/verify` → [`ShareCheck`](share_transfer::wire::ShareCheck)s
+//!
+//! On the operator's plain-HTTP listener (`metrics_listen`, off unless set; see
+//! [`jobs`]): `GET /metrics` (Prometheus) and `GET /jobs` (the transfers it sees, for the
+//! dashboard).
 
 #![deny(unsafe_code)]
 
@@ -41,7 +45,9 @@ pub mod admission;
 mod aligned;
 pub mod config;
 mod download;
+pub mod jobs;
 pub mod ledger;
+mod operator;
 pub mod storage;
 mod upload;
 
@@ -134,6 +140,7 @@ pub struct Agent {
     uploads: Arc<Gate>,
     downloads: Arc<Gate>,
     ledger: Ledger,
+    jobs: jobs::Jobs,
 }
 
 type Shared = web::Data<Arc<Agent>>;
@@ -164,7 +171,14 @@ impl Agent {
             cfg,
             keys,
             peers: Mutex::new(HashMap::new()),
+            jobs: jobs::Jobs::default(),
         })
+    }
+
+    /// A request past an admission bound: counted, then 429 with the bound named.
+    fn refused(&self, e: Refused) -> ApiError {
+        self.jobs.failed(jobs::Failure::Refused);
+        ApiError::refused(e)
     }
 
     fn caller(&self, req: &HttpRequest) -> Result<String, ApiError> {
@@ -288,6 +302,9 @@ pub async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.workers
     };
     let agent = Arc::new(Agent::new(cfg)?);
+    if let Some(addr) = agent.cfg.metrics_listen {
+        operator::serve(agent.clone(), addr)?;
+    }
     let data = web::Data::new(agent.clone());
     tracing::info!(sae = %agent.cfg.sae_id, %listen, store = %agent.cfg.store_dir.display(), "site agent serving");
     actix_web::HttpServer::new(move || {

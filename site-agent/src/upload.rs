@@ -9,16 +9,20 @@
 //! fails; the reply then is an error and the client sends the batch again.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 
+use crate::jobs::{Begin, Failure, Handle};
 use crate::storage::{AlignedBuf, ChunkWrite, ShareFiles, StoreError};
-use crate::{bad, ids, ApiError, Shared};
+use crate::{bad, ids, Agent, ApiError, Shared};
+use dashboard_web::JobKind;
 use share_transfer::seal::open_into;
+use share_transfer::wire::Manifest;
 use share_transfer::wire::{frame_with, mac_context, parse_header, Direction, FrameHeader, Stored};
 
 /// Bytes of verified chunks written to disk in one go (one `fdatasync` of data and log).
@@ -31,9 +35,35 @@ pub(crate) async fn upload(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let caller = a.caller(&req)?;
-    let _pass = a.uploads.enter(&caller).map_err(ApiError::refused)?;
+    let _pass = a.uploads.enter(&caller).map_err(|r| a.refused(r))?;
     let (id, i) = ids(&path)?;
     let (share, m) = a.owned_share(&caller, id, i)?;
+    let mut job = a.jobs.begin(Begin {
+        id,
+        share: i,
+        kind: JobKind::Store,
+        client: &caller,
+        name: &m.open.name,
+        total_bytes: m.open.chunk_count * u64::from(m.open.chunk_size),
+    });
+    let r = receive(&a, &caller, (id, i), share, &m, payload, &job).await;
+    if let Err(e) = &r {
+        job.fail(Failure::of_status(e.0.as_u16()), e.1.clone());
+    }
+    r
+}
+
+/// Reads, verifies and writes the frames of one body.
+async fn receive(
+    a: &Agent,
+    caller: &str,
+    (id, i): (uuid::Uuid, u8),
+    share: Arc<ShareFiles>,
+    m: &Manifest,
+    payload: web::Payload,
+    job: &Handle<'_>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = caller.to_owned();
     let peer = a.peer(&caller).await?;
     let cs = m.open.chunk_size as usize;
     let max_per_request = peer.status.max_key_per_request as usize;
@@ -55,21 +85,28 @@ pub(crate) async fn upload(
         }
         let key_ids = [&header.key_ids[..]];
         let fetch = async {
+            let t = Instant::now();
             a.keys
                 .fetch_chunks(&caller, &key_ids, max_per_request)
                 .await
+                .map(|k| (k, t.elapsed()))
                 .map_err(ApiError::from)
         };
-        let (keys, bytes) = futures_util::try_join!(fetch, body.frame(len))?;
+        let ((keys, key_wait), bytes) = futures_util::try_join!(fetch, body.frame(len))?;
         let frame = frame_with(&bytes, header).ok_or_else(|| bad("frame truncated"))?;
         let mut data = AlignedBuf::new(cs);
         open_into(&frame, &ctx, &keys[0], !peer.local, &mut data).map_err(|e| {
             tracing::warn!(backup = %id, share = i, chunk = frame.header.chunk, error = %e, "rejected a chunk");
             bad(e.to_string())
         })?;
+        a.jobs.chunks_verified.fetch_add(1, Ordering::Relaxed);
         writer.push(frame.header, data).await?;
+        job.progress(cs as u64, key_wait);
     }
     let stored = writer.finish().await?;
+    a.jobs
+        .stored_bytes
+        .fetch_add(stored.len() as u64 * cs as u64, Ordering::Relaxed);
     Ok(HttpResponse::Ok().json(Stored { stored }))
 }
 

@@ -81,6 +81,12 @@ impl NetArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start the network in DIR and return once every link delivers key; it keeps running.
+    ///
+    /// Also starts the live network view (`qkd-dashboard`, acting with the devnet's operator
+    /// certificate, on 127.0.0.1 with a random token: open the printed address in a
+    /// browser) and writes DIR/prometheus/prometheus.yml for the network's real ports, with
+    /// the recording and alerting rules of deploy/prometheus (run the printed `prometheus`
+    /// command to scrape it).
     Up {
         /// Folder for the PKI, configs, logs and devnet.json.
         #[arg(long)]
@@ -201,6 +207,7 @@ fn main() -> Result<()> {
             // The links run the physical model (10 km of fibre) unless a fixed --rate is asked.
             let base = Options {
                 length_km: net.rate.is_none().then_some(10.0),
+                dashboard: true,
                 ..Options::default()
             };
             let d = Devnet::start(&dir, &net.options(base)?)?;
@@ -220,6 +227,12 @@ fn main() -> Result<()> {
                     saes.join(", ")
                 );
             }
+            println!("dashboard:   {}", d.info.dashboard_url);
+            println!(
+                "prometheus:  prometheus --config.file={} --storage.tsdb.path={}",
+                d.info.prometheus_config.display(),
+                d.dir.join("prometheus").join("data").display()
+            );
             println!("description: {}", d.dir.join("devnet.json").display());
             println!("stop with:   devnet down --dir {}", dir.display());
             d.detach();

@@ -310,3 +310,36 @@ pub fn walk(root: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// POSTs the eavesdropper switch of the link site `site`–KME_B at site `site`'s KME with
+/// `cert`/`key`: status and body.
+pub fn operator_post(
+    info: &DevnetInfo,
+    site: usize,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    fraction: f64,
+) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = std::fs::read(&info.ca_cert).unwrap();
+    let ident = etsi_spec::Identity::from_files(cert, key).unwrap();
+    let url = &info.sites[site].kme_url;
+    let http = etsi_spec::Client::new(url, &ca, Some(&ident))
+        .unwrap()
+        .http()
+        .clone();
+    rt.block_on(async {
+        let r = http
+            .post(format!("{url}/admin/v1/links/KME_B/eavesdropper"))
+            .header("content-type", "application/json")
+            .body(format!("{{\"fraction\":{fraction}}}"))
+            .send()
+            .await
+            .expect("admin request sent");
+        let code = r.status().as_u16();
+        (code, r.text().await.unwrap_or_default())
+    })
+}

@@ -1,10 +1,11 @@
 //! The HTTP face of the KME: the 014 interface under `/api/v1/keys/` ([`etsi014`]), the
 //! KME-to-KME channel under `/internal/v1/` ([`internal`]), the operators' interface under
-//! `/admin/v1/` ([`admin`]) and Prometheus metrics on their own listener ([`metrics`]).
+//! `/admin/v1/` ([`admin`]), the dashboard under `/dashboard/` ([`dashboard`]) and Prometheus metrics on their own listener ([`metrics`]).
 //! Every error reply is the spec's Error JSON; [`error`] is the one place that maps the
 //! service's refusals to status codes.
 
 pub mod admin;
+pub mod dashboard;
 pub mod error;
 pub mod etsi014;
 pub mod internal;
@@ -67,6 +68,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(admin::set_eavesdropper))
             .default_service(web::to(method_not_allowed)),
     )
+    .configure(dashboard::routes)
     .default_service(web::to(not_found));
 }
 

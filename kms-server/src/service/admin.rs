@@ -85,6 +85,38 @@ impl Kme {
         Ok((n, more))
     }
 
+    /// This KME now, for the operator's dashboard.
+    pub fn sample(&self) -> dashboard_web::KmeSample {
+        let mut sample = dashboard_web::KmeSample {
+            kme_id: self.kme_id().to_owned(),
+            t_ms: dashboard_web::now_ms(),
+            requests_total: self.metrics.requests_by_code(),
+            ..Default::default()
+        };
+        let Ok(st) = self.lock() else { return sample };
+        sample.keys_awaiting_slaves = st.records.len() as u64;
+        for p in &self.settings.peers {
+            let Some(l) = st.links.get(&p.kme_id) else {
+                continue;
+            };
+            let modelled = p.link.length_km.is_some() || l.perf.is_some();
+            sample.links.push(dashboard_web::LinkSample {
+                peer: p.kme_id.clone(),
+                producer: self.kme_id() < p.kme_id.as_str(),
+                qber: l.perf.map(|x| x.qber),
+                secure_key_rate_bps: l.perf.map(|x| x.secure_key_rate_bps),
+                abort_qber: modelled.then_some(p.link.abort_qber),
+                alarm: l.perf.is_some_and(|x| x.aborted),
+                eavesdropper: l.eavesdropper,
+                own_bytes: l.own.unconsumed(),
+                theirs_bytes: l.theirs.unconsumed(),
+                capacity_bytes: self.capacity_bytes(),
+                consumed_bytes_total: self.metrics.consumed_total(&p.kme_id),
+            });
+        }
+        sample
+    }
+
     /// The live pool and link gauges, in the Prometheus text format.
     pub fn gauges(&self) -> String {
         use std::fmt::Write;
@@ -114,21 +146,46 @@ impl Kme {
             "# TYPE qkd_keys_awaiting_slaves gauge\nqkd_keys_awaiting_slaves {}",
             st.records.len()
         );
-        out.push_str("# TYPE qkd_link_qber gauge\n# TYPE qkd_link_secure_key_rate_bps gauge\n# TYPE qkd_link_alarm gauge\n");
-        for (peer, l) in &st.links {
-            if let Some(p) = l.perf {
-                let _ = writeln!(out, "qkd_link_qber{{peer=\"{peer}\"}} {}", p.qber);
+        let _ = writeln!(
+            out,
+            "# HELP qkd_pool_capacity_bytes Capacity of each link direction's pool.\n# TYPE qkd_pool_capacity_bytes gauge\nqkd_pool_capacity_bytes {}",
+            self.capacity_bytes()
+        );
+        out.push_str(
+            "# HELP qkd_link_qber_ratio Quantum bit error rate of the link (physical model).\n# TYPE qkd_link_qber_ratio gauge\n\
+             # HELP qkd_link_qber_abort_threshold_ratio QBER above which the link aborts.\n# TYPE qkd_link_qber_abort_threshold_ratio gauge\n\
+             # HELP qkd_link_secure_key_rate_bytes_per_second Modelled secure key rate.\n# TYPE qkd_link_secure_key_rate_bytes_per_second gauge\n\
+             # HELP qkd_link_alarm 1 while the link is aborted (QBER over the threshold).\n# TYPE qkd_link_alarm gauge\n\
+             # HELP qkd_link_eavesdropper_ratio Fraction of pulses the modelled eavesdropper takes.\n# TYPE qkd_link_eavesdropper_ratio gauge\n",
+        );
+        for p in &self.settings.peers {
+            let Some(l) = st.links.get(&p.kme_id) else {
+                continue;
+            };
+            let peer = &p.kme_id;
+            // Only the producing end models the link (the far end repeats what it announces):
+            // one series, and one alert, per link.
+            if self.kme_id() > peer.as_str() {
+                continue;
+            }
+            if let Some(x) = l.perf {
                 let _ = writeln!(
                     out,
-                    "qkd_link_secure_key_rate_bps{{peer=\"{peer}\"}} {}",
-                    p.secure_key_rate_bps
-                );
-                let _ = writeln!(
-                    out,
-                    "qkd_link_alarm{{peer=\"{peer}\"}} {}",
-                    u8::from(p.aborted)
+                    "qkd_link_qber_ratio{{peer=\"{peer}\"}} {}\n\
+                     qkd_link_qber_abort_threshold_ratio{{peer=\"{peer}\"}} {}\n\
+                     qkd_link_secure_key_rate_bytes_per_second{{peer=\"{peer}\"}} {}\n\
+                     qkd_link_alarm{{peer=\"{peer}\"}} {}",
+                    x.qber,
+                    p.link.abort_qber,
+                    x.secure_key_rate_bps / 8.0,
+                    u8::from(x.aborted)
                 );
             }
+            let _ = writeln!(
+                out,
+                "qkd_link_eavesdropper_ratio{{peer=\"{peer}\"}} {}",
+                l.eavesdropper
+            );
         }
         out
     }

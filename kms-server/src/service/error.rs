@@ -9,6 +9,8 @@ pub enum ErrorKind {
     BadRequest,
     /// The caller is not who may do this (401).
     Unauthorized,
+    /// No such resource (404).
+    NotFound,
     /// A link's two ends disagree on where its streams stand: reconcile first (409).
     NotSynchronised,
     /// A key source can never provide the block asked for (410).
@@ -38,6 +40,10 @@ impl KmeError {
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unauthorized, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
     }
 
     pub fn not_synchronised(message: impl Into<String>) -> Self {
