@@ -173,6 +173,14 @@ function kmeCard(k) {
   return card;
 }
 
+// Time waited for QKD key: the client's (as it reports, for stores) and the agent's own.
+function keyWait(j) {
+  const s = ms => `${(ms / 1000).toFixed(1)} s`;
+  return j.client_key_wait_ms === null || j.client_key_wait_ms === undefined
+    ? `agent ${s(j.key_wait_ms)}`
+    : `client ${s(j.client_key_wait_ms)} · agent ${s(j.key_wait_ms)}`;
+}
+
 function agentBlock(a) {
   const block = el('div', { 'data-agent': a.agent });
   block.append(el('div', { class: 'agent-name' }, a.agent));
@@ -182,10 +190,12 @@ function agentBlock(a) {
   }
   const rows = a.jobs.map(j => {
     const done = j.total_bytes ? ` of ${bytes(j.total_bytes)} (${((100 * j.bytes) / Math.max(j.total_bytes, 1)).toFixed(0)} %)` : '';
-    const state = j.error ? el('span', { class: 'failed' }, `failed: ${j.error}`) : (j.running ? 'running' : 'idle');
+    const complete = j.total_bytes && j.bytes >= j.total_bytes;
+    const state = j.error ? el('span', { class: 'failed' }, `failed: ${j.error}`)
+      : (j.running ? 'running' : (complete ? 'done' : 'incomplete'));
     return el('tr', {}, el('td', {}, j.name || j.backup_id.slice(0, 8)), el('td', {}, String(j.share)),
       el('td', {}, j.kind), el('td', {}, j.client), el('td', {}, bytes(j.bytes) + done),
-      el('td', {}, rate(j.rate_bps * 8)), el('td', {}, `${(j.key_wait_ms / 1000).toFixed(1)} s`), el('td', {}, state));
+      el('td', {}, rate(j.rate_bps * 8)), el('td', {}, keyWait(j)), el('td', {}, state));
   });
   block.append(el('div', { class: 'table-wrap' }, el('table', {},
     el('thead', {}, el('tr', {}, ...['backup', 'share', 'kind', 'client', 'bytes', 'rate', 'waiting for key', 'state'].map(h => el('th', {}, h)))),

@@ -136,6 +136,9 @@ pub struct Job {
     pub rate_bps: f64,
     /// Time the agent waited for QKD key for this job, milliseconds.
     pub key_wait_ms: u64,
+    /// Time the client reports it waited for QKD key in this backup, milliseconds (stores).
+    #[serde(default)]
+    pub client_key_wait_ms: Option<u64>,
     /// Requests of this job running now.
     pub running: bool,
     /// The last failure, if the job's last request failed.

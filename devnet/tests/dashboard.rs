@@ -309,12 +309,20 @@ fn the_network_view_shows_links_live_and_only_an_operator_switches_the_eavesdrop
         b.wait_for(
             &format!(
                 "[...document.querySelectorAll('[data-agent=\"{agent}\"] tbody tr')] \
-                 .some(r => r.innerText.includes('sample-0001.fastq') && r.innerText.includes('store'))"
+                 .some(r => r.innerText.includes('sample-0001.fastq') && r.innerText.includes('store') \
+                 && r.innerText.includes('(100 %)') \
+                 && /client \\d+\\.\\d s · agent \\d+\\.\\d s/.test(r.innerText))"
             ),
             Duration::from_secs(10),
         );
     }
+    // The README's picture: the whole page, jobs included.
+    b.send(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 1280, "height": 1060, "deviceScaleFactor": 1, "mobile": false}),
+    );
     b.eval("window.scrollTo(0, 0)");
+    std::thread::sleep(Duration::from_millis(300));
     b.screenshot(&out.join("network.png"));
 
     // Phone width: one column, nothing wider than the screen.

@@ -201,6 +201,11 @@ impl KeyFetcher {
         }
     }
 
+    /// Time spent waiting for the KME to hold enough key so far.
+    pub fn waited(&self) -> Duration {
+        self.notice.waited()
+    }
+
     /// Status of the pair (this SAE as master, `slave`).
     pub async fn status(&self, slave: &str) -> Result<Status, KeyError> {
         self.client

@@ -25,6 +25,11 @@ pub const FRAME_MAGIC: [u8; 4] = *b"BKF1";
 /// Largest accepted frame header.
 pub const MAX_FRAME_HEADER: usize = 64 * 1024;
 
+/// Request header of a chunk upload: the milliseconds the client has waited for QKD key in
+/// this backup so far (for the operators' view of the job; optional, never trusted for
+/// anything else).
+pub const KEY_WAIT_HEADER: &str = "x-qkd-key-wait-ms";
+
 /// Which way a frame travels (bound into its MAC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {

@@ -135,6 +135,7 @@ impl Jobs {
                     updated_ms: now_ms(),
                     rate_bps: 0.0,
                     key_wait_ms: 0,
+                    client_key_wait_ms: None,
                     running: true,
                     error: None,
                 }),
@@ -328,6 +329,15 @@ impl Handle<'_> {
     /// `bytes` more moved, after `key_wait` spent getting their key.
     pub fn progress(&self, bytes: u64, key_wait: Duration) {
         self.jobs.progress(&self.key, bytes, key_wait);
+    }
+
+    /// The client says it has waited `ms` for key in this backup so far.
+    pub fn client_key_wait(&self, ms: u64) {
+        if let Ok(mut live) = self.jobs.live.lock() {
+            if let Some(e) = live.get_mut(&self.key) {
+                e.job.client_key_wait_ms = Some(e.job.client_key_wait_ms.unwrap_or(0).max(ms));
+            }
+        }
     }
 
     /// The request failed (recorded when the handle is dropped).

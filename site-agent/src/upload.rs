@@ -46,6 +46,14 @@ pub(crate) async fn upload(
         name: &m.open.name,
         total_bytes: m.open.chunk_count * u64::from(m.open.chunk_size),
     });
+    if let Some(ms) = req
+        .headers()
+        .get(share_transfer::wire::KEY_WAIT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
+        job.client_key_wait(ms);
+    }
     let r = receive(&a, &caller, (id, i), share, &m, payload, &job).await;
     if let Err(e) = &r {
         job.fail(Failure::of_status(e.0.as_u16()), e.1.clone());

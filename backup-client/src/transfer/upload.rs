@@ -263,6 +263,10 @@ impl Uploader {
             .http
             .post(url)
             .header("content-type", "application/octet-stream")
+            .header(
+                share_transfer::wire::KEY_WAIT_HEADER,
+                self.keys.waited().as_millis().to_string(),
+            )
             .timeout(Duration::from_secs(300))
             .body(body)
             .send()
