@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use backup_client::config::ClientConfig;
 use backup_client::transfer::{BackupClient, Progress, SiteCheck, StoreOptions};
 use clap::{Parser, Subcommand};
@@ -95,8 +95,23 @@ enum Cmd {
     Restore { id: String, out: PathBuf },
     /// List the backups held at the sites.
     List,
-    /// Check every share of backup ID at every site without reconstructing it.
-    Verify { id: String },
+    /// Check every share of backup ID at every site without reconstructing it (each agent
+    /// re-reads its chunks against their digests; only the results cross the network).
+    ///
+    /// With --all, scrub everything: every backup the sites hold, a table of backups by
+    /// site, and every damaged or missing chunk named by file, backup, site, share and
+    /// chunk. Exits 1 if anything is damaged, missing, incomplete or unreachable.
+    Verify {
+        /// The backup to check (a UUID, as `store` and `list` print it).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Scrub every backup found at the sites.
+        #[arg(long)]
+        all: bool,
+        /// With --all: also write the report as JSON to FILE (replaced atomically).
+        #[arg(long, requires = "all", value_name = "FILE")]
+        report: Option<PathBuf>,
+    },
     /// Run the site agent (needs an agent configuration).
     Serve,
 }
@@ -277,7 +292,12 @@ async fn client(cli: Cli, cfg: ClientConfig) -> Result<i32> {
         }
         Cmd::Restore { id, out } => restore(&bc, &id, &out, cli.json, show).await,
         Cmd::List => list(&bc, cli.json).await,
-        Cmd::Verify { id } => verify(&bc, &id, cli.json).await,
+        Cmd::Verify {
+            id: Some(id),
+            all: false,
+            ..
+        } => verify(&bc, &id, cli.json).await,
+        Cmd::Verify { report, .. } => scrub(&bc, report.as_deref(), cli.json).await,
         Cmd::Serve => unreachable!("handled before"),
     }
 }
@@ -408,6 +428,95 @@ async fn verify(bc: &BackupClient, id: &str, json: bool) -> Result<i32> {
         println!("{good} of {found} shares intact");
     }
     Ok(if ok { 0 } else { 1 })
+}
+
+/// `verify --all`: the table, the bad chunks, the summary (or the JSON report).
+async fn scrub(bc: &BackupClient, report: Option<&Path>, json: bool) -> Result<i32> {
+    let r = bc.scrub().await;
+    let text = serde_json::to_string_pretty(&r)?;
+    if let Some(path) = report {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &text).with_context(|| tmp.display().to_string())?;
+        std::fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
+    }
+    if json {
+        println!("{text}");
+    } else {
+        let sites: Vec<&str> = bc.cfg.sites.iter().map(|s| s.name.as_str()).collect();
+        print_scrub_table(&r, &sites);
+        for b in &r.bad_chunks {
+            println!(
+                "{:?}: {} (backup {}) at site {}, share {}, chunk {}",
+                b.fault, b.name, b.backup_id, b.site, b.share_index, b.chunk
+            );
+        }
+        for (site, e) in &r.unreachable {
+            println!("site {site}: UNREACHABLE: {e}");
+        }
+        println!(
+            "{} backup(s), {} share(s), {} chunk(s) checked in {:.1} s: {}",
+            r.backups.len(),
+            r.shares_checked,
+            r.chunks_checked,
+            r.seconds,
+            if r.ok {
+                "all intact".to_owned()
+            } else {
+                format!(
+                    "{} bad chunk(s), {} backup(s) not intact, {} site(s) unreachable",
+                    r.bad_chunks.len(),
+                    r.backups.iter().filter(|b| !b.ok).count(),
+                    r.unreachable.len()
+                )
+            }
+        );
+    }
+    Ok(if r.ok { 0 } else { 1 })
+}
+
+/// One row per backup, one column per site: what its shares there look like.
+fn print_scrub_table(r: &backup_client::transfer::scrub::ScrubReport, sites: &[&str]) {
+    let name_w = r
+        .backups
+        .iter()
+        .map(|b| b.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    print!("{:<8}  {:<name_w$}  {:>12}", "backup", "file", "bytes");
+    for s in sites {
+        print!("  {s:<12}");
+    }
+    println!();
+    for b in &r.backups {
+        let id = b.backup_id.to_string();
+        print!("{:<8}  {:<name_w$}  {:>12}", &id[..8], b.name, b.bytes);
+        for s in sites {
+            let cell = match b.sites.iter().find(|c| c.site == *s) {
+                Some(c) if c.error.is_some() => "unreachable".to_owned(),
+                Some(c) if c.shares.is_empty() => "-".to_owned(),
+                Some(c) => share_cell(&c.shares),
+                None => "-".to_owned(),
+            };
+            print!("  {cell:<12}");
+        }
+        println!();
+    }
+}
+
+/// "ok", or what is wrong with the shares a site holds of one backup.
+fn share_cell(shares: &[share_transfer::wire::ShareCheck]) -> String {
+    let damaged: usize = shares.iter().map(|s| s.damaged.len()).sum();
+    let missing: usize = shares.iter().map(|s| s.missing.len()).sum();
+    if damaged > 0 {
+        format!("DAMAGED {damaged}")
+    } else if missing > 0 {
+        format!("MISSING {missing}")
+    } else if shares.iter().any(|s| !s.complete) {
+        "INCOMPLETE".to_owned()
+    } else {
+        "ok".to_owned()
+    }
 }
 
 /// One line per unreachable site and per share found.

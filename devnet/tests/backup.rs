@@ -119,6 +119,112 @@ fn a_damaged_share_is_detected_named_and_bypassed() {
 }
 
 #[test]
+fn scrubbing_names_every_damaged_chunk_by_file_site_share_and_chunk() {
+    let net = backup_net(None);
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<_> = ["one.fastq", "two.fastq", "three.fastq"]
+        .iter()
+        .map(|n| random_file(dir.path(), n, 5 * 65_536 + 17))
+        .collect();
+    let ids: Vec<String> = files
+        .iter()
+        .map(|f| store(&net.info, 0, f, SMALL_CHUNKS))
+        .collect();
+
+    // All intact: exit 0, every share of every backup checked.
+    let v = client(&net.info, 0, &["verify", "--all"]);
+    assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+    let r = v.json();
+    assert_eq!(r["ok"], true);
+    assert_eq!(r["backups"].as_array().unwrap().len(), 3);
+    assert_eq!(r["shares_checked"], 9);
+    assert_eq!(r["chunks_checked"], 9 * 6);
+
+    // Flip one byte of chunk 3 of two.fastq's share at site B (share 1).
+    let data = net.info.sites[1]
+        .store_dir
+        .join(&ids[1])
+        .join("share-1")
+        .join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[3 * 65_536 + 5] ^= 0x01;
+    std::fs::write(&data, bytes).unwrap();
+
+    let report = dir.path().join("scrub.json");
+    let v = client(
+        &net.info,
+        0,
+        &["verify", "--all", "--report", report.to_str().unwrap()],
+    );
+    assert_eq!(v.code, 1, "damage makes the scrub fail: {}", v.stdout);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r, v.json(), "the report file is what --json prints");
+    assert_eq!(r["ok"], false);
+    assert_eq!(
+        r["bad_chunks"],
+        serde_json::json!([{
+            "name": "two.fastq",
+            "backup_id": ids[1],
+            "site": "B",
+            "share_index": 1,
+            "chunk": 3,
+            "fault": "damaged",
+        }])
+    );
+    let not_ok: Vec<&str> = r["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["ok"] == false)
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(not_ok, ["two.fastq"]);
+
+    // The people's view: a table row per backup, the bad chunk named, a summary.
+    let bin = devnet::sibling_binary("backup-client").unwrap();
+    let out = std::process::Command::new(bin)
+        .arg("--config")
+        .arg(&net.info.sites[0].client_config)
+        .args(["verify", "--all"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.contains("two.fastq") && !l.starts_with("Damaged"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        &cells[cells.len() - 4..],
+        ["ok", "DAMAGED", "1", "ok"],
+        "sites A, B, C: {text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "Damaged: two.fastq (backup {}) at site B, share 1, chunk 3",
+            ids[1]
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 bad chunk(s), 1 backup(s) not intact"),
+        "{text}"
+    );
+
+    // Restores still work from the other shares.
+    let restored = dir.path().join("two.out");
+    let r = client(
+        &net.info,
+        0,
+        &["restore", &ids[1], restored.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(same_files(&files[1], &restored));
+}
+
+#[test]
 fn a_site_down_at_store_time_needs_allow_degraded() {
     let mut net = backup_net(None);
     let dir = tempfile::tempdir().unwrap();

@@ -43,31 +43,30 @@ impl BackupClient {
         (v, errors)
     }
 
-    /// Checks every share of backup `id` at every site, without reconstructing.
+    /// Checks every share of backup `id` at every site (all sites at once), without
+    /// reconstructing: each agent re-reads its chunks against their digests.
     pub async fn verify(&self, id: Uuid) -> Vec<SiteCheck> {
-        let mut out = Vec::new();
-        for site in &self.cfg.sites {
-            let r = self
-                .agent_call::<Vec<ShareCheck>>(
-                    site,
-                    reqwest::Method::POST,
-                    &format!("/v1/backups/{id}/verify"),
-                    None,
-                )
-                .await;
-            out.push(match r {
-                Ok(shares) => SiteCheck {
-                    site: site.name.clone(),
-                    shares,
-                    error: None,
-                },
-                Err(e) => SiteCheck {
-                    site: site.name.clone(),
-                    shares: Vec::new(),
-                    error: Some(e.to_string()),
-                },
-            });
-        }
-        out
+        let path = format!("/v1/backups/{id}/verify");
+        let checks = self.cfg.sites.iter().map(|site| {
+            let path = path.clone();
+            async move {
+                let r = self
+                    .agent_call::<Vec<ShareCheck>>(site, reqwest::Method::POST, &path, None)
+                    .await;
+                match r {
+                    Ok(shares) => SiteCheck {
+                        site: site.name.clone(),
+                        shares,
+                        error: None,
+                    },
+                    Err(e) => SiteCheck {
+                        site: site.name.clone(),
+                        shares: Vec::new(),
+                        error: Some(e.to_string()),
+                    },
+                }
+            }
+        });
+        futures_util::future::join_all(checks).await
     }
 }

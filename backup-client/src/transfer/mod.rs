@@ -35,6 +35,7 @@ mod catalogue;
 mod download;
 mod restore;
 mod resume;
+pub mod scrub;
 mod store;
 mod upload;
 

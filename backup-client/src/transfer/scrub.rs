@@ -1,0 +1,123 @@
+//! Scrubbing (`verify --all`): every chunk of every share of every backup, re-read and
+//! checked against its digest by the agent that holds it (only the results cross the
+//! network), gathered into one report that names each damaged or missing chunk by file,
+//! backup, site, share and chunk.
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::{BackupClient, SiteCheck};
+
+/// What is wrong with one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// Present but its bytes do not match the digest recorded when it was stored.
+    Damaged,
+    /// Never written, or its file or log entry is gone.
+    Missing,
+}
+
+/// One bad chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct BadChunk {
+    pub name: String,
+    pub backup_id: Uuid,
+    pub site: String,
+    pub share_index: u8,
+    pub chunk: u64,
+    pub fault: Fault,
+}
+
+/// One backup's shares as the sites found them.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScrubbedBackup {
+    pub backup_id: Uuid,
+    pub name: String,
+    pub bytes: u64,
+    /// Every share at every site complete and intact.
+    pub ok: bool,
+    pub sites: Vec<SiteCheck>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScrubReport {
+    /// Seconds since the Unix epoch when the scrub started.
+    pub started: u64,
+    pub seconds: f64,
+    /// Nothing damaged, missing, incomplete or unreachable.
+    pub ok: bool,
+    pub backups: Vec<ScrubbedBackup>,
+    pub bad_chunks: Vec<BadChunk>,
+    /// `(site, error)` of sites that could not be asked.
+    pub unreachable: Vec<(String, String)>,
+    pub shares_checked: usize,
+    pub chunks_checked: u64,
+}
+
+impl BackupClient {
+    /// Checks every backup found at the sites, one after the other, each at all sites at
+    /// once.
+    pub async fn scrub(&self) -> ScrubReport {
+        let t = std::time::Instant::now();
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (entries, mut unreachable) = self.list().await;
+        let mut report = ScrubReport {
+            started,
+            seconds: 0.0,
+            ok: true,
+            backups: Vec::new(),
+            bad_chunks: Vec::new(),
+            unreachable: Vec::new(),
+            shares_checked: 0,
+            chunks_checked: 0,
+        };
+        for e in entries {
+            let sites = self.verify(e.backup_id).await;
+            let mut ok = true;
+            for s in &sites {
+                if let Some(err) = &s.error {
+                    ok = false;
+                    if !unreachable.iter().any(|(n, _)| n == &s.site) {
+                        unreachable.push((s.site.clone(), err.clone()));
+                    }
+                }
+                for c in &s.shares {
+                    report.shares_checked += 1;
+                    report.chunks_checked += c.chunk_count;
+                    ok &= c.complete && c.damaged.is_empty() && c.missing.is_empty();
+                    let bad = c
+                        .damaged
+                        .iter()
+                        .map(|&j| (j, Fault::Damaged))
+                        .chain(c.missing.iter().map(|&j| (j, Fault::Missing)));
+                    for (chunk, fault) in bad {
+                        report.bad_chunks.push(BadChunk {
+                            name: e.name.clone(),
+                            backup_id: e.backup_id,
+                            site: s.site.clone(),
+                            share_index: c.share_index,
+                            chunk,
+                            fault,
+                        });
+                    }
+                }
+            }
+            report.ok &= ok;
+            report.backups.push(ScrubbedBackup {
+                backup_id: e.backup_id,
+                name: e.name,
+                bytes: e.bytes,
+                ok,
+                sites,
+            });
+        }
+        report.ok &= unreachable.is_empty();
+        report.unreachable = unreachable;
+        report.seconds = t.elapsed().as_secs_f64();
+        report
+    }
+}
