@@ -73,8 +73,21 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Store FILE at the sites; prints the backup ID. Re-running after an interruption resumes.
+    ///
+    /// Several files, or a folder, are stored as a sample set (--set NAME; a single folder
+    /// names its set itself): each file its own backup, the set's manifest (path, size,
+    /// time and backup of every file) kept at every site. Folders are walked recursively;
+    /// symbolic links are not followed and, like sockets, FIFOs and devices, are listed as
+    /// skipped. Running the same set again sends only files that are new or changed (size,
+    /// modification time and content digest) and carries on an interrupted run; files of
+    /// earlier runs not given again stay in the set.
     Store {
-        file: PathBuf,
+        /// The file, or the files and folders of a set.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Store FILEs as the sample set NAME (1 to 128 of A-Z a-z 0-9 . _ -).
+        #[arg(long, value_name = "NAME")]
+        set: Option<String>,
         /// Shares needed to restore (default from the configuration, else 2).
         #[arg(long)]
         k: Option<u8>,
@@ -92,7 +105,20 @@ enum Cmd {
         allow_degraded: bool,
     },
     /// Restore backup ID into OUT (written atomically; resumes an interrupted restore).
-    Restore { id: String, out: PathBuf },
+    ///
+    /// `restore ID OUT`; `restore --set NAME DIR` restores every file of the set under DIR at
+    /// its path in the set; `restore --set NAME --file PATH OUT` restores one file of it.
+    Restore {
+        /// ID OUT, or with --set: DIR (or OUT with --file).
+        #[arg(required = true, num_args = 1..=2, value_name = "ID OUT")]
+        args: Vec<String>,
+        /// The sample set to restore from.
+        #[arg(long, value_name = "NAME")]
+        set: Option<String>,
+        /// With --set: only this file (its path in the set).
+        #[arg(long, requires = "set", value_name = "PATH")]
+        file: Option<String>,
+    },
     /// List the backups held at the sites.
     List,
     /// Check every share of backup ID at every site without reconstructing it (each agent
@@ -103,13 +129,16 @@ enum Cmd {
     /// chunk. Exits 1 if anything is damaged, missing, incomplete or unreachable.
     Verify {
         /// The backup to check (a UUID, as `store` and `list` print it).
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        #[arg(required_unless_present_any = ["all", "set"], conflicts_with = "all")]
         id: Option<String>,
         /// Scrub every backup found at the sites.
         #[arg(long)]
         all: bool,
-        /// With --all: also write the report as JSON to FILE (replaced atomically).
-        #[arg(long, requires = "all", value_name = "FILE")]
+        /// Check every file of the sample set NAME (the same report as --all).
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["id", "all"])]
+        set: Option<String>,
+        /// With --all or --set: also write the report as JSON to FILE (replaced atomically).
+        #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
     },
     /// Run the site agent (needs an agent configuration).
@@ -274,7 +303,8 @@ async fn client(cli: Cli, cfg: ClientConfig) -> Result<i32> {
     let bc = BackupClient::new(cfg)?;
     match cli.cmd {
         Cmd::Store {
-            file,
+            files,
+            set,
             k,
             n,
             scheme,
@@ -288,16 +318,38 @@ async fn client(cli: Cli, cfg: ClientConfig) -> Result<i32> {
                 chunk_size: chunk_size.unwrap_or(defaults.chunk_size),
                 allow_degraded,
             };
-            store(&bc, &file, &opts, cli.json, show).await
+            match set_of(&files, set)? {
+                Some(name) => store_set(&bc, &name, &files, &opts, cli.json, show).await,
+                None => store(&bc, &files[0], &opts, cli.json, show).await,
+            }
         }
-        Cmd::Restore { id, out } => restore(&bc, &id, &out, cli.json, show).await,
+        Cmd::Restore { args, set, file } => match (set, args.as_slice()) {
+            (None, [id, out]) => restore(&bc, id, Path::new(out), cli.json, show).await,
+            (Some(name), [out]) => match file {
+                Some(f) => {
+                    let id = bc.set_member(&name, &f).await?;
+                    restore(&bc, &id.to_string(), Path::new(out), cli.json, show).await
+                }
+                None => restore_set(&bc, &name, Path::new(out), cli.json).await,
+            },
+            (None, _) => bail!(backup_client::transfer::TransferError::Usage(
+                "restore ID OUT: a backup ID and where to write it (or --set NAME DIR)".into()
+            )),
+            (Some(_), _) => bail!(backup_client::transfer::TransferError::Usage(
+                "restore --set NAME DIR (the whole set) or restore --set NAME --file PATH OUT"
+                    .into()
+            )),
+        },
         Cmd::List => list(&bc, cli.json).await,
         Cmd::Verify {
             id: Some(id),
             all: false,
+            set: None,
             ..
         } => verify(&bc, &id, cli.json).await,
-        Cmd::Verify { report, .. } => scrub(&bc, report.as_deref(), cli.json).await,
+        Cmd::Verify { report, set, .. } => {
+            scrub(&bc, set.as_deref(), report.as_deref(), cli.json).await
+        }
         Cmd::Serve => unreachable!("handled before"),
     }
 }
@@ -343,6 +395,108 @@ async fn store(
     Ok(0)
 }
 
+/// The set the store's arguments make: `--set NAME`, or a single folder's own name; None
+/// for a single file without --set.
+fn set_of(files: &[PathBuf], set: Option<String>) -> Result<Option<String>> {
+    if set.is_some() {
+        return Ok(set);
+    }
+    match files {
+        [one] if one.is_dir() => {
+            let name = one
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_default();
+            Ok(Some(name))
+        }
+        [_] => Ok(None),
+        _ => bail!(backup_client::transfer::TransferError::Usage(
+            "several files make a sample set: name it with --set NAME".into()
+        )),
+    }
+}
+
+async fn store_set(
+    bc: &BackupClient,
+    name: &str,
+    files: &[PathBuf],
+    opts: &StoreOptions,
+    json: bool,
+    show: Show,
+) -> Result<i32> {
+    // The bar (or progress line) follows the file being stored.
+    let bar = Bar::start(bc.progress.clone(), "store", show);
+    let r = bc
+        .store_set(name, files, opts, |i, n, path, send| {
+            if !json {
+                eprintln!(
+                    "[{i}/{n}] {path}: {}",
+                    if send { "storing" } else { "unchanged" }
+                );
+            }
+        })
+        .await;
+    drop(bar);
+    let r = r?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(0);
+    }
+    use backup_client::transfer::sets::Outcome;
+    let count = |o: Outcome| r.files.iter().filter(|f| f.outcome == o).count();
+    for s in &r.skipped {
+        eprintln!("skipped {}: {}", s.path, s.why);
+    }
+    println!("{name}");
+    eprintln!(
+        "set {name}: {} file(s); stored {}, unchanged {}{}{}; {} bytes sent in {:.2} s; manifest at {}",
+        r.files.len(),
+        count(Outcome::Stored),
+        count(Outcome::Unchanged) + count(Outcome::UnchangedBySizeAndTime),
+        if count(Outcome::Kept) > 0 {
+            format!(", kept from earlier runs {}", count(Outcome::Kept))
+        } else {
+            String::new()
+        },
+        if r.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(", skipped {}", r.skipped.len())
+        },
+        r.bytes_sent,
+        r.seconds,
+        r.manifest_sites.join(", ")
+    );
+    Ok(0)
+}
+
+async fn restore_set(bc: &BackupClient, name: &str, dir: &Path, json: bool) -> Result<i32> {
+    let t = Instant::now();
+    let files = bc
+        .restore_set(name, dir, |i, n, path| {
+            if !json {
+                eprintln!("[{i}/{n}] {path}");
+            }
+        })
+        .await?;
+    let bytes: u64 = files.iter().map(|(_, b)| b).sum();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "set": name, "dir": dir, "files": files, "bytes": bytes })
+        );
+    } else {
+        eprintln!(
+            "restored set {name}: {} file(s), {bytes} bytes into {} in {:.2} s",
+            files.len(),
+            dir.display(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(0)
+}
+
 async fn restore(bc: &BackupClient, id: &str, out: &Path, json: bool, show: Show) -> Result<i32> {
     let id = parse_id(id)?;
     let bar = Bar::start(bc.progress.clone(), "restore", show);
@@ -373,12 +527,25 @@ async fn restore(bc: &BackupClient, id: &str, out: &Path, json: bool, show: Show
 
 async fn list(bc: &BackupClient, json: bool) -> Result<i32> {
     let (entries, errors) = bc.list().await;
+    let (sets, _) = bc.sets().await;
     if json {
         println!(
             "{}",
-            serde_json::json!({ "backups": entries, "unreachable": errors })
+            serde_json::json!({ "backups": entries, "sets": sets, "unreachable": errors })
         );
     } else {
+        for m in &sets {
+            let bytes: u64 = m.files.iter().map(|f| f.size).sum();
+            println!(
+                "set {} (of {}): {} file(s), {bytes} bytes",
+                m.name,
+                m.owner,
+                m.files.len()
+            );
+            for f in &m.files {
+                println!("  {}  {:>14} bytes  {}", f.backup_id, f.size, f.path);
+            }
+        }
         for e in &entries {
             println!(
                 "{}  {:>14} bytes  {}  {:?}({},{})  shares: {}",
@@ -431,8 +598,17 @@ async fn verify(bc: &BackupClient, id: &str, json: bool) -> Result<i32> {
 }
 
 /// `verify --all`: the table, the bad chunks, the summary (or the JSON report).
-async fn scrub(bc: &BackupClient, report: Option<&Path>, json: bool) -> Result<i32> {
-    let r = bc.scrub().await;
+async fn scrub(
+    bc: &BackupClient,
+    set: Option<&str>,
+    report: Option<&Path>,
+    json: bool,
+) -> Result<i32> {
+    let only = match set {
+        Some(name) => Some(bc.require_set(name).await?),
+        None => None,
+    };
+    let r = bc.scrub(only.as_ref()).await;
     let text = serde_json::to_string_pretty(&r)?;
     if let Some(path) = report {
         let tmp = path.with_extension("tmp");
@@ -449,6 +625,9 @@ async fn scrub(bc: &BackupClient, report: Option<&Path>, json: bool) -> Result<i
                 "{:?}: {} (backup {}) at site {}, share {}, chunk {}",
                 b.fault, b.name, b.backup_id, b.site, b.share_index, b.chunk
             );
+        }
+        for (path, id) in &r.lost {
+            println!("LOST: {path} (backup {id}): no reachable site holds a share");
         }
         for (site, e) in &r.unreachable {
             println!("site {site}: UNREACHABLE: {e}");

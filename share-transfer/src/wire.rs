@@ -220,6 +220,84 @@ pub struct ShareOpen {
     pub readers: Option<Vec<String>>,
 }
 
+/// A sample set: files stored as one job, each its own backup. Every site keeps a copy
+/// (`PUT /v1/sets/{name}`), so a client that lost its own state, or another site's client
+/// after a disaster, finds the set and its files again. No content digests here: they stay
+/// with the owner's client (a digest of a genome at every site would let a site confirm a
+/// guess).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetManifest {
+    /// [`valid_set_name`].
+    pub name: String,
+    /// The SAE that stored the set (set by the agent from the caller's certificate).
+    #[serde(default)]
+    pub owner: String,
+    /// Who besides the owner may read it (as `ShareOpen::readers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readers: Option<Vec<String>>,
+    /// Seconds since the Unix epoch of the last change.
+    pub updated: u64,
+    /// The files, by path within the set.
+    pub files: Vec<SetFile>,
+}
+
+/// One file of a set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetFile {
+    /// Relative path with `/` separators: no empty, `.` or `..` component, no leading `/`
+    /// ([`valid_set_path`]).
+    pub path: String,
+    pub size: u64,
+    /// Modification time when stored, nanoseconds since the Unix epoch.
+    pub mtime_ns: u128,
+    pub backup_id: Uuid,
+}
+
+/// Set names: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+pub fn valid_set_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A path within a set that stays within the folder it is restored into.
+pub fn valid_set_path(path: &str) -> bool {
+    !path.is_empty()
+        && path.len() <= 4096
+        && !path.starts_with('/')
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+impl SetManifest {
+    /// Why this manifest cannot be stored, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        if !valid_set_name(&self.name) {
+            return Some(format!(
+                "set name {:?}: use 1 to 128 of A-Z a-z 0-9 . _ - (not starting with .)",
+                self.name
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &self.files {
+            if !valid_set_path(&f.path) {
+                return Some(format!(
+                    "path {:?} is not a relative path within the set",
+                    f.path
+                ));
+            }
+            if !seen.insert(f.path.as_str()) {
+                return Some(format!("path {:?} is listed twice", f.path));
+            }
+        }
+        None
+    }
+}
+
 /// What an agent keeps about one share; `GET /v1/backups` lists these.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {

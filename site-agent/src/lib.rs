@@ -32,6 +32,8 @@
 //! - `POST /v1/backups/{id}/shares/{i}/receipts` — [`Receipts`](share_transfer::wire::Receipts)
 //!   → [`Acknowledged`](share_transfer::wire::Acknowledged)
 //! - `GET  /v1/backups`, `GET /v1/backups/{id}` → [`Manifest`]s
+//! - `PUT  /v1/sets/{name}` — [`SetManifest`](share_transfer::wire::SetManifest), the
+//!   caller's sample set, replaced; `GET /v1/sets` → the sets the caller may read (`sets`)
 //! - `POST /v1/backups/{id}/verify` → [`ShareCheck`](share_transfer::wire::ShareCheck)s
 //!
 //! On the operator's plain-HTTP listener (`metrics_listen`, off unless set; see
@@ -48,6 +50,7 @@ mod download;
 pub mod jobs;
 pub mod ledger;
 mod operator;
+mod sets;
 pub mod storage;
 mod upload;
 
@@ -204,12 +207,19 @@ impl Agent {
     /// default the clients of the owner's own site, i.e. SAEs of the owner's KME); and the
     /// operator's disaster-recovery clients (`recovery_clients`).
     async fn may_read(&self, caller: &str, m: &Manifest) -> bool {
-        if m.client_sae == caller || self.cfg.recovery_clients.iter().any(|c| c == caller) {
+        self.may_read_of(caller, &m.client_sae, m.open.readers.as_deref())
+            .await
+    }
+
+    /// Whether `caller` may read what `owner` stored, naming `readers` (None: the owner's
+    /// site's clients).
+    async fn may_read_of(&self, caller: &str, owner: &str, readers: Option<&[String]>) -> bool {
+        if owner == caller || self.cfg.recovery_clients.iter().any(|c| c == caller) {
             return true;
         }
-        match &m.open.readers {
+        match readers {
             Some(readers) => readers.iter().any(|r| r == caller),
-            None => self.same_site(caller, &m.client_sae).await,
+            None => self.same_site(caller, owner).await,
         }
     }
 
@@ -324,7 +334,9 @@ pub async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
 }
 
 fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/backups", web::get().to(list))
+    cfg.route("/v1/sets", web::get().to(sets::list))
+        .route("/v1/sets/{name}", web::put().to(sets::put))
+        .route("/v1/backups", web::get().to(list))
         .route("/v1/backups/{id}", web::get().to(list_one))
         .route("/v1/backups/{id}/verify", web::post().to(verify))
         .route("/v1/backups/{id}/shares/{i}", web::put().to(open_share))

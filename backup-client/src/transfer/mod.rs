@@ -36,6 +36,7 @@ mod download;
 mod restore;
 mod resume;
 pub mod scrub;
+pub mod sets;
 mod store;
 mod upload;
 

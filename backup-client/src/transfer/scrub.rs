@@ -3,7 +3,10 @@
 //! network), gathered into one report that names each damaged or missing chunk by file,
 //! backup, site, share and chunk.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
+use share_transfer::wire::SetManifest;
 use uuid::Uuid;
 
 use super::{BackupClient, SiteCheck};
@@ -50,6 +53,8 @@ pub struct ScrubReport {
     pub ok: bool,
     pub backups: Vec<ScrubbedBackup>,
     pub bad_chunks: Vec<BadChunk>,
+    /// Files of the set checked whose backup no reachable site holds: `(path, backup)`.
+    pub lost: Vec<(String, Uuid)>,
     /// `(site, error)` of sites that could not be asked.
     pub unreachable: Vec<(String, String)>,
     pub shares_checked: usize,
@@ -57,14 +62,14 @@ pub struct ScrubReport {
 }
 
 impl BackupClient {
-    /// Checks every backup found at the sites, one after the other, each at all sites at
-    /// once.
-    pub async fn scrub(&self) -> ScrubReport {
+    /// Checks every backup found at the sites (or only those of `set`), one after the
+    /// other, each at all sites at once; a set's files are named by their path in it.
+    pub async fn scrub(&self, set: Option<&SetManifest>) -> ScrubReport {
         let t = std::time::Instant::now();
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let (entries, mut unreachable) = self.list().await;
+        let (mut entries, mut unreachable) = self.list().await;
         let mut report = ScrubReport {
             started,
             seconds: 0.0,
@@ -72,9 +77,28 @@ impl BackupClient {
             backups: Vec::new(),
             bad_chunks: Vec::new(),
             unreachable: Vec::new(),
+            lost: Vec::new(),
             shares_checked: 0,
             chunks_checked: 0,
         };
+        if let Some(set) = set {
+            let paths: HashMap<Uuid, &str> = set
+                .files
+                .iter()
+                .map(|f| (f.backup_id, f.path.as_str()))
+                .collect();
+            for f in &set.files {
+                if !entries.iter().any(|e| e.backup_id == f.backup_id) {
+                    report.lost.push((f.path.clone(), f.backup_id));
+                }
+            }
+            entries.retain(|e| paths.contains_key(&e.backup_id));
+            for e in &mut entries {
+                if let Some(p) = paths.get(&e.backup_id) {
+                    e.name = format!("{}/{p}", set.name);
+                }
+            }
+        }
         for e in entries {
             let sites = self.verify(e.backup_id).await;
             let mut ok = true;
@@ -115,7 +139,7 @@ impl BackupClient {
                 sites,
             });
         }
-        report.ok &= unreachable.is_empty();
+        report.ok &= unreachable.is_empty() && report.lost.is_empty();
         report.unreachable = unreachable;
         report.seconds = t.elapsed().as_secs_f64();
         report
