@@ -1,7 +1,7 @@
 //! Scrubbing (`verify --all`): every chunk of every share of every backup, re-read and
 //! checked against its digest by the agent that holds it (only the results cross the
-//! network), gathered into one report that names each damaged or missing chunk by file,
-//! backup, site, share and chunk.
+//! network), gathered into one report that names each damaged or missing chunk by file (as
+//! `set/path` for files of sample sets), backup, site, share and chunk.
 
 use std::collections::HashMap;
 
@@ -81,6 +81,23 @@ impl BackupClient {
             shares_checked: 0,
             chunks_checked: 0,
         };
+        if set.is_none() {
+            // Files of sets are named by set and path.
+            let (sets, _) = self.sets().await;
+            let names: HashMap<Uuid, String> = sets
+                .iter()
+                .flat_map(|m| {
+                    m.files
+                        .iter()
+                        .map(move |f| (f.backup_id, format!("{}/{}", m.name, f.path)))
+                })
+                .collect();
+            for e in &mut entries {
+                if let Some(n) = names.get(&e.backup_id) {
+                    e.name.clone_from(n);
+                }
+            }
+        }
         if let Some(set) = set {
             let paths: HashMap<Uuid, &str> = set
                 .files

@@ -129,6 +129,11 @@ enum Cmd {
         /// Keep DIR (files, shares, logs) and print its path instead of removing it.
         #[arg(long)]
         keep: bool,
+        /// Run the job as a sample set instead: N synthetic samples (--size in all) stored
+        /// as one set and restored as one, on key generated live; prints the set's rate and
+        /// the projected time for the seed's unit of 100 samples of 80 GB.
+        #[arg(long, value_name = "N")]
+        set: Option<usize>,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -249,6 +254,7 @@ fn main() -> Result<()> {
             size,
             seed,
             keep,
+            set,
             net,
         } => {
             let opts = net.options(Options {
@@ -257,7 +263,12 @@ fn main() -> Result<()> {
                 agents: true,
                 ..Options::default()
             })?;
-            if let Err(e) = run_demo(dir, size, seed, keep, &opts) {
+            let job = match set {
+                Some(0) => bail!("--set: at least 1 sample"),
+                Some(n) => DemoJob::Set(n),
+                None => DemoJob::File,
+            };
+            if let Err(e) = run_demo(dir, size, seed, keep, job, &opts) {
                 if INTERRUPTED.load(Ordering::SeqCst) {
                     // The Ctrl-C handler is stopping the network; it exits the process.
                     loop {
@@ -481,12 +492,31 @@ fn remove_big_files(dir: &Path) {
     for f in BIG_FILES {
         std::fs::remove_file(dir.join(f)).ok();
     }
+    // `--set`: the samples and their restored copies.
+    std::fs::remove_dir_all(dir.join("samples")).ok();
+    std::fs::remove_dir_all(dir.join("restored")).ok();
     remove_pools_and_shares(&dir.join("live"));
     remove_pools_and_shares(dir);
 }
 
 /// `devnet demo`: see the `Demo` subcommand.
-fn run_demo(dir: Option<PathBuf>, size: u64, seed: u64, keep: bool, opts: &Options) -> Result<()> {
+/// What `devnet demo` runs.
+#[derive(Clone, Copy)]
+enum DemoJob {
+    /// One file, on key stored in advance and on live key.
+    File,
+    /// A sample set of this many files, on live key.
+    Set(usize),
+}
+
+fn run_demo(
+    dir: Option<PathBuf>,
+    size: u64,
+    seed: u64,
+    keep: bool,
+    job: DemoJob,
+    opts: &Options,
+) -> Result<()> {
     if size == 0 {
         bail!("--size must be at least 1 byte");
     }
@@ -551,7 +581,10 @@ fn run_demo(dir: Option<PathBuf>, size: u64, seed: u64, keep: bool, opts: &Optio
         });
     }
 
-    let r = demo_steps(&dir, size, seed, opts);
+    let r = match job {
+        DemoJob::File => demo_steps(&dir, size, seed, opts),
+        DemoJob::Set(n) => demo_set_steps(&dir, size, n, seed, opts),
+    };
     let logs = dir.join("logs");
     match (&r, keep) {
         (_, true) => println!("kept {} (logs in {})", dir.display(), logs.display()),
@@ -596,6 +629,95 @@ the same job with key generated live (pools of {} keys):",
     drop(d);
 
     print_demo_table(size, opts.sites, &stored, &live, &cp, &fill);
+    Ok(())
+}
+
+/// The seed's minimum backup unit: 100 samples of about 80 GB.
+const SEED_UNIT_BYTES: f64 = 100.0 * 80e9;
+
+/// `devnet demo --set N`: N synthetic samples stored as one set and restored as one, on
+/// key generated live; the set's rate, and the time it projects for the seed's unit.
+fn demo_set_steps(dir: &Path, size: u64, n: usize, seed: u64, opts: &Options) -> Result<()> {
+    let client_bin = devnet::sibling_binary("backup-client")?;
+    let samples = dir.join("samples");
+    std::fs::create_dir_all(&samples)?;
+    let each = (size / n as u64).max(1);
+    let t = Instant::now();
+    for i in 0..n {
+        fastq::write_file(
+            &samples.join(format!("sample-{i:03}.fastq")),
+            each,
+            seed + i as u64,
+        )?;
+    }
+    println!(
+        "generated {n} synthetic FASTQ samples of {} in {}, {:.1} s",
+        human_size(each),
+        samples.display(),
+        t.elapsed().as_secs_f64()
+    );
+    let total = each * n as u64;
+    let d = demo_devnet(&dir.join("live"), opts)?;
+    let site = &d.info.sites[0];
+    println!(
+        "store:   backup-client --config {} --json store {}",
+        site.client_config.display(),
+        samples.display()
+    );
+    let (st, store_wall) = backup_client(
+        &client_bin,
+        &site.client_config,
+        &["store".as_ref(), samples.as_os_str()],
+    )?;
+    let sent = json_u64(&st, "bytes_sent")?;
+    if sent != total {
+        bail!("the set sent {sent} bytes, its files hold {total}");
+    }
+    let out = dir.join("restored");
+    println!(
+        "restore: backup-client --config {} --json restore --set samples {}",
+        site.client_config.display(),
+        out.display()
+    );
+    let (_, restore_wall) = backup_client(
+        &client_bin,
+        &site.client_config,
+        &[
+            "restore".as_ref(),
+            "--set".as_ref(),
+            "samples".as_ref(),
+            out.as_os_str(),
+        ],
+    )?;
+    for i in 0..n {
+        let name = format!("sample-{i:03}.fastq");
+        if !devnet::files_equal(&samples.join(&name), &out.join("samples").join(&name))? {
+            bail!("restored {name} differs from the original");
+        }
+    }
+    let mbps = |secs: f64| total as f64 * 8.0 / secs.max(1e-9) / 1e6;
+    let hours = |secs: f64| SEED_UNIT_BYTES / (total as f64 / secs.max(1e-9)) / 3600.0;
+    println!(
+        "\nsample set of {n} files, {} in all, byte-identical after restore (key generated live):",
+        human_size(total)
+    );
+    println!(
+        "  store   {:.1} s  {:>6.0} Mbps  ({:.2}x the seed's {SEED_STORE_MBPS} Mbps)",
+        store_wall,
+        mbps(store_wall),
+        mbps(store_wall) / SEED_STORE_MBPS
+    );
+    println!(
+        "  restore {:.1} s  {:>6.0} Mbps  ({:.2}x the seed's {SEED_RESTORE_MBPS} Mbps)",
+        restore_wall,
+        mbps(restore_wall),
+        mbps(restore_wall) / SEED_RESTORE_MBPS
+    );
+    println!(
+        "projection (not measured): the seed's unit of 100 samples x 80 GB at these rates: store {:.1} h, restore {:.1} h (the seed projected about 50 h to store it)",
+        hours(store_wall),
+        hours(restore_wall)
+    );
     Ok(())
 }
 
