@@ -244,11 +244,9 @@ impl Bar {
             let mut logged = Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_millis(150)).await;
-                let done = progress.done.load(Ordering::Relaxed);
-                let total = progress.total.load(Ordering::Relaxed);
+                let (done, total, line) = progress_now(&progress, start.elapsed());
                 b.set_length(total);
                 b.set_position(done);
-                let line = progress_line(&progress, done, start.elapsed());
                 match progress.notice.get() {
                     Some(n) => b.set_message(format!("{line}, {n}")),
                     None => b.set_message(line.clone()),
@@ -271,13 +269,27 @@ impl Bar {
     }
 }
 
-/// Rate of `done` bytes so far and time spent waiting for key.
-fn progress_line(progress: &Progress, done: u64, elapsed: Duration) -> String {
-    format!(
-        "{:.0} Mbps, waited for key {:.1} s",
-        mbps(done, elapsed.as_secs_f64()),
-        progress.notice.waited().as_secs_f64()
-    )
+/// Bytes done and in all, and a line: for a sample set, files done of all, then the rate
+/// of the bytes sent and the time spent waiting for key.
+fn progress_now(progress: &Progress, elapsed: Duration) -> (u64, u64, String) {
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let (done, total) = (load(&progress.done), load(&progress.total));
+    let set = &progress.set;
+    let files = load(&set.files);
+    let waited = progress.notice.waited().as_secs_f64();
+    if files == 0 {
+        let line = format!(
+            "{:.0} Mbps, waited for key {waited:.1} s",
+            mbps(done, elapsed.as_secs_f64())
+        );
+        return (done, total, line);
+    }
+    let line = format!(
+        "files {}/{files}, {:.0} Mbps, waited for key {waited:.1} s",
+        load(&set.files_done),
+        mbps(load(&set.bytes_sent) + done, elapsed.as_secs_f64())
+    );
+    (load(&set.bytes_done) + done, load(&set.bytes), line)
 }
 
 impl Drop for Bar {

@@ -112,6 +112,21 @@ pub struct Progress {
     pub total: AtomicU64,
     pub done: AtomicU64,
     pub notice: Arc<Notice>,
+    /// Of a sample set, while one is stored (all zero otherwise).
+    pub set: SetProgress,
+}
+
+/// Where a sample set stands; `total` and `done` above follow the file being stored.
+#[derive(Debug, Default)]
+pub struct SetProgress {
+    pub files: AtomicU64,
+    pub files_done: AtomicU64,
+    /// Bytes of all the set's files given this run.
+    pub bytes: AtomicU64,
+    /// Bytes of the files done (sent or found unchanged).
+    pub bytes_done: AtomicU64,
+    /// Bytes of the files sent this run, done.
+    pub bytes_sent: AtomicU64,
 }
 
 /// Options of `store`.

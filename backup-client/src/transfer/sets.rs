@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 
 use serde::{Deserialize, Serialize};
 use share_transfer::wire::{valid_set_name, valid_set_path, SetFile, SetManifest};
@@ -346,6 +347,12 @@ impl BackupClient {
         }
         let mut bytes_sent = 0;
         let mut sites = Vec::new();
+        let sp = &self.progress.set;
+        sp.files.store(found.len() as u64, Relaxed);
+        sp.bytes.store(found.iter().map(|f| f.size).sum(), Relaxed);
+        for c in [&sp.files_done, &sp.bytes_done, &sp.bytes_sent] {
+            c.store(0, Relaxed);
+        }
         for (pos, f) in found.iter().enumerate() {
             let dig = digest(&f.full)?;
             let same = before.get(&f.path).filter(|p| {
@@ -364,9 +371,14 @@ impl BackupClient {
                 _ => {
                     let r = self.store(&f.full, opts).await?;
                     bytes_sent += r.bytes;
+                    sp.bytes_sent.fetch_add(r.bytes, Relaxed);
                     (r.backup_id, Outcome::Stored)
                 }
             };
+            self.progress.done.store(0, Relaxed);
+            self.progress.total.store(0, Relaxed);
+            sp.files_done.fetch_add(1, Relaxed);
+            sp.bytes_done.fetch_add(f.size, Relaxed);
             local
                 .files
                 .insert(f.path.clone(), (f.size, f.mtime_ns, dig, backup_id));

@@ -539,9 +539,14 @@ fn run_demo(
     // the file), the key stored in advance (both ends of every link direction hold it on
     // disk, and each KME a local pool of the same size), plus room for configurations and
     // logs.
-    let need = size.saturating_mul(3 + opts.sites as u64)
-        + devnet::fill::job_key_bytes(size).saturating_mul(devnet::fill::pools_held(opts))
-        + (256 << 20);
+    let need = match job {
+        DemoJob::File => {
+            size.saturating_mul(3 + opts.sites as u64)
+                + devnet::fill::job_key_bytes(size).saturating_mul(devnet::fill::pools_held(opts))
+        }
+        // The samples, their restored copies, a share per site; live key only.
+        DemoJob::Set(_) => size.saturating_mul(2 + opts.sites as u64),
+    } + (256 << 20);
     if let Some(free) = free_bytes(&dir) {
         if free < need {
             std::fs::remove_dir(&dir).ok();
