@@ -388,6 +388,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn set_names_and_paths_cannot_leave_their_folder() {
+        for good in ["run42", "batch-7", "a.b_c", &"x".repeat(128)] {
+            assert!(valid_set_name(good), "{good}");
+        }
+        for bad in ["", ".hidden", "../up", "a/b", "a b", &"x".repeat(129), "é"] {
+            assert!(!valid_set_name(bad), "{bad}");
+        }
+        for good in ["a", "run42/lane1/s.fq", "x/.y", "..a/b"] {
+            assert!(valid_set_path(good), "{good}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "..",
+            "./a",
+            "a//b",
+            "a/",
+            "a\0b",
+        ] {
+            assert!(!valid_set_path(bad), "{bad:?}");
+        }
+        let file = |p: &str| SetFile {
+            path: p.into(),
+            size: 1,
+            mtime_ns: 0,
+            backup_id: Uuid::nil(),
+        };
+        let m = SetManifest {
+            name: "s".into(),
+            owner: String::new(),
+            readers: None,
+            updated: 0,
+            files: vec![file("a"), file("a")],
+        };
+        assert!(m.problem().is_some_and(|p| p.contains("twice")));
+    }
+
+    #[test]
     fn frames_round_trip_and_need_all_bytes() {
         let h = FrameHeader {
             chunk: 7,
