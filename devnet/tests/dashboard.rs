@@ -301,15 +301,21 @@ fn the_network_view_shows_links_live_and_only_an_operator_switches_the_eavesdrop
     let took = b.wait_for(&alarm_clear(link), Duration::from_secs(10));
     eprintln!("alarm cleared {took:?} after the click");
 
-    // A backup from site A: its shares' jobs appear at the agents that received them.
+    // A sample set from site A: its shares' jobs appear at the agents that received them,
+    // named by set and file.
     let files = tempfile::tempdir().expect("tempdir");
     let file = common::random_file(files.path(), "sample-0001.fastq", 3 << 20);
-    common::store(&info, 0, &file, &[]);
+    let r = common::client(
+        &info,
+        0,
+        &["store", "--set", "lab-run", file.to_str().expect("path")],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
     for agent in ["AGENT_A", "AGENT_B", "AGENT_C"] {
         b.wait_for(
             &format!(
                 "[...document.querySelectorAll('[data-agent=\"{agent}\"] tbody tr')] \
-                 .some(r => r.innerText.includes('sample-0001.fastq') && r.innerText.includes('store') \
+                 .some(r => r.innerText.includes('lab-run/sample-0001.fastq') && r.innerText.includes('store') \
                  && r.innerText.includes('(100 %)') \
                  && /client \\d+\\.\\d s · agent \\d+\\.\\d s/.test(r.innerText))"
             ),

@@ -1,5 +1,6 @@
 //! The operator's listener of the agent (`metrics_listen`): `GET /metrics` in the
-//! Prometheus text format and `GET /jobs`, an [`AgentSample`] for the dashboard. Plain HTTP,
+//! Prometheus text format and `GET /jobs`, an [`AgentSample`] for the dashboard (files of
+//! sample sets named `set/path`). Plain HTTP,
 //! one worker, like the KME's metrics listener: it carries no key material and no share
 //! bytes, and belongs on the operator's network.
 
@@ -41,9 +42,22 @@ async fn metrics(a: web::Data<Arc<Agent>>) -> HttpResponse {
 }
 
 async fn jobs(a: web::Data<Arc<Agent>>) -> HttpResponse {
+    let mut jobs = a.jobs.snapshot();
+    // Files of sample sets by set and path (the share itself knows its file name only).
+    let root = a.cfg.store_dir.clone();
+    if let Ok(names) = web::block(move || crate::sets::names(&root)).await {
+        for j in &mut jobs {
+            if let Some(n) = uuid::Uuid::parse_str(&j.backup_id)
+                .ok()
+                .and_then(|id| names.get(&id))
+            {
+                j.name = Some(n.clone());
+            }
+        }
+    }
     HttpResponse::Ok().json(AgentSample {
         agent: a.cfg.sae_id.clone(),
         t_ms: dashboard_web::now_ms(),
-        jobs: a.jobs.snapshot(),
+        jobs,
     })
 }

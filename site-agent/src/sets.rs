@@ -54,6 +54,18 @@ fn write(root: &Path, m: &SetManifest) -> Result<(), ApiError> {
         .map_err(|e| internal(&dir, e))
 }
 
+/// `set/path` of every backup that is a file of a set kept here, by backup ID.
+pub(crate) fn names(root: &Path) -> std::collections::HashMap<uuid::Uuid, String> {
+    read_all(root)
+        .into_iter()
+        .flat_map(|m| {
+            m.files
+                .into_iter()
+                .map(move |f| (f.backup_id, format!("{}/{}", m.name, f.path)))
+        })
+        .collect()
+}
+
 /// Every set kept here (unreadable files are skipped with a warning).
 fn read_all(root: &Path) -> Vec<SetManifest> {
     let mut out = Vec::new();
