@@ -11,7 +11,9 @@
 //! Modules: this one (the JSON handlers and [`Agent`]), `upload` and `download` (the
 //! chunk streams), [`admission`] and [`ledger`] (the bounds per client), [`config`] (`AgentConfig`),
 //! [`storage`] (share files, chunk logs, O_DIRECT writes, finalisation and checks; its
-//! doc has the on-disk layout) and `aligned` ([`storage::AlignedBuf`], the direct-I/O
+//! doc has the on-disk layout), `sets` (sample-set manifests, under `store_dir/sets/`),
+//! [`jobs`] and `operator` (what the operator's listener shows: transfers and metrics),
+//! and `aligned` ([`storage::AlignedBuf`], the direct-I/O
 //! buffer: the crate's only `unsafe` code, allowed there alone under a crate-wide
 //! `deny(unsafe_code)`).
 //!

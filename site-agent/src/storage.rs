@@ -5,6 +5,7 @@
 //!                            /data            chunk j at offset j * chunk_size
 //!                            /chunks.log      48-byte records: chunk, nonce, BLAKE3 of the chunk
 //!                            /keys.log        which QKD key IDs carried each chunk
+//! STORE/sets/<owner SAE in hex>/<set>.json      sample-set manifests (see `sets`)
 //! ```
 //!
 //! Durability: a chunk is acknowledged only after its data is written and `fdatasync`ed and
