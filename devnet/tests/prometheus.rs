@@ -1,6 +1,7 @@
 //! Prometheus, for real (Debian's `prometheus` package, installed by `scripts/setup`):
-//! `promtool` checks the configuration `devnet up` writes and runs the rules' unit tests,
-//! and a real Prometheus server scrapes a running devnet (KMEs and site agents) until its
+//! `promtool` checks the configuration `devnet up` writes, lints what a KME and an agent
+//! serve at `/metrics` (names, types, help texts) and runs the rules' unit tests, and a real
+//! Prometheus server scrapes a running devnet (KMEs and site agents) until its
 //! query API shows the link's QBER series and a firing `QkdLinkAlarm` while an eavesdropper
 //! is on. Bounded: the server runs at most 45 s and is stopped at the end.
 
@@ -47,6 +48,38 @@ fn prometheus_rules_pass_promtool() {
     assert!(text.contains("SUCCESS"), "{text}");
 }
 
+/// `promtool check metrics` on what `url` serves (plain HTTP, read with reqwest).
+fn lint_metrics(url: &str) {
+    use std::io::Write;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let text = rt
+        .block_on(async { reqwest::get(url).await?.text().await })
+        .expect("metrics");
+    let mut child = Command::new(tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics {url}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// One instant query; the result vector.
 async fn query(http: &reqwest::Client, base: &str, q: &str) -> Vec<Value> {
     let Ok(r) = http
@@ -76,6 +109,14 @@ fn a_real_prometheus_scrapes_the_devnet_and_fires_the_link_alarm() {
         &prom_dir,
     );
     assert!(text.contains("SUCCESS"), "{text}");
+
+    // Both kinds of target pass promtool's lint of names, types and help texts.
+    for url in [
+        info.sites[0].metrics_url.clone(),
+        format!("{}/metrics", info.sites[0].agent_metrics_url),
+    ] {
+        lint_metrics(&url);
+    }
 
     let port = devnet::free_port().expect("port");
     let data = tempfile::tempdir().expect("tsdb");

@@ -138,12 +138,12 @@ impl Kme {
         }
         let _ = writeln!(
             out,
-            "# TYPE qkd_local_pool_bytes gauge\nqkd_local_pool_bytes {}",
+            "# HELP qkd_local_pool_bytes Key held for exchanges between SAEs of this KME.\n# TYPE qkd_local_pool_bytes gauge\nqkd_local_pool_bytes {}",
             st.local.unconsumed()
         );
         let _ = writeln!(
             out,
-            "# TYPE qkd_keys_awaiting_slaves gauge\nqkd_keys_awaiting_slaves {}",
+            "# HELP qkd_keys_awaiting_slaves Keys handed to masters that their slaves have not fetched yet.\n# TYPE qkd_keys_awaiting_slaves gauge\nqkd_keys_awaiting_slaves {}",
             st.records.len()
         );
         let _ = writeln!(
