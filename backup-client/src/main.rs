@@ -141,6 +141,16 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
     },
+    /// Rebuild the share of backup ID that belongs at site SITE (lost there) from k healthy
+    /// shares, and store it there again under one-time pad and tag. Only this client, the
+    /// data's owner, holds k shares while it runs; the sites see what they see in a store
+    /// and a restore. A share still complete at SITE is not touched (`verify` names damage).
+    Repair {
+        id: String,
+        /// The site whose share is rebuilt.
+        #[arg(long, value_name = "SITE")]
+        site: String,
+    },
     /// Run the site agent (needs an agent configuration).
     Serve,
 }
@@ -353,6 +363,31 @@ async fn client(cli: Cli, cfg: ClientConfig) -> Result<i32> {
             )),
         },
         Cmd::List => list(&bc, cli.json).await,
+        Cmd::Repair { id, site } => {
+            let id = parse_id(&id)?;
+            let bar = Bar::start(bc.progress.clone(), "repair", show);
+            let r = bc.repair(id, &site).await;
+            drop(bar);
+            let r = r?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                eprintln!(
+                    "repaired share {} of backup {} at site {} ({} chunks) in {:.2} s from shares {}",
+                    r.share_index,
+                    r.backup_id,
+                    r.site,
+                    r.chunks,
+                    r.seconds,
+                    r.from
+                        .iter()
+                        .map(|(s, i)| format!("{i}@{s}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            Ok(0)
+        }
         Cmd::Verify {
             id: Some(id),
             all: false,
@@ -591,12 +626,13 @@ async fn verify(bc: &BackupClient, id: &str, json: bool) -> Result<i32> {
         .filter(|s| s.complete && s.missing.is_empty() && s.damaged.is_empty())
         .count();
     let unreachable = checks.iter().filter(|c| c.error.is_some()).count();
+    let lost: usize = checks.iter().map(|c| c.lost.len()).sum();
     if found == 0 && unreachable == 0 {
         bail!(backup_client::transfer::TransferError::Usage(format!(
             "unknown backup ID {id}: no site holds a share of it (see `backup-client list`)"
         )));
     }
-    let ok = good == found && unreachable == 0;
+    let ok = good == found && unreachable == 0 && lost == 0;
     if json {
         println!(
             "{}",
@@ -604,7 +640,15 @@ async fn verify(bc: &BackupClient, id: &str, json: bool) -> Result<i32> {
         );
     } else {
         print_checks(&checks);
-        println!("{good} of {found} shares intact");
+        for c in &checks {
+            for i in &c.lost {
+                println!(
+                    "site {}: share {i}: LOST (not held there): run `backup-client repair {id} --site {}`",
+                    c.site, c.site
+                );
+            }
+        }
+        println!("{good} of {} shares intact", found + lost);
     }
     Ok(if ok { 0 } else { 1 })
 }
@@ -636,6 +680,11 @@ async fn scrub(
             println!(
                 "{:?}: {} (backup {}) at site {}, share {}, chunk {}",
                 b.fault, b.name, b.backup_id, b.site, b.share_index, b.chunk
+            );
+        }
+        for (name, id, site, i) in &r.lost_shares {
+            println!(
+                "LOST: {name} (backup {id}) share {i} at site {site}: run `backup-client repair {id} --site {site}`"
             );
         }
         for (path, id) in &r.lost {
@@ -685,6 +734,7 @@ fn print_scrub_table(r: &backup_client::transfer::scrub::ScrubReport, sites: &[&
         for s in sites {
             let cell = match b.sites.iter().find(|c| c.site == *s) {
                 Some(c) if c.error.is_some() => "unreachable".to_owned(),
+                Some(c) if !c.lost.is_empty() => "LOST".to_owned(),
                 Some(c) if c.shares.is_empty() => "-".to_owned(),
                 Some(c) => share_cell(&c.shares),
                 None => "-".to_owned(),

@@ -225,6 +225,64 @@ fn scrubbing_names_every_damaged_chunk_by_file_site_share_and_chunk() {
 }
 
 #[test]
+fn a_lost_share_is_repaired_from_k_others_and_then_restores() {
+    let mut net = backup_net(None);
+    let dir = tempfile::tempdir().unwrap();
+    for scheme in ["xor", "shamir"] {
+        let f = random_file(dir.path(), &format!("in-{scheme}"), 7 * 65_536 + 999);
+        let id = store(
+            &net.info,
+            0,
+            &f,
+            &[SMALL_CHUNKS[0], SMALL_CHUNKS[1], "--scheme", scheme],
+        );
+        // Site B loses its share (disk replaced), and its agent restarts.
+        std::fs::remove_dir_all(net.info.sites[1].store_dir.join(&id).join("share-1")).unwrap();
+        net.restart_agent(1).unwrap();
+        let v = client(&net.info, 0, &["verify", &id]);
+        assert_eq!(v.code, 1, "the loss shows: {}", v.stdout);
+        assert_eq!(v.json()["sites"][1]["lost"], serde_json::json!([1]));
+        let all = client(&net.info, 0, &["verify", "--all"]);
+        assert_eq!(all.code, 1);
+        let lost = all.json()["lost_shares"].to_string();
+        assert!(
+            lost.contains(&format!("\"{id}\",\"B\",1")),
+            "scrubbing names what repair should fix: {lost}"
+        );
+
+        let r = client(&net.info, 0, &["repair", &id, "--site", "B"]);
+        assert_eq!(r.code, 0, "{scheme}: {}", r.stderr);
+        let rep = r.json();
+        assert_eq!(rep["share_index"], 1);
+        assert_eq!(rep["chunks"], 8);
+        let v = client(&net.info, 0, &["verify", &id]);
+        assert_eq!(v.code, 0, "{scheme}: all shares intact again: {}", v.stdout);
+
+        // Nothing left to repair: refused, nothing changed.
+        let again = client(&net.info, 0, &["repair", &id, "--site", "B"]);
+        assert_eq!(again.code, 2, "{}", again.stderr);
+        assert!(
+            again.stderr.contains("nothing to repair"),
+            "{}",
+            again.stderr
+        );
+
+        // The repaired share restores with A's while C is down.
+        net.kill_agent(2);
+        let out = dir.path().join(format!("out-{scheme}"));
+        let r = client(&net.info, 0, &["restore", &id, out.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{scheme}: {}", r.stderr);
+        assert!(same_files(&f, &out), "{scheme}");
+        let used = r.json()["used"].to_string();
+        assert!(
+            used.contains("\"B\""),
+            "{scheme}: B's repaired share used: {used}"
+        );
+        net.restart_agent(2).unwrap();
+    }
+}
+
+#[test]
 fn a_site_down_at_store_time_needs_allow_degraded() {
     let mut net = backup_net(None);
     let dir = tempfile::tempdir().unwrap();

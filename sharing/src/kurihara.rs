@@ -164,6 +164,96 @@ impl Bits {
     }
 }
 
+/// The dealing equation of piece `m` of share `i` as a row over the unknowns (random
+/// columns first, then `K_1 … K_{p−1}`).
+fn deal_row(k: usize, p: usize, i: usize, m: usize) -> Bits {
+    let n_random = (k - 1) * p - 1;
+    let mut vars = Bits::new(n_random + p - 1);
+    for t in 0..k - 1 {
+        vars.set(random_index(p, t, (t * i + m) % p));
+    }
+    let q = (m + p - i % p) % p;
+    if q != 0 {
+        vars.set(n_random + q - 1);
+    }
+    vars
+}
+
+/// The equations of the shares at `indices` (each row: which unknowns, and which share
+/// pieces it came from), in reduced row echelon form by Gauss–Jordan elimination, random
+/// columns first; returns the rows and how many of them (the first ones) are pivot rows.
+fn eliminate(k: usize, p: usize, indices: &[u8]) -> (Vec<(Bits, Bits)>, usize) {
+    let pieces = p - 1;
+    let n_vars = (k - 1) * p - 1 + pieces;
+    let n_eqs = indices.len() * pieces;
+    let mut rows: Vec<(Bits, Bits)> = Vec::with_capacity(n_eqs);
+    for (pos, &i) in indices.iter().enumerate() {
+        for m in 0..pieces {
+            let mut prov = Bits::new(n_eqs);
+            prov.set(pos * pieces + m);
+            rows.push((deal_row(k, p, usize::from(i), m), prov));
+        }
+    }
+    let mut pivot_row = 0;
+    for col in 0..n_vars {
+        let Some(r) = (pivot_row..rows.len()).find(|&r| rows[r].0.get(col)) else {
+            continue;
+        };
+        rows.swap(pivot_row, r);
+        let (pv, pp) = rows[pivot_row].clone();
+        for (idx, row) in rows.iter_mut().enumerate() {
+            if idx != pivot_row && row.0.get(col) {
+                row.0.xor(&pv);
+                row.1.xor(&pp);
+            }
+        }
+        pivot_row += 1;
+    }
+    (rows, pivot_row)
+}
+
+impl Schedule {
+    /// The XOR schedule that rebuilds share `target` from the shares at `indices` (share
+    /// repair): each of its pieces, written as a sum of the unknowns, is reduced by the
+    /// pivot rows; what remains must be nothing, and the rows used name the share pieces to
+    /// XOR. The output never holds the secret: only share `target`'s pieces.
+    ///
+    /// `None` if the subset does not determine that share.
+    pub(crate) fn regenerate(k: usize, p: usize, indices: &[u8], target: u8) -> Option<Self> {
+        let pieces = p - 1;
+        let (rows, pivot_row) = eliminate(k, p, indices);
+        let pivots = &rows[..pivot_row];
+        let mut steps = Vec::with_capacity(pieces);
+        for m in 0..pieces {
+            let mut vars = deal_row(k, p, usize::from(target), m);
+            let mut prov = Bits::new(indices.len() * pieces);
+            for (v, pr) in pivots {
+                // The pivot column of a reduced row is its first set bit.
+                if let Some(col) = v.ones().next() {
+                    if vars.get(col) {
+                        vars.xor(v);
+                        prov.xor(pr);
+                    }
+                }
+            }
+            if vars.count() != 0 {
+                return None;
+            }
+            steps.push(Step {
+                target: m,
+                terms: prov
+                    .ones()
+                    .map(|e| Term::Share {
+                        pos: e / pieces,
+                        piece: e % pieces,
+                    })
+                    .collect(),
+            });
+        }
+        Some(Schedule { steps })
+    }
+}
+
 impl Schedule {
     /// Solves for the secret pieces given the share indices at each position of the subset.
     ///
@@ -173,42 +263,7 @@ impl Schedule {
     pub(crate) fn new(k: usize, p: usize, indices: &[u8]) -> Option<Self> {
         let pieces = p - 1;
         let n_random = (k - 1) * p - 1;
-        let n_vars = n_random + pieces; // random columns first, then K_1..K_{p-1}
-        let n_eqs = indices.len() * pieces;
-        // Each row: variable part (which unknowns) and provenance (which share pieces).
-        let mut rows: Vec<(Bits, Bits)> = Vec::with_capacity(n_eqs);
-        for (pos, &i) in indices.iter().enumerate() {
-            let i = usize::from(i);
-            for m in 0..pieces {
-                let mut vars = Bits::new(n_vars);
-                for t in 0..k - 1 {
-                    vars.set(random_index(p, t, (t * i + m) % p));
-                }
-                let q = (m + p - i % p) % p;
-                if q != 0 {
-                    vars.set(n_random + q - 1);
-                }
-                let mut prov = Bits::new(n_eqs);
-                prov.set(pos * pieces + m);
-                rows.push((vars, prov));
-            }
-        }
-        // Gauss–Jordan elimination, random columns first.
-        let mut pivot_row = 0;
-        for col in 0..n_vars {
-            let Some(r) = (pivot_row..rows.len()).find(|&r| rows[r].0.get(col)) else {
-                continue;
-            };
-            rows.swap(pivot_row, r);
-            let (pv, pp) = rows[pivot_row].clone();
-            for (idx, row) in rows.iter_mut().enumerate() {
-                if idx != pivot_row && row.0.get(col) {
-                    row.0.xor(&pv);
-                    row.1.xor(&pp);
-                }
-            }
-            pivot_row += 1;
-        }
+        let (rows, pivot_row) = eliminate(k, p, indices);
         // Each K_q must appear as a row equal to the unit vector e(K_q).
         let mut sets: Vec<Bits> = Vec::with_capacity(pieces);
         for q in 0..pieces {

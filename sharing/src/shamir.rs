@@ -33,6 +33,14 @@ pub(crate) fn deal<S: AsMut<[u8]>>(k: usize, secret: &[u8], random: &[u8], share
 /// Lagrange coefficients at 0 for the given share indices:
 /// `λ_j = Π_{m≠j} x_m / (x_m ⊕ x_j)`. `None` if two indices coincide.
 pub(crate) fn lagrange_at_zero(indices: &[u8]) -> Option<Vec<u8>> {
+    lagrange_at(0, indices)
+}
+
+/// Lagrange coefficients at `x` for the given share indices:
+/// `λ_j = Π_{m≠j} (x ⊕ x_m) / (x_j ⊕ x_m)`, so that `f(x) = Σ_j λ_j · f(x_j)` for every
+/// polynomial of degree below `indices.len()`. With `x` the x-coordinate of another share,
+/// this rebuilds that share (repair). `None` if two indices coincide.
+pub(crate) fn lagrange_at(x: u8, indices: &[u8]) -> Option<Vec<u8>> {
     let xs: Vec<u8> = indices.iter().map(|&i| x_of(i)).collect();
     xs.iter()
         .enumerate()
@@ -41,7 +49,7 @@ pub(crate) fn lagrange_at_zero(indices: &[u8]) -> Option<Vec<u8>> {
                 .enumerate()
                 .filter(|&(m, _)| m != j)
                 .try_fold(1u8, |acc, (_, &xm)| {
-                    gf256::inv(xm ^ xj).map(|d| gf256::mul(acc, gf256::mul(xm, d)))
+                    gf256::inv(xm ^ xj).map(|d| gf256::mul(acc, gf256::mul(x ^ xm, d)))
                 })
         })
         .collect()

@@ -404,6 +404,50 @@ impl Combiner {
         })
     }
 
+    /// Prepares the repair of share `target` from the shares with these indices (in this
+    /// order, exactly `k`): [`Combiner::combine_chunk`] then yields share `target`'s chunk,
+    /// the same bytes the dealer gave it, never the secret. For XOR the schedule is solved
+    /// from the dealing equations; for Shamir it is Lagrange interpolation at the target's
+    /// x-coordinate. Whoever runs it holds k shares, so only the data's owner should.
+    ///
+    /// # Errors
+    /// As [`Combiner::new`], and [`SharingError::IndexOutOfRange`] or
+    /// [`SharingError::DuplicateIndex`] for a target that is not another share's index.
+    pub fn regenerating(
+        scheme: Scheme,
+        chunk_size: usize,
+        indices: &[u8],
+        target: u8,
+    ) -> Result<Self, SharingError> {
+        let mut c = Self::new(scheme, chunk_size, indices)?;
+        if target >= scheme.n() {
+            return Err(SharingError::IndexOutOfRange {
+                index: target,
+                n: scheme.n(),
+            });
+        }
+        if indices.contains(&target) {
+            return Err(SharingError::DuplicateIndex { index: target });
+        }
+        let singular = || SharingError::Singular {
+            indices: indices.to_vec(),
+        };
+        c.plan = match scheme.kind() {
+            SchemeKind::Xor => {
+                let p = usize::from(scheme.prime());
+                Plan::Xor {
+                    schedule: Schedule::regenerate(usize::from(scheme.k()), p, indices, target)
+                        .ok_or_else(singular)?,
+                    piece_len: chunk_size / (p - 1),
+                }
+            }
+            SchemeKind::Shamir => Plan::Shamir {
+                lambdas: shamir::lagrange_at(shamir::x_of(target), indices).ok_or_else(singular)?,
+            },
+        };
+        Ok(c)
+    }
+
     /// The share indices this combiner expects, in order.
     #[must_use]
     pub fn indices(&self) -> &[u8] {

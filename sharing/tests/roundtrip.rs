@@ -323,3 +323,42 @@ fn chunked_split_reads_hashes_and_splits_on_demand() {
         );
     }
 }
+
+#[test]
+fn any_k_shares_rebuild_every_other_share_exactly() {
+    for scheme in schemes() {
+        let (k, n) = (usize::from(scheme.k()), usize::from(scheme.n()));
+        let secret = data(CS, 99);
+        let mut sp = Splitter::new(scheme, CS, rng(7)).expect("splitter");
+        let mut shares = vec![vec![0u8; CS]; n];
+        sp.split_chunk(&secret, &mut shares).expect("split");
+        for subset in subsets(n, k) {
+            let indices: Vec<u8> = subset.iter().map(|&i| i as u8).collect();
+            let have: Vec<&[u8]> = subset.iter().map(|&i| shares[i].as_slice()).collect();
+            for target in (0..n as u8).filter(|t| !indices.contains(t)) {
+                let c = Combiner::regenerating(scheme, CS, &indices, target)
+                    .unwrap_or_else(|e| panic!("{scheme:?} {indices:?} -> {target}: {e}"));
+                let mut out = vec![0u8; CS];
+                c.combine_chunk(&have, &mut out).expect("regenerate");
+                assert_eq!(
+                    out,
+                    shares[usize::from(target)],
+                    "{scheme:?}: share {target} from {indices:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn regenerating_refuses_a_target_that_is_not_another_share() {
+    let scheme = Scheme::xor(2, 3).expect("valid");
+    assert!(matches!(
+        Combiner::regenerating(scheme, CS, &[0, 1], 1),
+        Err(SharingError::DuplicateIndex { index: 1 })
+    ));
+    assert!(matches!(
+        Combiner::regenerating(scheme, CS, &[0, 1], 3),
+        Err(SharingError::IndexOutOfRange { index: 3, n: 3 })
+    ));
+}

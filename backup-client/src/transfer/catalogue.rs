@@ -57,16 +57,38 @@ impl BackupClient {
                     Ok(shares) => SiteCheck {
                         site: site.name.clone(),
                         shares,
+                        lost: Vec::new(),
                         error: None,
                     },
                     Err(e) => SiteCheck {
                         site: site.name.clone(),
                         shares: Vec::new(),
+                        lost: Vec::new(),
                         error: Some(e.to_string()),
                     },
                 }
             }
         });
-        futures_util::future::join_all(checks).await
+        let mut out = futures_util::future::join_all(checks).await;
+        // Where the shares should be, as the manifests found say.
+        let found = self.find_shares(id).await;
+        let placement = found
+            .candidates
+            .iter()
+            .map(|(_, m)| m.open.placement.clone())
+            .next()
+            .unwrap_or_default();
+        for c in out.iter_mut().filter(|c| c.error.is_none()) {
+            let Some(site) = self.cfg.sites.iter().find(|s| s.name == c.site) else {
+                continue;
+            };
+            for (i, agent) in placement.iter().enumerate() {
+                let i = i as u8;
+                if *agent == site.agent_sae_id && !c.shares.iter().any(|s| s.share_index == i) {
+                    c.lost.push(i);
+                }
+            }
+        }
+        out
     }
 }

@@ -38,6 +38,8 @@ pub(super) struct NoSpare;
 /// Chunk `j` from each active share, in slot order.
 pub(super) struct Received {
     pub(super) pieces: Vec<Zeroizing<Vec<u8>>>,
+    /// The split nonce the pieces share.
+    pub(super) nonce: u64,
     /// Some share was replaced: the combiner must be rebuilt for the new subset.
     pub(super) replaced: bool,
 }
@@ -175,7 +177,11 @@ impl<'a> ShareStreams<'a> {
                 }
             }
         }
-        Ok(Received { pieces, replaced })
+        Ok(Received {
+            pieces,
+            nonce: split_nonce.unwrap_or(0),
+            replaced,
+        })
     }
 
     /// Rejects the share in `slot` and starts the next spare there, from chunk `j`.

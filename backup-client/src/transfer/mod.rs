@@ -33,6 +33,7 @@
 
 mod catalogue;
 mod download;
+pub mod repair;
 mod restore;
 mod resume;
 pub mod scrub;
@@ -192,6 +193,9 @@ pub struct BackupEntry {
 pub struct SiteCheck {
     pub site: String,
     pub shares: Vec<ShareCheck>,
+    /// Shares the backup places at this site that the site does not hold at all (lost:
+    /// `repair ID --site SITE` rebuilds them).
+    pub lost: Vec<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

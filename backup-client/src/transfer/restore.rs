@@ -35,20 +35,20 @@ use sharing::format::{ShareHeader, ShareTrailer, HEADER_LEN, TRAILER_LEN};
 use sharing::sharing::Combiner;
 
 /// The shares of a backup as found at the sites.
-struct Found {
+pub(super) struct Found {
     /// Complete shares, this site's first.
-    candidates: Vec<(Site, Manifest)>,
+    pub(super) candidates: Vec<(Site, Manifest)>,
     /// `(site, share index, why)` of every share that cannot be used.
-    rejected: Vec<(String, u8, String)>,
+    pub(super) rejected: Vec<(String, u8, String)>,
     /// Sites that could not be asked, with why.
     unreachable: Vec<String>,
 }
 
 /// What at least `k` sites agree the backup is, and their shares (this site's first).
-struct Agreed {
-    header: ShareHeader,
-    trailer: ShareTrailer,
-    members: Vec<(Site, Manifest)>,
+pub(super) struct Agreed {
+    pub(super) header: ShareHeader,
+    pub(super) trailer: ShareTrailer,
+    pub(super) members: Vec<(Site, Manifest)>,
 }
 
 /// How one pass of downloads ended.
@@ -78,7 +78,7 @@ impl Found {
     /// Step 2: the shares of the sites that agree on what the backup is. A share claimed by
     /// a site the placement does not give it to is refused; shares of sites that disagree
     /// with the agreeing `k` are named.
-    fn agree(&mut self, id: Uuid) -> Result<Agreed, TransferError> {
+    pub(super) fn agree(&mut self, id: Uuid) -> Result<Agreed, TransferError> {
         type Group = (String, ShareHeader, ShareTrailer, Vec<(Site, Manifest)>);
         let mut groups: Vec<Group> = Vec::new();
         for (site, m) in std::mem::take(&mut self.candidates) {
@@ -223,7 +223,7 @@ impl Found {
     }
 
     /// Why nothing can be restored when no complete share was found.
-    fn nothing_error(&self, id: Uuid) -> TransferError {
+    pub(super) fn nothing_error(&self, id: Uuid) -> TransferError {
         TransferError::Usage(if self.rejected.is_empty() && self.unreachable.is_empty() {
             format!(
                 "unknown backup ID {id}: no site holds a share of it (see `backup-client list`)"
@@ -246,7 +246,7 @@ impl Found {
     }
 
     /// Why fewer than `k` shares are usable.
-    fn too_few_error(&self, id: Uuid, k: usize, usable: usize) -> TransferError {
+    pub(super) fn too_few_error(&self, id: Uuid, k: usize, usable: usize) -> TransferError {
         TransferError::Failed(format!(
             "backup {id} needs {k} shares, only {usable} are usable: {}",
             self.rejected
@@ -349,7 +349,7 @@ impl BackupClient {
     }
 
     /// Step 1: the manifests of backup `id` at every site, this site first.
-    async fn find_shares(&self, id: Uuid) -> Found {
+    pub(super) async fn find_shares(&self, id: Uuid) -> Found {
         let mut found = Found {
             candidates: Vec::new(),
             rejected: Vec::new(),
@@ -388,7 +388,7 @@ impl BackupClient {
 
     /// Step 3: the agreed shares, one per share index, with QKD keys to their site; the
     /// others go to `found.rejected`.
-    async fn usable_shares(
+    pub(super) async fn usable_shares(
         &self,
         found: &mut Found,
         members: Vec<(Site, Manifest)>,
@@ -436,13 +436,14 @@ impl BackupClient {
         let mut combiner = Combiner::new(scheme, cs, &streams.subset())?;
         let mut out_buf = Zeroizing::new(vec![0u8; cs]);
         for j in from..count {
-            let Received { pieces, replaced } =
-                match streams.receive(j, k, &mut found.rejected).await {
-                    Ok(r) => r,
-                    Err(NoSpare) => {
-                        return Ok(Run::NoSpare(no_spare_error(id, j, k, &found.rejected)));
-                    }
-                };
+            let Received {
+                pieces, replaced, ..
+            } = match streams.receive(j, k, &mut found.rejected).await {
+                Ok(r) => r,
+                Err(NoSpare) => {
+                    return Ok(Run::NoSpare(no_spare_error(id, j, k, &found.rejected)));
+                }
+            };
             if replaced {
                 combiner = Combiner::new(scheme, cs, &streams.subset())?;
             }
@@ -464,7 +465,12 @@ impl BackupClient {
     }
 }
 
-fn no_spare_error(id: Uuid, j: u64, k: usize, rejected: &[(String, u8, String)]) -> TransferError {
+pub(super) fn no_spare_error(
+    id: Uuid,
+    j: u64,
+    k: usize,
+    rejected: &[(String, u8, String)],
+) -> TransferError {
     TransferError::Failed(format!(
         "backup {id}: not enough good shares left at chunk {j} (need {k}): {}",
         rejected

@@ -53,6 +53,8 @@ pub struct ScrubReport {
     pub ok: bool,
     pub backups: Vec<ScrubbedBackup>,
     pub bad_chunks: Vec<BadChunk>,
+    /// Shares lost at their site (`repair` rebuilds them): `(name, backup, site, share)`.
+    pub lost_shares: Vec<(String, Uuid, String, u8)>,
     /// Files of the set checked whose backup no reachable site holds: `(path, backup)`.
     pub lost: Vec<(String, Uuid)>,
     /// `(site, error)` of sites that could not be asked.
@@ -78,6 +80,7 @@ impl BackupClient {
             bad_chunks: Vec::new(),
             unreachable: Vec::new(),
             lost: Vec::new(),
+            lost_shares: Vec::new(),
             shares_checked: 0,
             chunks_checked: 0,
         };
@@ -125,6 +128,12 @@ impl BackupClient {
                     if !unreachable.iter().any(|(n, _)| n == &s.site) {
                         unreachable.push((s.site.clone(), err.clone()));
                     }
+                }
+                for &i in &s.lost {
+                    ok = false;
+                    report
+                        .lost_shares
+                        .push((e.name.clone(), e.backup_id, s.site.clone(), i));
                 }
                 for c in &s.shares {
                     report.shares_checked += 1;

@@ -76,12 +76,12 @@ impl StorePlan {
 }
 
 /// A site taking a share in this store, and what it already holds from an earlier run.
-struct Target {
-    share: u8,
-    site: Site,
+pub(super) struct Target {
+    pub(super) share: u8,
+    pub(super) site: Site,
     /// Chunk → split nonce of every chunk the site holds.
-    held: HashMap<u64, u64>,
-    plan: KeyPlan,
+    pub(super) held: HashMap<u64, u64>,
+    pub(super) plan: KeyPlan,
 }
 
 /// The store once every site was asked.
@@ -209,7 +209,7 @@ impl BackupClient {
 
     /// Opens share `i` at `site`; returns the site as a target and whether the share is
     /// already complete there.
-    async fn open_share(
+    pub(super) async fn open_share(
         &self,
         site: &Site,
         id: Uuid,

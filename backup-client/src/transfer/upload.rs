@@ -23,9 +23,9 @@ use sharing::{ChunkedSplit, RandomSource, Scheme};
 
 /// A chunk of one share on its way to its site.
 pub(super) struct Job {
-    chunk: u64,
-    nonce: u64,
-    data: Vec<u8>,
+    pub(super) chunk: u64,
+    pub(super) nonce: u64,
+    pub(super) data: Vec<u8>,
 }
 
 /// The reader thread's work: which file, how to split it, which chunks to skip, where the
