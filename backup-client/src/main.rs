@@ -53,6 +53,7 @@ use uuid::Uuid;
 ///   [limits] max_uploads_per_client = 32  max_uploads = 128  max_downloads_per_client = 64
 ///            max_downloads = 256  idle_secs = 60  unfetched_key_ttl_secs = 3600
 ///            max_unfetched_key_bytes_per_client = 1073741824   # download keys not acknowledged
+///            max_sets_per_client = 10000                        # sample-set manifests kept
 ///
 /// Exit status: 0 success, 1 failure (the message says what to do), 2 bad usage or
 /// configuration; `verify` exits 1 when a share is missing or damaged.

@@ -288,3 +288,34 @@ fn a_set_killed_midway_carries_on_without_sending_completed_files_again() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(tree(&out.join("slow")), tree(&run));
 }
+
+#[test]
+fn an_agent_keeps_at_most_its_bound_of_sets_per_client() {
+    let net = common::start(devnet::Options {
+        rate_bytes_per_sec: 0,
+        max_key_count: 200_000,
+        agent_limits_toml: "max_sets_per_client = 2".into(),
+        ..devnet::Options::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let f = random_file(dir.path(), "one.fastq", 1000);
+    let store_as =
+        |name: &str| client(&net.info, 0, &["store", "--set", name, f.to_str().unwrap()]);
+    assert_eq!(store_as("first").code, 0);
+    assert_eq!(store_as("second").code, 0);
+    let r = store_as("third");
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("max_sets_per_client = 2"),
+        "the bound is named: {}",
+        r.stderr
+    );
+    // An existing set can still be run again.
+    let again = store_as("second");
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    let sets = client(&net.info, 0, &["list"]).json()["sets"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(sets, 2);
+}

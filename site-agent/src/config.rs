@@ -76,6 +76,8 @@ pub struct Limits {
     /// After how long, seconds, issued keys no client acknowledged stop counting (match the
     /// KME's key TTL, after which it discards keys no one fetched).
     pub unfetched_key_ttl_secs: u64,
+    /// Sample sets one client may keep here (each manifest is at most 16 MiB).
+    pub max_sets_per_client: usize,
 }
 
 impl Default for Limits {
@@ -88,6 +90,7 @@ impl Default for Limits {
             idle_secs: 60,
             max_unfetched_key_bytes_per_client: 1 << 30,
             unfetched_key_ttl_secs: 3600,
+            max_sets_per_client: 10_000,
         }
     }
 }

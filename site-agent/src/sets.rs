@@ -4,7 +4,9 @@
 //!
 //! On disk: `store_dir/sets/<owner in hex>/<name>.json`, one file per set and owner,
 //! replaced atomically (written to `.tmp`, `fsync`ed, renamed, folder `fsync`ed); folders
-//! 0700, files 0600. The name is checked ([`valid_set_name`]) before it becomes a file name,
+//! 0700, files 0600; at most `limits.max_sets_per_client` sets per client (429 past it;
+//! concurrent first writes of new sets may pass it by a few). The name is checked
+//! ([`valid_set_name`]) before it becomes a file name,
 //! and the owner is hex-encoded, so neither can leave the folder.
 
 use std::fs;
@@ -28,15 +30,32 @@ fn internal(what: &Path, e: impl std::fmt::Display) -> ApiError {
     )
 }
 
-/// Writes `m` as its owner's set `m.name`, replacing the previous one atomically.
-fn write(root: &Path, m: &SetManifest) -> Result<(), ApiError> {
+/// Writes `m` as its owner's set `m.name`, replacing the previous one atomically; a new
+/// set past the owner's `max` sets is refused (429).
+fn write(root: &Path, m: &SetManifest, max: usize) -> Result<(), ApiError> {
     let dir = owner_dir(root, &m.owner);
+    let fin = dir.join(format!("{}.json", m.name));
+    if !fin.exists() {
+        let held = fs::read_dir(&dir).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        });
+        if held >= max {
+            return Err(ApiError(
+                actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "client {} already keeps {held} sample sets here (limits.max_sets_per_client = {max})",
+                    m.owner
+                ),
+            ));
+        }
+    }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&dir)
         .map_err(|e| internal(&dir, e))?;
-    let fin = dir.join(format!("{}.json", m.name));
     let tmp = dir.join(format!("{}.json.tmp", m.name));
     let text = serde_json::to_vec_pretty(m).map_err(|e| internal(&fin, e))?;
     let mut f = fs::OpenOptions::new()
@@ -118,7 +137,8 @@ pub(crate) async fn put(
     m.owner = caller;
     let root = a.cfg.store_dir.clone();
     let stored = m.clone();
-    web::block(move || write(&root, &stored))
+    let max = a.cfg.limits.max_sets_per_client;
+    web::block(move || write(&root, &stored, max))
         .await
         .map_err(|e| internal(&a.cfg.store_dir, e))??;
     Ok(HttpResponse::Ok().json(m))
