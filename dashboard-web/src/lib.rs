@@ -126,6 +126,9 @@ pub struct Job {
     pub kind: JobKind,
     /// The client SAE.
     pub client: String,
+    /// The SAE that stored the backup (the client, for stores).
+    #[serde(default)]
+    pub owner: String,
     /// Share bytes moved so far.
     pub bytes: u64,
     /// The share's length, when known.

@@ -154,14 +154,9 @@ impl ServedShare {
     async fn stream(self, from: u64, to: u64, tx: FrameTx) {
         let m = self.share.manifest();
         let agent = self.agent.clone();
-        let mut job = agent.jobs.begin(Begin {
-            id: self.id,
-            share: self.i,
-            kind: JobKind::Restore,
-            client: &self.caller,
-            name: &m.open.name,
-            total_bytes: m.open.chunk_count * u64::from(m.open.chunk_size),
-        });
+        let mut job = agent
+            .jobs
+            .begin(Begin::of(&m, JobKind::Restore, &self.caller));
         let idle = Duration::from_secs(self.agent.cfg.limits.idle_secs);
         let mut j = from;
         let mut buf = vec![0u8; self.cs];

@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dashboard_web::{now_ms, Job, JobKind};
+use share_transfer::wire::Manifest;
 use uuid::Uuid;
 
 /// Finished jobs kept for the dashboard.
@@ -106,8 +107,25 @@ pub struct Begin<'a> {
     pub share: u8,
     pub kind: JobKind,
     pub client: &'a str,
+    /// The SAE that stored the backup.
+    pub owner: &'a str,
     pub name: &'a str,
     pub total_bytes: u64,
+}
+
+impl<'a> Begin<'a> {
+    /// A transfer of the share `m` describes, by `client`.
+    pub fn of(m: &'a Manifest, kind: JobKind, client: &'a str) -> Self {
+        Begin {
+            id: m.backup_id,
+            share: m.share_index,
+            kind,
+            client,
+            owner: &m.client_sae,
+            name: &m.open.name,
+            total_bytes: m.open.chunk_count * u64::from(m.open.chunk_size),
+        }
+    }
 }
 
 impl Jobs {
@@ -129,6 +147,7 @@ impl Jobs {
                     share: u32::from(b.share),
                     kind: b.kind,
                     client: b.client.to_owned(),
+                    owner: b.owner.to_owned(),
                     bytes: 0,
                     total_bytes: Some(b.total_bytes),
                     started_ms: now_ms(),
@@ -362,6 +381,7 @@ mod tests {
             share: 1,
             kind,
             client: "SAE_A1",
+            owner: "SAE_A1",
             name: "sample.fastq",
             total_bytes: 100,
         })

@@ -146,6 +146,7 @@ pub struct Agent {
     downloads: Arc<Gate>,
     ledger: Ledger,
     jobs: jobs::Jobs,
+    set_names: sets::SetNames,
 }
 
 type Shared = web::Data<Arc<Agent>>;
@@ -177,6 +178,7 @@ impl Agent {
             keys,
             peers: Mutex::new(HashMap::new()),
             jobs: jobs::Jobs::default(),
+            set_names: sets::SetNames::default(),
         })
     }
 

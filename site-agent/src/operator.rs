@@ -42,22 +42,25 @@ async fn metrics(a: web::Data<Arc<Agent>>) -> HttpResponse {
 }
 
 async fn jobs(a: web::Data<Arc<Agent>>) -> HttpResponse {
-    let mut jobs = a.jobs.snapshot();
-    // Files of sample sets by set and path (the share itself knows its file name only).
-    let root = a.cfg.store_dir.clone();
-    if let Ok(names) = web::block(move || crate::sets::names(&root)).await {
+    let agent = a.get_ref().clone();
+    // Files of sample sets by set and path (the share itself knows its file name only),
+    // from the sets of the backup's own owner.
+    let named = web::block(move || {
+        let mut jobs = agent.jobs.snapshot();
         for j in &mut jobs {
-            if let Some(n) = uuid::Uuid::parse_str(&j.backup_id)
-                .ok()
-                .and_then(|id| names.get(&id))
+            let id = uuid::Uuid::parse_str(&j.backup_id).ok();
+            if let Some(n) =
+                id.and_then(|id| agent.set_names.name(&agent.cfg.store_dir, &j.owner, id))
             {
-                j.name = Some(n.clone());
+                j.name = Some(n);
             }
         }
-    }
+        jobs
+    })
+    .await;
     HttpResponse::Ok().json(AgentSample {
         agent: a.cfg.sae_id.clone(),
         t_ms: dashboard_web::now_ms(),
-        jobs,
+        jobs: named.unwrap_or_else(|_| a.jobs.snapshot()),
     })
 }

@@ -9,13 +9,16 @@
 //! ([`valid_set_name`]) before it becomes a file name,
 //! and the owner is hex-encoded, so neither can leave the folder.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use share_transfer::wire::{valid_set_name, SetManifest};
+use uuid::Uuid;
 
 use crate::{bad, ApiError, Shared};
 
@@ -73,16 +76,45 @@ fn write(root: &Path, m: &SetManifest, max: usize) -> Result<(), ApiError> {
         .map_err(|e| internal(&dir, e))
 }
 
-/// `set/path` of every backup that is a file of a set kept here, by backup ID.
-pub(crate) fn names(root: &Path) -> std::collections::HashMap<uuid::Uuid, String> {
-    read_all(root)
-        .into_iter()
-        .flat_map(|m| {
-            m.files
-                .into_iter()
-                .map(move |f| (f.backup_id, format!("{}/{}", m.name, f.path)))
-        })
-        .collect()
+/// `set/path` of every backup that is a file of a set kept here, by its owner and backup:
+/// read from disk on first use, then kept current by every `PUT` (the operator's view asks
+/// for names every second; the folder is not read each time).
+#[derive(Default)]
+pub(crate) struct SetNames(Mutex<Option<HashMap<(String, Uuid), String>>>);
+
+impl SetNames {
+    fn add(names: &mut HashMap<(String, Uuid), String>, m: &SetManifest) {
+        for f in &m.files {
+            names.insert(
+                (m.owner.clone(), f.backup_id),
+                format!("{}/{}", m.name, f.path),
+            );
+        }
+    }
+
+    /// The name of backup `id` stored by `owner`, if it is a file of one of its sets.
+    /// Blocking: the first call reads every set manifest under `root`.
+    pub(crate) fn name(&self, root: &Path, owner: &str, id: Uuid) -> Option<String> {
+        let mut guard = self.0.lock().ok()?;
+        let names = guard.get_or_insert_with(|| {
+            let mut names = HashMap::new();
+            for m in read_all(root) {
+                Self::add(&mut names, &m);
+            }
+            names
+        });
+        names.get(&(owner.to_owned(), id)).cloned()
+    }
+
+    /// A set just written: its names, if the index is already built (else the first
+    /// [`SetNames::name`] reads it from disk).
+    fn written(&self, m: &SetManifest) {
+        if let Ok(mut guard) = self.0.lock() {
+            if let Some(names) = guard.as_mut() {
+                Self::add(names, m);
+            }
+        }
+    }
 }
 
 /// Every set kept here (unreadable files are skipped with a warning).
@@ -100,11 +132,11 @@ fn read_all(root: &Path) -> Vec<SetManifest> {
             if p.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            match fs::read(&p).map(|b| serde_json::from_slice::<SetManifest>(&b)) {
-                Ok(Ok(m)) => out.push(m),
-                Ok(Err(e)) => {
-                    tracing::warn!(file = %p.display(), error = %e, "unreadable set manifest")
-                }
+            let read = fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<SetManifest>(&b).map_err(|e| e.to_string()));
+            match read {
+                Ok(m) => out.push(m),
                 Err(e) => {
                     tracing::warn!(file = %p.display(), error = %e, "unreadable set manifest")
                 }
@@ -135,12 +167,20 @@ pub(crate) async fn put(
         return Err(bad(why));
     }
     m.owner = caller;
-    let root = a.cfg.store_dir.clone();
+    let agent = a.get_ref().clone();
     let stored = m.clone();
-    let max = a.cfg.limits.max_sets_per_client;
-    web::block(move || write(&root, &stored, max))
-        .await
-        .map_err(|e| internal(&a.cfg.store_dir, e))??;
+    web::block(move || {
+        write(
+            &agent.cfg.store_dir,
+            &stored,
+            agent.cfg.limits.max_sets_per_client,
+        )?;
+        // After the file: a first read of the folder racing this one sees it anyway.
+        agent.set_names.written(&stored);
+        Ok::<_, ApiError>(())
+    })
+    .await
+    .map_err(|e| internal(&a.cfg.store_dir, e))??;
     Ok(HttpResponse::Ok().json(m))
 }
 

@@ -38,14 +38,7 @@ pub(crate) async fn upload(
     let _pass = a.uploads.enter(&caller).map_err(|r| a.refused(r))?;
     let (id, i) = ids(&path)?;
     let (share, m) = a.owned_share(&caller, id, i)?;
-    let mut job = a.jobs.begin(Begin {
-        id,
-        share: i,
-        kind: JobKind::Store,
-        client: &caller,
-        name: &m.open.name,
-        total_bytes: m.open.chunk_count * u64::from(m.open.chunk_size),
-    });
+    let mut job = a.jobs.begin(Begin::of(&m, JobKind::Store, &caller));
     if let Some(ms) = req
         .headers()
         .get(share_transfer::wire::KEY_WAIT_HEADER)
@@ -71,8 +64,7 @@ async fn receive(
     payload: web::Payload,
     job: &Handle<'_>,
 ) -> Result<HttpResponse, ApiError> {
-    let caller = caller.to_owned();
-    let peer = a.peer(&caller).await?;
+    let peer = a.peer(caller).await?;
     let cs = m.open.chunk_size as usize;
     let max_per_request = peer.status.max_key_per_request as usize;
     let idle = Duration::from_secs(a.cfg.limits.idle_secs);
@@ -95,7 +87,7 @@ async fn receive(
         let fetch = async {
             let t = Instant::now();
             a.keys
-                .fetch_chunks(&caller, &key_ids, max_per_request)
+                .fetch_chunks(caller, &key_ids, max_per_request)
                 .await
                 .map(|k| (k, t.elapsed()))
                 .map_err(ApiError::from)
