@@ -1,6 +1,8 @@
 //! Reading every KME and agent once per sample interval, concurrently, each within
 //! [`TIMEOUT`]; one that does not answer is listed as unreachable, never waited for.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -18,6 +20,8 @@ pub struct Sources {
     agent_client: reqwest::Client,
     kmes: Vec<String>,
     agents: Vec<String>,
+    /// KME ID → base URL, as the samples say (the eavesdropper switch names a KME by ID).
+    urls: Mutex<HashMap<String, String>>,
 }
 
 impl Sources {
@@ -50,6 +54,7 @@ impl Sources {
             agent_client,
             kmes: trim(kmes),
             agents: trim(agents),
+            urls: Mutex::new(HashMap::new()),
         })
     }
 
@@ -83,24 +88,15 @@ impl Sources {
             t_ms: dashboard_web::now_ms(),
             ..Update::default()
         };
-        for (url, r) in kmes {
-            match r {
-                Ok(s) => u.kmes.push(s),
-                Err(error) => u.unreachable.push(Unreachable {
-                    name: format!("KME at {url}"),
-                    error,
-                }),
+        if let Ok(mut urls) = self.urls.lock() {
+            for (url, r) in &kmes {
+                if let Ok(s) = r {
+                    urls.insert(s.kme_id.clone(), (*url).clone());
+                }
             }
         }
-        for (url, r) in agents {
-            match r {
-                Ok(s) => u.agents.push(s),
-                Err(error) => u.unreachable.push(Unreachable {
-                    name: format!("site agent at {url}"),
-                    error,
-                }),
-            }
-        }
+        sort_replies(kmes, "KME", &mut u.kmes, &mut u.unreachable);
+        sort_replies(agents, "site agent", &mut u.agents, &mut u.unreachable);
         u
     }
 
@@ -112,19 +108,13 @@ impl Sources {
         peer: &str,
         body: Vec<u8>,
     ) -> Result<(u16, Vec<u8>), String> {
-        // The KME by its ID: the one whose latest sample carries it.
-        let mut url = None;
-        for k in &self.kmes {
-            if let Ok(s) =
-                get_json::<KmeSample>(&self.kme_client, &format!("{k}/dashboard/api/sample")).await
-            {
-                if s.kme_id == kme {
-                    url = Some(k.clone());
-                    break;
-                }
-            }
-        }
-        let url = url.ok_or_else(|| format!("no reachable KME is {kme}"))?;
+        // The KME by its ID, as the samples found it.
+        let url = self
+            .urls
+            .lock()
+            .ok()
+            .and_then(|u| u.get(kme).cloned())
+            .ok_or_else(|| format!("no reachable KME is {kme}"))?;
         let r = self
             .kme_client
             .post(format!("{url}/admin/v1/links/{peer}/eavesdropper"))
@@ -136,6 +126,24 @@ impl Sources {
         let status = r.status().as_u16();
         let bytes = r.bytes().await.map_err(|e| format!("{url}: {e}"))?;
         Ok((status, bytes.to_vec()))
+    }
+}
+
+/// Each source's reply: into `ok`, or as unreachable (named "`what` at URL").
+fn sort_replies<T>(
+    replies: Vec<(&String, Result<T, String>)>,
+    what: &str,
+    ok: &mut Vec<T>,
+    unreachable: &mut Vec<Unreachable>,
+) {
+    for (url, r) in replies {
+        match r {
+            Ok(s) => ok.push(s),
+            Err(error) => unreachable.push(Unreachable {
+                name: format!("{what} at {url}"),
+                error,
+            }),
+        }
     }
 }
 
