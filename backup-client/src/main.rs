@@ -347,11 +347,11 @@ async fn client(cli: Cli, cfg: ClientConfig) -> Result<i32> {
             }
         }
         Cmd::Restore { args, set, file } => match (set, args.as_slice()) {
-            (None, [id, out]) => restore(&bc, id, Path::new(out), cli.json, show).await,
+            (None, [id, out]) => restore(&bc, parse_id(id)?, Path::new(out), cli.json, show).await,
             (Some(name), [out]) => match file {
                 Some(f) => {
                     let id = bc.set_member(&name, &f).await?;
-                    restore(&bc, &id.to_string(), Path::new(out), cli.json, show).await
+                    restore(&bc, id, Path::new(out), cli.json, show).await
                 }
                 None => restore_set(&bc, &name, Path::new(out), cli.json).await,
             },
@@ -364,31 +364,7 @@ async fn client(cli: Cli, cfg: ClientConfig) -> Result<i32> {
             )),
         },
         Cmd::List => list(&bc, cli.json).await,
-        Cmd::Repair { id, site } => {
-            let id = parse_id(&id)?;
-            let bar = Bar::start(bc.progress.clone(), "repair", show);
-            let r = bc.repair(id, &site).await;
-            drop(bar);
-            let r = r?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                eprintln!(
-                    "repaired share {} of backup {} at site {} ({} chunks) in {:.2} s from shares {}",
-                    r.share_index,
-                    r.backup_id,
-                    r.site,
-                    r.chunks,
-                    r.seconds,
-                    r.from
-                        .iter()
-                        .map(|(s, i)| format!("{i}@{s}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-            Ok(0)
-        }
+        Cmd::Repair { id, site } => repair(&bc, parse_id(&id)?, &site, cli.json, show).await,
         Cmd::Verify {
             id: Some(id),
             all: false,
@@ -545,8 +521,38 @@ async fn restore_set(bc: &BackupClient, name: &str, dir: &Path, json: bool) -> R
     Ok(0)
 }
 
-async fn restore(bc: &BackupClient, id: &str, out: &Path, json: bool, show: Show) -> Result<i32> {
-    let id = parse_id(id)?;
+/// `repair ID --site SITE`.
+async fn repair(bc: &BackupClient, id: Uuid, site: &str, json: bool, show: Show) -> Result<i32> {
+    let bar = Bar::start(bc.progress.clone(), "repair", show);
+    let r = bc.repair(id, site).await;
+    drop(bar);
+    let r = r?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        eprintln!(
+            "repaired share {} of backup {} at site {} ({} chunks) in {:.2} s from shares {}",
+            r.share_index,
+            r.backup_id,
+            r.site,
+            r.chunks,
+            r.seconds,
+            r.from
+                .iter()
+                .map(|(s, i)| format!("{i}@{s}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(0)
+}
+
+/// The command that rebuilds share of backup `id` lost at `site`.
+fn repair_command(id: Uuid, site: &str) -> String {
+    format!("backup-client repair {id} --site {site}")
+}
+
+async fn restore(bc: &BackupClient, id: Uuid, out: &Path, json: bool, show: Show) -> Result<i32> {
     let bar = Bar::start(bc.progress.clone(), "restore", show);
     let r = bc.restore(id, out).await;
     drop(bar);
@@ -574,8 +580,7 @@ async fn restore(bc: &BackupClient, id: &str, out: &Path, json: bool, show: Show
 }
 
 async fn list(bc: &BackupClient, json: bool) -> Result<i32> {
-    let (entries, errors) = bc.list().await;
-    let (sets, _) = bc.sets().await;
+    let ((entries, errors), (sets, _)) = futures_util::join!(bc.list(), bc.sets());
     if json {
         println!(
             "{}",
@@ -644,8 +649,9 @@ async fn verify(bc: &BackupClient, id: &str, json: bool) -> Result<i32> {
         for c in &checks {
             for i in &c.lost {
                 println!(
-                    "site {}: share {i}: LOST (not held there): run `backup-client repair {id} --site {}`",
-                    c.site, c.site
+                    "site {}: share {i}: LOST (not held there): run `{}`",
+                    c.site,
+                    repair_command(id, &c.site)
                 );
             }
         }
@@ -685,7 +691,8 @@ async fn scrub(
         }
         for (name, id, site, i) in &r.lost_shares {
             println!(
-                "LOST: {name} (backup {id}) share {i} at site {site}: run `backup-client repair {id} --site {site}`"
+                "LOST: {name} (backup {id}) share {i} at site {site}: run `{}`",
+                repair_command(*id, site)
             );
         }
         for (path, id) in &r.lost {

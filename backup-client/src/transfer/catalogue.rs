@@ -13,11 +13,11 @@ impl BackupClient {
     pub async fn list(&self) -> (Vec<BackupEntry>, Vec<(String, String)>) {
         let mut by_id: HashMap<Uuid, BackupEntry> = HashMap::new();
         let mut errors = Vec::new();
-        for site in &self.cfg.sites {
-            match self
-                .agent_call::<Vec<Manifest>>(site, reqwest::Method::GET, "/v1/backups", None)
-                .await
-            {
+        let replies = self
+            .ask_sites::<Vec<Manifest>>(reqwest::Method::GET, "/v1/backups", None)
+            .await;
+        for (site, reply) in replies {
+            match reply {
                 Ok(ms) => {
                     for m in ms {
                         let e = by_id.entry(m.backup_id).or_insert_with(|| BackupEntry {
@@ -27,6 +27,7 @@ impl BackupClient {
                             created: m.open.created,
                             scheme: m.open.scheme,
                             shares: Vec::new(),
+                            placement: m.open.placement.clone(),
                         });
                         e.shares
                             .push((m.share_index, site.name.clone(), m.complete));
@@ -44,41 +45,46 @@ impl BackupClient {
     }
 
     /// Checks every share of backup `id` at every site (all sites at once), without
-    /// reconstructing: each agent re-reads its chunks against their digests.
+    /// reconstructing: each agent re-reads its chunks against their digests. Shares the
+    /// backup places at a site that does not hold them are reported as lost there.
     pub async fn verify(&self, id: Uuid) -> Vec<SiteCheck> {
-        let path = format!("/v1/backups/{id}/verify");
-        let checks = self.cfg.sites.iter().map(|site| {
-            let path = path.clone();
-            async move {
-                let r = self
-                    .agent_call::<Vec<ShareCheck>>(site, reqwest::Method::POST, &path, None)
-                    .await;
-                match r {
-                    Ok(shares) => SiteCheck {
-                        site: site.name.clone(),
-                        shares,
-                        lost: Vec::new(),
-                        error: None,
-                    },
-                    Err(e) => SiteCheck {
-                        site: site.name.clone(),
-                        shares: Vec::new(),
-                        lost: Vec::new(),
-                        error: Some(e.to_string()),
-                    },
-                }
-            }
-        });
-        let mut out = futures_util::future::join_all(checks).await;
-        // Where the shares should be, as the manifests found say.
-        let found = self.find_shares(id).await;
+        let (mut checks, found) = futures_util::join!(self.check_sites(id), self.find_shares(id));
         let placement = found
             .candidates
-            .iter()
+            .first()
             .map(|(_, m)| m.open.placement.clone())
-            .next()
             .unwrap_or_default();
-        for c in out.iter_mut().filter(|c| c.error.is_none()) {
+        self.mark_lost(&mut checks, &placement);
+        checks
+    }
+
+    /// Every site's check of its shares of backup `id`.
+    pub(super) async fn check_sites(&self, id: Uuid) -> Vec<SiteCheck> {
+        let path = format!("/v1/backups/{id}/verify");
+        let replies = self
+            .ask_sites::<Vec<ShareCheck>>(reqwest::Method::POST, &path, None)
+            .await;
+        replies
+            .into_iter()
+            .map(|(site, reply)| {
+                let (shares, error) = match reply {
+                    Ok(shares) => (shares, None),
+                    Err(e) => (Vec::new(), Some(e.to_string())),
+                };
+                SiteCheck {
+                    site: site.name.clone(),
+                    shares,
+                    lost: Vec::new(),
+                    error,
+                }
+            })
+            .collect()
+    }
+
+    /// Notes, at every site that answered, the shares `placement` puts there that it does
+    /// not hold.
+    pub(super) fn mark_lost(&self, checks: &mut [SiteCheck], placement: &[String]) {
+        for c in checks.iter_mut().filter(|c| c.error.is_none()) {
             let Some(site) = self.cfg.sites.iter().find(|s| s.name == c.site) else {
                 continue;
             };
@@ -89,6 +95,5 @@ impl BackupClient {
                 }
             }
         }
-        out
     }
 }

@@ -160,6 +160,10 @@ pub struct StoreReport {
     pub resumed: bool,
     pub chunks_sent: u64,
     pub shares: Vec<ShareReport>,
+    /// BLAKE3 of the file as it was read for the split (the digest the sites' trailers
+    /// carry).
+    #[serde(skip)]
+    pub digest: [u8; 32],
 }
 
 /// Result of `restore`.
@@ -186,6 +190,9 @@ pub struct BackupEntry {
     pub scheme: SchemeInfo,
     /// `(share index, site, complete)`.
     pub shares: Vec<(u8, String, bool)>,
+    /// The agent SAE of each share index's site, as the backup was opened.
+    #[serde(skip)]
+    pub placement: Vec<String>,
 }
 
 /// Result of `verify` for one site.
@@ -275,6 +282,21 @@ impl BackupClient {
             site: site.name.clone(),
             message: message.into(),
         }
+    }
+
+    /// The same call to every configured site's agent at once: each site with its reply,
+    /// in the configuration's order.
+    async fn ask_sites<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Vec<(&Site, Result<T, TransferError>)> {
+        let calls = self.cfg.sites.iter().map(|site| {
+            let (method, body) = (method.clone(), body.clone());
+            async move { (site, self.agent_call(site, method, path, body).await) }
+        });
+        futures_util::future::join_all(calls).await
     }
 
     /// One JSON call of a site agent's API; a non-2xx reply becomes the agent's message.

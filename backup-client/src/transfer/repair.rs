@@ -22,15 +22,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use share_transfer::wire::{splits_digest, Finalize, Manifest};
-use sharing::format::{ShareHeader, ShareTrailer};
+use share_transfer::wire::splits_digest;
+use sharing::format::ShareHeader;
 use sharing::sharing::Combiner;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::download::{Received, ShareStreams};
 use super::restore::no_spare_error;
-use super::upload::{Job, Uploader};
+use super::upload::Job;
 use super::{BackupClient, TransferError};
 
 /// Result of a repair.
@@ -103,26 +103,8 @@ impl BackupClient {
         let (t, _) = self.open_share(&site, id, target, &body, cs).await?;
         let held = t.held.clone();
         let (tx, rx) = async_channel::bounded::<Job>(8);
-        let up = Uploader {
-            http: self.http.clone(),
-            keys: self.keys.clone(),
-            site: site.clone(),
-            share: target,
-            backup: id,
-            plan: t.plan,
-            batch: self
-                .cfg
-                .backup
-                .batch_chunks
-                .min(t.plan.chunks_per_request())
-                .max(1),
-            retries: self.cfg.backup.retries,
-            progress: self.progress.clone(),
-            chunk_size: cs,
-            size: trailer.original_len,
-            sent: Arc::new(AtomicU64::new(0)),
-            report_progress: true,
-        };
+        let sent = Arc::new(AtomicU64::new(0));
+        let up = self.uploader(&t, id, (cs, trailer.original_len), &sent, true);
         let uploading = tokio::spawn(async move { up.run(rx).await });
         let count = trailer.chunk_count;
         self.progress
@@ -168,7 +150,12 @@ impl BackupClient {
         uploading
             .await
             .map_err(|e| TransferError::Failed(e.to_string()))??;
-        self.finalize_repaired(&site, id, target, &header, &trailer, &nonces)
+        let header = ShareHeader {
+            index: target,
+            ..header
+        };
+        let splits = splits_digest(nonces.iter().copied());
+        self.finalize_share(&site, id, &header, &trailer, &splits)
             .await?;
         Ok(RepairReport {
             backup_id: id,
@@ -178,39 +165,5 @@ impl BackupClient {
             seconds: started.elapsed().as_secs_f64(),
             from,
         })
-    }
-
-    /// Completes the repaired share with the header of its index and the trailer the
-    /// other shares agree on.
-    async fn finalize_repaired(
-        &self,
-        site: &super::Site,
-        id: Uuid,
-        target: u8,
-        header: &ShareHeader,
-        trailer: &ShareTrailer,
-        nonces: &[(u64, u64)],
-    ) -> Result<(), TransferError> {
-        let h = ShareHeader {
-            index: target,
-            ..*header
-        }
-        .encode()
-        .map_err(|e| TransferError::Failed(e.to_string()))?;
-        let body = serde_json::to_vec(&Finalize {
-            header_hex: hex::encode(h),
-            trailer_hex: hex::encode(trailer.encode(&h)),
-            splits: splits_digest(nonces.iter().copied()),
-        })
-        .map_err(|e| TransferError::Failed(e.to_string()))?;
-        let _: Manifest = self
-            .agent_call(
-                site,
-                reqwest::Method::POST,
-                &format!("/v1/backups/{id}/shares/{target}/finalize"),
-                Some(body),
-            )
-            .await?;
-        Ok(())
     }
 }

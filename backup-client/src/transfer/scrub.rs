@@ -120,7 +120,9 @@ impl BackupClient {
             }
         }
         for e in entries {
-            let sites = self.verify(e.backup_id).await;
+            // The placement came with the listing: no second round of manifests.
+            let mut sites = self.check_sites(e.backup_id).await;
+            self.mark_lost(&mut sites, &e.placement);
             let mut ok = true;
             for s in &sites {
                 if let Some(err) = &s.error {

@@ -202,11 +202,11 @@ impl BackupClient {
     pub async fn sets(&self) -> (Vec<SetManifest>, Vec<(String, String)>) {
         let mut by_key: HashMap<(String, String), SetManifest> = HashMap::new();
         let mut errors = Vec::new();
-        for site in &self.cfg.sites {
-            match self
-                .agent_call::<Vec<SetManifest>>(site, reqwest::Method::GET, "/v1/sets", None)
-                .await
-            {
+        let replies = self
+            .ask_sites::<Vec<SetManifest>>(reqwest::Method::GET, "/v1/sets", None)
+            .await;
+        for (site, reply) in replies {
+            match reply {
                 Ok(all) => {
                     for m in all {
                         let key = (m.owner.clone(), m.name.clone());
@@ -253,16 +253,12 @@ impl BackupClient {
         let body = serde_json::to_vec(m).map_err(|e| TransferError::Failed(e.to_string()))?;
         let mut ok = Vec::new();
         let mut errors = Vec::new();
-        for site in &self.cfg.sites {
-            match self
-                .agent_call::<SetManifest>(
-                    site,
-                    reqwest::Method::PUT,
-                    &format!("/v1/sets/{}", m.name),
-                    Some(body.clone()),
-                )
-                .await
-            {
+        let path = format!("/v1/sets/{}", m.name);
+        let replies = self
+            .ask_sites::<SetManifest>(reqwest::Method::PUT, &path, Some(body))
+            .await;
+        for (site, reply) in replies {
+            match reply {
                 Ok(_) => ok.push(site.name.clone()),
                 Err(e) => errors.push(e.to_string()),
             }
@@ -317,14 +313,12 @@ impl BackupClient {
                     .join(", ")
             )));
         }
-        let previous = self
-            .find_set(name)
-            .await?
-            .filter(|m| m.owner == self.cfg.sae_id);
-        let before: HashMap<String, SetFile> = previous
+        let (previous, complete) =
+            futures_util::join!(self.find_set(name), self.complete_backups());
+        let before: HashMap<String, SetFile> = previous?
+            .filter(|m| m.owner == self.cfg.sae_id)
             .map(|m| m.files.into_iter().map(|f| (f.path.clone(), f)).collect())
             .unwrap_or_default();
-        let complete = self.complete_backups().await;
         let mut local = LocalSet::load(&self.cfg.state_dir, name);
         let mut manifest = SetManifest {
             name: name.to_owned(),
@@ -354,25 +348,31 @@ impl BackupClient {
             c.store(0, Relaxed);
         }
         for (pos, f) in found.iter().enumerate() {
-            let dig = digest(&f.full)?;
             let same = before.get(&f.path).filter(|p| {
                 p.size == f.size && p.mtime_ns == f.mtime_ns && complete.contains(&p.backup_id)
             });
-            let outcome = match (same, local.files.get(&f.path)) {
-                (Some(p), Some((_, _, d, id))) if *d == dig && *id == p.backup_id => {
+            // Read here only to confirm a file that looks unchanged; a file sent gets the
+            // digest its store computed while reading it.
+            let looked = match same {
+                Some(_) => Some(digest(&f.full)?),
+                None => None,
+            };
+            let outcome = match (same, local.files.get(&f.path), &looked) {
+                (Some(p), Some((_, _, d, id)), Some(now)) if d == now && *id == p.backup_id => {
                     Some(Outcome::Unchanged)
                 }
-                (Some(_), None) => Some(Outcome::UnchangedBySizeAndTime),
+                (Some(_), None, _) => Some(Outcome::UnchangedBySizeAndTime),
                 _ => None,
             };
             each(pos + 1, found.len(), &f.path, outcome.is_none());
-            let (backup_id, outcome) = match (outcome, same) {
-                (Some(o), Some(p)) => (p.backup_id, o),
+            let (backup_id, outcome, dig) = match (outcome, same, looked) {
+                (Some(o), Some(p), Some(d)) => (p.backup_id, o, d),
                 _ => {
                     let r = self.store(&f.full, opts).await?;
                     bytes_sent += r.bytes;
                     sp.bytes_sent.fetch_add(r.bytes, Relaxed);
-                    (r.backup_id, Outcome::Stored)
+                    let d = blake3::Hash::from_bytes(r.digest).to_hex().to_string();
+                    (r.backup_id, Outcome::Stored, d)
                 }
             };
             self.progress.done.store(0, Relaxed);
@@ -389,9 +389,9 @@ impl BackupClient {
                 mtime_ns: f.mtime_ns,
                 backup_id,
             });
-            manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
-            manifest.updated = now();
             if outcome == Outcome::Stored || pos + 1 == found.len() {
+                manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
+                manifest.updated = now();
                 sites = self.put_set(&manifest).await?;
             }
             reports.push(SetFileReport {

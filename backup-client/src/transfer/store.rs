@@ -139,6 +139,7 @@ impl BackupClient {
             seconds: started.elapsed().as_secs_f64(),
             resumed: resume.start == Start::Resumed,
             chunks_sent: uploaded.chunks_sent,
+            digest: uploaded.digest,
             shares: reports,
         })
     }
@@ -342,21 +343,13 @@ impl BackupClient {
             let (tx, rx) = async_channel::bounded::<Job>(streams * batch);
             senders.push((t.share, tx));
             for _ in 0..streams {
-                let up = Uploader {
-                    http: self.http.clone(),
-                    keys: self.keys.clone(),
-                    site: t.site.clone(),
-                    share: t.share,
-                    backup: id,
-                    plan: t.plan,
-                    batch: batch.min(t.plan.chunks_per_request()).max(1),
-                    retries: self.cfg.backup.retries,
-                    progress: self.progress.clone(),
-                    chunk_size: plan.chunk_size,
-                    size: plan.size,
-                    sent: sent.clone(),
-                    report_progress: t.share == targets[0].share,
-                };
+                let up = self.uploader(
+                    t,
+                    id,
+                    (plan.chunk_size, plan.size),
+                    sent,
+                    t.share == targets[0].share,
+                );
                 let rx = rx.clone();
                 uploaders.push((
                     t.share,
@@ -397,22 +390,9 @@ impl BackupClient {
                 index: i,
                 chunk_size: plan.chunk_size,
                 set_id: *id.as_bytes(),
-            }
-            .encode()
-            .map_err(|e| TransferError::Failed(e.to_string()))?;
-            let body = serde_json::to_vec(&Finalize {
-                header_hex: hex::encode(header),
-                trailer_hex: hex::encode(trailer.encode(&header)),
-                splits: up.splits.clone(),
-            })
-            .unwrap_or_default();
-            let r: Result<Manifest, _> = self
-                .agent_call(
-                    &t.site,
-                    reqwest::Method::POST,
-                    &format!("/v1/backups/{id}/shares/{i}/finalize"),
-                    Some(body),
-                )
+            };
+            let r = self
+                .finalize_share(&t.site, id, &header, &trailer, &up.splits)
                 .await;
             if let Some(rep) = rep {
                 match r {
@@ -422,6 +402,68 @@ impl BackupClient {
             }
         }
         Ok(())
+    }
+
+    /// Completes share `header.index` of backup `id` at `site` with its header, the
+    /// trailer and the digest of its chunks' splits.
+    pub(super) async fn finalize_share(
+        &self,
+        site: &Site,
+        id: Uuid,
+        header: &ShareHeader,
+        trailer: &ShareTrailer,
+        splits: &str,
+    ) -> Result<Manifest, TransferError> {
+        let i = header.index;
+        let header = header
+            .encode()
+            .map_err(|e| TransferError::Failed(e.to_string()))?;
+        let body = serde_json::to_vec(&Finalize {
+            header_hex: hex::encode(header),
+            trailer_hex: hex::encode(trailer.encode(&header)),
+            splits: splits.to_owned(),
+        })
+        .map_err(|e| TransferError::Failed(e.to_string()))?;
+        self.agent_call(
+            site,
+            reqwest::Method::POST,
+            &format!("/v1/backups/{id}/shares/{i}/finalize"),
+            Some(body),
+        )
+        .await
+    }
+
+    /// An uploader of target `t`'s share of backup `id` (`size` file bytes in chunks of
+    /// `chunk_size`), counting acknowledged chunks in `sent`; `report_progress` for the one
+    /// share whose progress stands for the file's.
+    pub(super) fn uploader(
+        &self,
+        t: &Target,
+        id: Uuid,
+        (chunk_size, size): (usize, u64),
+        sent: &Arc<AtomicU64>,
+        report_progress: bool,
+    ) -> Uploader {
+        Uploader {
+            http: self.http.clone(),
+            keys: self.keys.clone(),
+            site: t.site.clone(),
+            share: t.share,
+            backup: id,
+            plan: t.plan,
+            batch: self
+                .cfg
+                .backup
+                .batch_chunks
+                .min(t.plan.chunks_per_request())
+                .max(1),
+            retries: self.cfg.backup.retries,
+            progress: self.progress.clone(),
+            chunk_size,
+            size,
+            sent: sent.clone(),
+            report_progress,
+        }
     }
 }
 
