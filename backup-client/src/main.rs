@@ -152,6 +152,21 @@ enum Cmd {
         #[arg(long, value_name = "SITE")]
         site: String,
     },
+    /// Renew every share of backup ID (or of every file of --set NAME) without the file:
+    /// the client deals a fresh sharing of zero and sends each site its part under one-time
+    /// pad and tag; each site folds it into its share, staged and then committed only once
+    /// every site staged it. Afterwards any k new shares restore the file and old shares
+    /// stolen earlier combine with new ones into nothing. All n shares must be available
+    /// (repair a lost one first). Sends n times the file's size and uses as much QKD key.
+    /// Re-running after an interruption finishes or rolls back the interrupted renewal.
+    Renew {
+        /// The backup to renew (or --set).
+        #[arg(required_unless_present = "set", conflicts_with = "set")]
+        id: Option<String>,
+        /// Renew every file of the sample set NAME.
+        #[arg(long, value_name = "NAME")]
+        set: Option<String>,
+    },
     /// Run the site agent (needs an agent configuration).
     Serve,
 }
@@ -365,6 +380,11 @@ async fn client(cli: Cli, cfg: ClientConfig) -> Result<i32> {
         },
         Cmd::List => list(&bc, cli.json).await,
         Cmd::Repair { id, site } => repair(&bc, parse_id(&id)?, &site, cli.json, show).await,
+        Cmd::Renew { id: Some(id), .. } => renew(&bc, parse_id(&id)?, cli.json, show).await,
+        Cmd::Renew {
+            set: Some(name), ..
+        } => renew_set(&bc, &name, cli.json, show).await,
+        Cmd::Renew { .. } => bail!("renew ID or renew --set NAME"),
         Cmd::Verify {
             id: Some(id),
             all: false,
@@ -545,6 +565,74 @@ async fn repair(bc: &BackupClient, id: Uuid, site: &str, json: bool, show: Show)
         );
     }
     Ok(0)
+}
+
+async fn renew(bc: &BackupClient, id: Uuid, json: bool, show: Show) -> Result<i32> {
+    let bar = Bar::start(bc.progress.clone(), "renew", show);
+    let r = bc.renew(id).await;
+    drop(bar);
+    let r = r?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        eprintln!("{}", renew_line(&r));
+    }
+    Ok(0)
+}
+
+async fn renew_set(bc: &BackupClient, name: &str, json: bool, show: Show) -> Result<i32> {
+    let bar = Bar::start(bc.progress.clone(), "renew", show);
+    let r = bc
+        .renew_set(name, |i, n, path| {
+            if !json {
+                tracing::info!(file = path, "renewing {} of {n}", i + 1);
+            }
+        })
+        .await;
+    drop(bar);
+    let files = r?;
+    if json {
+        let files: Vec<_> = files
+            .iter()
+            .map(|(path, r)| serde_json::json!({ "path": path, "renewal": r }))
+            .collect();
+        println!("{}", serde_json::json!({ "set": name, "files": files }));
+    } else {
+        for (path, r) in &files {
+            eprintln!("{path}: {}", renew_line(r));
+        }
+        eprintln!("renewed set {name}: {} file(s)", files.len());
+    }
+    Ok(0)
+}
+
+/// What a renewal did, in one line.
+fn renew_line(r: &backup_client::transfer::renew::RenewReport) -> String {
+    let shares = r
+        .shares
+        .iter()
+        .map(|(s, i)| format!("{i}@{s}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rolled = if r.rolled_back.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (rolled back {} interrupted renewal(s) first)",
+            r.rolled_back.len()
+        )
+    };
+    if r.finished_interrupted {
+        format!(
+            "finished the interrupted renewal {} of backup {}: shares {shares} are at epoch {}",
+            r.renewal, r.backup_id, r.epoch
+        )
+    } else {
+        format!(
+            "renewed backup {} ({}): shares {shares} now at epoch {}, {} chunks, {} delta bytes sent in {:.2} s{rolled}",
+            r.backup_id, r.name, r.epoch, r.chunks, r.bytes_sent, r.seconds
+        )
+    }
 }
 
 /// The command that rebuilds share of backup `id` lost at `site`.

@@ -108,12 +108,14 @@ pub struct KmeSample {
     pub keys_awaiting_slaves: u64,
 }
 
-/// Whether a job stores shares at the agent or serves them back.
+/// Whether a job stores shares at the agent, serves them back, or renews them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
     Store,
     Restore,
+    /// A share renewal's deltas arriving (see the agent's `renewal`).
+    Renew,
 }
 
 /// One share transfer a site agent sees: a client storing a share there, or restoring one.

@@ -323,29 +323,6 @@ fn a_share_is_readable_only_by_the_readers_its_owner_named() {
     assert!(same_files(&y, &out));
 }
 
-/// Adds `failpoint = "…"` to site `i`'s agent configuration (or removes it) and restarts it.
-fn restart_with_failpoint(net: &mut Net, i: usize, failpoint: Option<&str>) {
-    let p = net.info.sites[i].agent_config.clone();
-    let text = std::fs::read_to_string(&p).unwrap();
-    let text: String = text
-        .lines()
-        .filter(|l| !l.starts_with("failpoint"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let text = match failpoint {
-        Some(f) => format!("failpoint = \"{f}\"\n{text}"),
-        None => text,
-    };
-    std::fs::write(&p, text).unwrap();
-    net.restart_agent(i).unwrap();
-}
-
-/// Whether agent `i` aborted at its failpoint (its log says so).
-fn aborted(net: &Net, i: usize) -> bool {
-    let log = std::fs::read_to_string(&net.info.sites[i].agent_log).unwrap_or_default();
-    log.contains("failpoint reached")
-}
-
 #[test]
 fn a_crash_in_the_middle_of_a_chunk_rewrite_leaves_every_share_correct() {
     let mut net = backup_net(None);

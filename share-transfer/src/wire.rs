@@ -37,6 +37,8 @@ pub enum Direction {
     Store = 0,
     /// Agent → client.
     Restore = 1,
+    /// Client → agent: a share renewal's delta (see [`RenewBegin`]).
+    Renew = 2,
 }
 
 /// The header of one frame.
@@ -218,6 +220,14 @@ pub struct ShareOpen {
     /// disaster recovery (`recovery_clients`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readers: Option<Vec<String>>,
+    /// Share epoch: 0 as stored, one more after each renewal. Shares of different epochs
+    /// never combine (a restore uses one epoch; chunk nonces change with each renewal too).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u32,
+}
+
+fn is_zero(e: &u32) -> bool {
+    *e == 0
 }
 
 /// A sample set: files stored as one job, each its own backup. Every site keeps a copy
@@ -313,6 +323,65 @@ pub struct Manifest {
     #[serde(default)]
     pub trailer_hex: Option<String>,
     pub complete: bool,
+    /// The renewal that brought the share to its epoch (absent at epoch 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal: Option<Uuid>,
+}
+
+/// Body of `PUT /v1/backups/{id}/shares/{i}/renewal/{renewal}`: stage a renewal of the share
+/// from its current epoch to `epoch` (one more). Renewal in four steps, each idempotent:
+///
+/// 1. **begin** — the agent opens empty staging files beside the share;
+/// 2. **chunks** (`POST …/renewal/{renewal}/chunks`, frames as for a store, MAC direction
+///    [`Direction::Renew`]) — each frame's payload is the chunk's delta (a share of zero,
+///    `sharing::renewal`), which the agent XORs into its current chunk and writes to the
+///    staging files, with the frame's nonce as the chunk's new split nonce; the current
+///    share is not touched;
+/// 3. **prepare** ([`RenewPrepare`]) — the agent checks that every chunk is staged, from
+///    the splits the client dealt, and reads them back;
+/// 4. **commit** (`POST …/renewal/{renewal}/commit`) — sent only once every site prepared;
+///    the agent durably marks the renewal committed, then swaps the staged files in. A
+///    crash after the mark finishes the swap at restart; before it, the share is as it was.
+///
+/// Before commit, `DELETE …/renewal/{renewal}` drops the staged files (roll back).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewBegin {
+    /// The epoch the share moves to: the current one plus one.
+    pub epoch: u32,
+}
+
+/// Body of `POST …/renewal/{renewal}/prepare`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewPrepare {
+    /// [`splits_digest`] of the new `(chunk, nonce)` of every chunk.
+    pub splits: String,
+}
+
+/// A renewal staged at an agent and not yet committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRenewal {
+    pub renewal: Uuid,
+    /// The epoch it moves the share to.
+    pub epoch: u32,
+    /// Chunks staged so far.
+    pub staged: u64,
+    /// Every chunk staged and checked: ready to commit.
+    pub prepared: bool,
+}
+
+/// Reply of the renewal routes (`GET /v1/backups/{id}/shares/{i}/renewal` and the steps).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewalStatus {
+    /// The share's current epoch.
+    pub epoch: u32,
+    /// The renewal that brought it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal: Option<Uuid>,
+    /// A renewal staged and not committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingRenewal>,
 }
 
 /// Reply of `GET /v1/backups/{id}/shares/{index}/state`.

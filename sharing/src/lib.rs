@@ -20,6 +20,7 @@
 //!   [`split_stream`] and the backup client's store pipeline share; [`split_stream`] /
 //!   [`combine_stream`] over `std::io`, and in-memory [`split`] / [`combine`]; bounded
 //!   memory for inputs of any size.
+//! * [`renewal`] — [`Refresher`]: sharings of zero that renew shares without the secret.
 //! * [`format`](mod@format) — the share file header/trailer.
 //! * [`rng`] — randomness sources behind the [`RandomSource`] trait.
 //! * [`xor`] — the XOR kernels (also the one-time pad's).
@@ -46,6 +47,7 @@ pub mod format;
 #[allow(unsafe_code)] // SIMD kernels; every block carries its SAFETY argument
 pub mod gf256;
 mod kurihara;
+pub mod renewal;
 pub mod rng;
 pub mod scheme;
 mod shamir;
@@ -53,6 +55,7 @@ pub mod sharing;
 pub mod stream;
 pub mod xor;
 
+pub use renewal::Refresher;
 pub use rng::{ChaChaRounds, ChaChaSource, DeviceSource, OsSource, RandomSource, RngChoice};
 pub use scheme::{Scheme, SchemeKind};
 pub use sharing::{Combiner, SharingError, Splitter};

@@ -37,6 +37,8 @@
 //! - `PUT  /v1/sets/{name}` — [`SetManifest`](share_transfer::wire::SetManifest), the
 //!   caller's sample set, replaced; `GET /v1/sets` → the sets the caller may read (`sets`)
 //! - `POST /v1/backups/{id}/verify` → [`ShareCheck`](share_transfer::wire::ShareCheck)s
+//! - `…/shares/{i}/renewal[/{renewal}[/chunks|/prepare|/commit]]` — share renewal, staged
+//!   and committed in steps (`renewal`; the files in [`staging`])
 //!
 //! On the operator's plain-HTTP listener (`metrics_listen`, off unless set; see
 //! [`jobs`]): `GET /metrics` (Prometheus) and `GET /jobs` (the transfers it sees, for the
@@ -52,7 +54,9 @@ mod download;
 pub mod jobs;
 pub mod ledger;
 mod operator;
+mod renewal;
 mod sets;
+pub mod staging;
 pub mod storage;
 mod upload;
 
@@ -108,7 +112,9 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let code = match &e {
             StoreError::NotFound { .. } | StoreError::Missing { .. } => StatusCode::NOT_FOUND,
-            StoreError::Conflict { .. } | StoreError::Complete { .. } => StatusCode::CONFLICT,
+            StoreError::Conflict { .. } | StoreError::Complete { .. } | StoreError::Renewal(_) => {
+                StatusCode::CONFLICT
+            }
             StoreError::NotOwner { .. } => StatusCode::FORBIDDEN,
             StoreError::Finalize(_) => StatusCode::BAD_REQUEST,
             StoreError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -166,8 +172,16 @@ impl Agent {
             storage::arm_failpoint(f);
         }
         let l = &cfg.limits;
+        let storage = Storage::new(&cfg.store_dir, cfg.direct_io)?;
+        let finished = storage.recover_renewals()?;
+        if finished > 0 {
+            tracing::info!(
+                shares = finished,
+                "finished share renewals committed before a restart"
+            );
+        }
         Ok(Agent {
-            storage: Storage::new(&cfg.store_dir, cfg.direct_io)?,
+            storage,
             uploads: Gate::new("upload", l.max_uploads_per_client, l.max_uploads),
             downloads: Gate::new("download", l.max_downloads_per_client, l.max_downloads),
             ledger: Ledger::new(
@@ -360,6 +374,30 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/v1/backups/{id}/shares/{i}/finalize",
             web::post().to(finalize),
+        )
+        .route(
+            "/v1/backups/{id}/shares/{i}/renewal",
+            web::get().to(renewal::status),
+        )
+        .route(
+            "/v1/backups/{id}/shares/{i}/renewal/{renewal}",
+            web::put().to(renewal::begin),
+        )
+        .route(
+            "/v1/backups/{id}/shares/{i}/renewal/{renewal}",
+            web::delete().to(renewal::abort),
+        )
+        .route(
+            "/v1/backups/{id}/shares/{i}/renewal/{renewal}/chunks",
+            web::post().to(renewal::chunks),
+        )
+        .route(
+            "/v1/backups/{id}/shares/{i}/renewal/{renewal}/prepare",
+            web::post().to(renewal::prepare),
+        )
+        .route(
+            "/v1/backups/{id}/shares/{i}/renewal/{renewal}/commit",
+            web::post().to(renewal::commit),
         )
         .default_service(web::to(|req: HttpRequest| async move {
             Err::<HttpResponse, _>(ApiError(

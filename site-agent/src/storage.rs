@@ -39,6 +39,7 @@ use share_transfer::wire::{Manifest, ShareCheck, ShareOpen};
 use sharing::format::{ShareHeader, ShareTrailer, HEADER_LEN, TRAILER_LEN};
 
 pub use crate::aligned::{AlignedBuf, DIO_ALIGN};
+use crate::staging::{self, Staging};
 
 const RECORD: usize = 48;
 
@@ -75,9 +76,11 @@ pub enum StoreError {
     Missing { chunk: u64 },
     #[error("chunk {chunk} is being written by another upload; retry")]
     Busy { chunk: u64 },
+    #[error("share renewal: {0}")]
+    Renewal(String),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_owned(),
         source,
@@ -94,6 +97,12 @@ pub enum Failpoint {
     /// A rewrite of held chunks: after their tombstones are durable and the new data is
     /// written, before the new records.
     Rewrite,
+    /// Staging a renewal: after renewed chunks are written, before their records.
+    RenewStage,
+    /// Committing a renewal: when the commit is asked, before the commit point.
+    RenewPrecommit,
+    /// Committing a renewal: after the commit point, before the staged files are swapped in.
+    RenewCommit,
 }
 
 static FAILPOINT: std::sync::OnceLock<Failpoint> = std::sync::OnceLock::new();
@@ -104,7 +113,7 @@ pub fn arm_failpoint(f: Failpoint) {
     tracing::warn!(failpoint = ?f, "crash-test failpoint armed: this agent will abort on purpose");
 }
 
-fn failpoint(at: Failpoint) {
+pub(crate) fn failpoint(at: Failpoint) {
     if FAILPOINT.get() == Some(&at) {
         tracing::error!(failpoint = ?at, "failpoint reached: aborting");
         std::process::abort();
@@ -130,10 +139,12 @@ pub struct ShareFiles {
     keys: Mutex<File>,
     manifest: Mutex<Manifest>,
     /// chunk → (nonce, BLAKE3)
-    chunks: Mutex<HashMap<u64, (u64, [u8; 32])>>,
+    chunks: Mutex<ChunkRecords>,
     /// Chunks an upload is writing now.
     writing: Mutex<std::collections::HashSet<u64>>,
     broken: AtomicBool,
+    /// A renewal staged and not committed (see `staging`).
+    staging: Mutex<Option<Arc<Staging>>>,
 }
 
 /// The chunks one upload claimed; released when dropped.
@@ -212,9 +223,7 @@ impl ShareFiles {
         }
         let mut records = Vec::with_capacity(held.len() * RECORD);
         for j in &held {
-            records.extend_from_slice(&j.to_le_bytes());
-            records.extend_from_slice(&TOMBSTONE.to_le_bytes());
-            records.extend_from_slice(&[0u8; 32]);
+            record_bytes(&mut records, *j, TOMBSTONE, &[0u8; 32]);
         }
         {
             let mut c = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
@@ -281,9 +290,7 @@ impl ShareFiles {
         let mut hashes = Vec::with_capacity(writes.len());
         for w in writes {
             let h = *blake3::hash(&w.data).as_bytes();
-            records.extend_from_slice(&w.chunk.to_le_bytes());
-            records.extend_from_slice(&w.nonce.to_le_bytes());
-            records.extend_from_slice(&h);
+            record_bytes(&mut records, w.chunk, w.nonce, &h);
             key_lines.push_str(&w.chunk.to_string());
             for k in &w.key_ids {
                 key_lines.push(' ');
@@ -408,6 +415,51 @@ impl ShareFiles {
         Ok(m)
     }
 
+    /// The renewal staged for this share, if any.
+    pub fn staging(&self) -> Option<Arc<Staging>> {
+        self.staging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Starts staging renewal `renewal` to `epoch`: the share must be complete and at the
+    /// epoch before; the same renewal again is a no-op, another one pending is refused.
+    pub fn begin_renewal(&self, renewal: Uuid, epoch: u32) -> Result<Arc<Staging>, StoreError> {
+        let m = self.manifest();
+        let mut slot = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = slot.as_ref() {
+            if s.renewal() == renewal && s.epoch() == epoch {
+                return Ok(s.clone());
+            }
+            return Err(StoreError::Renewal(format!(
+                "renewal {} to epoch {} is pending here: finish or abort it first",
+                s.renewal(),
+                s.epoch()
+            )));
+        }
+        if !m.complete {
+            return Err(StoreError::Renewal(
+                "the share is not complete: finish the store or repair it first".into(),
+            ));
+        }
+        if m.open.epoch.checked_add(1) != Some(epoch) {
+            return Err(StoreError::Renewal(format!(
+                "the share is at epoch {}; a renewal moves it to {}, not {epoch}",
+                m.open.epoch,
+                m.open.epoch.saturating_add(1)
+            )));
+        }
+        let s = Arc::new(Staging::begin(&self.dir, &m, renewal, epoch)?);
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Forgets the staged renewal (after it was committed or aborted).
+    pub fn end_renewal(&self) {
+        *self.staging.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Re-reads every chunk and compares it with its record.
     pub fn check(&self) -> ShareCheck {
         let m = self.manifest();
@@ -432,6 +484,48 @@ impl ShareFiles {
     }
 }
 
+/// Opens a chunk log (created if absent) and replays it: chunk → (nonce, BLAKE3). A torn
+/// last record (a crash mid-append) is cut off so later appends stay aligned; a tombstone
+/// removes its chunk; the last record of a chunk wins.
+pub(crate) fn open_log(path: &Path) -> Result<(File, ChunkRecords), StoreError> {
+    let mut log = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    let mut raw = Vec::new();
+    log.read_to_end(&mut raw).map_err(io(path))?;
+    let mut chunks = HashMap::new();
+    for rec in raw.chunks_exact(RECORD) {
+        let j = u64::from_le_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
+        let n = u64::from_le_bytes(rec[8..16].try_into().unwrap_or([0; 8]));
+        let mut h = [0u8; 32];
+        h.copy_from_slice(&rec[16..48]);
+        if n == TOMBSTONE {
+            chunks.remove(&j);
+        } else {
+            chunks.insert(j, (n, h));
+        }
+    }
+    if raw.len() % RECORD != 0 {
+        log.set_len((raw.len() / RECORD * RECORD) as u64)
+            .map_err(io(path))?;
+    }
+    Ok((log, chunks))
+}
+
+/// Chunk → (split nonce, BLAKE3 of its bytes), as a chunk log records them.
+pub(crate) type ChunkRecords = HashMap<u64, (u64, [u8; 32])>;
+
+/// One chunk log record.
+pub(crate) fn record_bytes(out: &mut Vec<u8>, chunk: u64, nonce: u64, hash: &[u8; 32]) {
+    out.extend_from_slice(&chunk.to_le_bytes());
+    out.extend_from_slice(&nonce.to_le_bytes());
+    out.extend_from_slice(hash);
+}
+
 /// Creates `dir` and its missing parents with mode 0700 (whatever the umask: a mode can only
 /// lose bits to it); an existing folder is left as it is.
 fn private_dir(dir: &Path) -> Result<(), StoreError> {
@@ -443,7 +537,7 @@ fn private_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(io(dir))
 }
 
-fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), StoreError> {
+pub(crate) fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), StoreError> {
     let tmp = dir.join("manifest.json.tmp");
     let fin = dir.join("manifest.json");
     let text = serde_json::to_vec_pretty(m).unwrap_or_default();
@@ -501,6 +595,7 @@ impl Storage {
                 || m.open.chunk_size != open.chunk_size
                 || m.open.chunk_count != open.chunk_count
                 || m.open.original_len != open.original_len
+                || m.open.epoch != open.epoch
             {
                 return Err(StoreError::Conflict { id, index });
             }
@@ -524,6 +619,7 @@ impl Storage {
             header_hex: None,
             trailer_hex: None,
             complete: false,
+            renewal: None,
         };
         write_manifest(&dir, &m)?;
         let share = self
@@ -553,10 +649,20 @@ impl Storage {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io(&mpath)(e)),
         };
-        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| StoreError::Io {
+        let mut manifest: Manifest = serde_json::from_slice(&text).map_err(|e| StoreError::Io {
             path: mpath.clone(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })?;
+        if staging::has_committed(&dir)? {
+            // A renewal committed before a crash: finish it before anything is read.
+            staging::recover(&dir)?;
+            let text = fs::read(&mpath).map_err(io(&mpath))?;
+            manifest = serde_json::from_slice(&text).map_err(|e| StoreError::Io {
+                path: mpath.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })?;
+        }
+        let staged = Staging::open(&dir, &manifest)?.map(Arc::new);
         let data_path = dir.join("data");
         let data = OpenOptions::new()
             .read(true)
@@ -576,33 +682,7 @@ impl Storage {
         } else {
             None
         };
-        let log_path = dir.join("chunks.log");
-        let mut log = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&log_path)
-            .map_err(io(&log_path))?;
-        let mut raw = Vec::new();
-        log.read_to_end(&mut raw).map_err(io(&log_path))?;
-        let mut chunks = HashMap::new();
-        for rec in raw.chunks_exact(RECORD) {
-            let j = u64::from_le_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
-            let n = u64::from_le_bytes(rec[8..16].try_into().unwrap_or([0; 8]));
-            let mut h = [0u8; 32];
-            h.copy_from_slice(&rec[16..48]);
-            if n == TOMBSTONE {
-                chunks.remove(&j);
-            } else {
-                chunks.insert(j, (n, h));
-            }
-        }
-        if raw.len() % RECORD != 0 {
-            // A torn record from a crash mid-append: drop it so later appends stay aligned.
-            log.set_len((raw.len() / RECORD * RECORD) as u64)
-                .map_err(io(&log_path))?;
-        }
+        let (log, chunks) = open_log(&dir.join("chunks.log"))?;
         let keys_path = dir.join("keys.log");
         let keys = OpenOptions::new()
             .append(true)
@@ -622,9 +702,40 @@ impl Storage {
             chunks: Mutex::new(chunks),
             writing: Mutex::new(std::collections::HashSet::new()),
             broken: AtomicBool::new(false),
+            staging: Mutex::new(staged),
         });
         open.insert((id, index), s.clone());
         Ok(Some(s))
+    }
+
+    /// Finishes every share renewal a crash left committed but not swapped in (at start,
+    /// so that a restarted agent serves renewed shares from its first request).
+    pub fn recover_renewals(&self) -> Result<usize, StoreError> {
+        let mut done = 0;
+        let rd = fs::read_dir(&self.root).map_err(io(&self.root))?;
+        for e in rd.flatten() {
+            if Uuid::try_parse(&e.file_name().to_string_lossy()).is_err() {
+                continue;
+            }
+            for share in fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                let dir = share.path();
+                if staging::has_committed(&dir)? {
+                    staging::recover(&dir)?;
+                    done += 1;
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Drops the cached files of share `i` of backup `id` and opens them again (after a
+    /// renewal swapped them); requests already holding the old ones finish on them.
+    pub fn reload(&self, id: Uuid, index: u8) -> Result<Option<Arc<ShareFiles>>, StoreError> {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(id, index));
+        self.get(id, index)
     }
 
     /// Every share of backup `id` held here.
@@ -689,6 +800,7 @@ mod tests {
             created: 1,
             placement: Vec::new(),
             readers: None,
+            epoch: 0,
         }
     }
 

@@ -18,6 +18,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 
 use crate::jobs::{Begin, Failure, Handle};
+use crate::staging::Staging;
 use crate::storage::{AlignedBuf, ChunkWrite, ShareFiles, StoreError};
 use crate::{bad, ids, Agent, ApiError, Shared};
 use dashboard_web::JobKind;
@@ -47,19 +48,44 @@ pub(crate) async fn upload(
     {
         job.client_key_wait(ms);
     }
-    let r = receive(&a, &caller, (id, i), share, &m, payload, &job).await;
+    let r = receive(&a, &caller, (id, i), Sink::Share(share), &m, payload, &job).await;
     if let Err(e) = &r {
         job.fail(Failure::of_status(e.0.as_u16()), e.1.clone());
     }
     r
 }
 
+/// Where a body's verified chunks go: the share itself (a store), or the staging of a
+/// renewal of it (the chunks are deltas; see `staging`).
+#[derive(Clone)]
+pub(crate) enum Sink {
+    Share(Arc<ShareFiles>),
+    Renewal(Arc<ShareFiles>, Arc<Staging>),
+}
+
+impl Sink {
+    /// The MAC direction its frames are sealed for.
+    fn direction(&self) -> Direction {
+        match self {
+            Sink::Share(_) => Direction::Store,
+            Sink::Renewal(..) => Direction::Renew,
+        }
+    }
+
+    fn write(&self, group: &mut [ChunkWrite]) -> Result<(), StoreError> {
+        match self {
+            Sink::Share(s) => s.write_chunks(group),
+            Sink::Renewal(s, staging) => staging.stage(s, group),
+        }
+    }
+}
+
 /// Reads, verifies and writes the frames of one body.
-async fn receive(
+pub(crate) async fn receive(
     a: &Agent,
     caller: &str,
     (id, i): (uuid::Uuid, u8),
-    share: Arc<ShareFiles>,
+    sink: Sink,
     m: &Manifest,
     payload: web::Payload,
     job: &Handle<'_>,
@@ -69,8 +95,8 @@ async fn receive(
     let max_per_request = peer.status.max_key_per_request as usize;
     let idle = Duration::from_secs(a.cfg.limits.idle_secs);
     let mut body = FrameReader::new(payload, cs, idle);
-    let mut writer = Writer::new(share, cs);
-    let ctx = mac_context(id, i, Direction::Store);
+    let ctx = mac_context(id, i, sink.direction());
+    let mut writer = Writer::new(sink, cs);
     let mut seen = HashSet::new();
     while let Some((header, len)) = body.header().await? {
         if header.error.is_some()
@@ -182,7 +208,7 @@ impl FrameReader {
 
 /// Writes verified chunks in groups, one group on the disk while the next is gathered.
 struct Writer {
-    share: Arc<ShareFiles>,
+    sink: Sink,
     group: Vec<ChunkWrite>,
     group_len: usize,
     writing: Option<tokio::task::JoinHandle<Result<Vec<u64>, StoreError>>>,
@@ -190,9 +216,9 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(share: Arc<ShareFiles>, cs: usize) -> Self {
+    fn new(sink: Sink, cs: usize) -> Self {
         Writer {
-            share,
+            sink,
             group: Vec::new(),
             group_len: (WRITE_GROUP_BYTES / cs.max(1)).max(1),
             writing: None,
@@ -219,10 +245,10 @@ impl Writer {
         if self.group.is_empty() {
             return Ok(());
         }
-        let group = std::mem::take(&mut self.group);
-        let share = self.share.clone();
+        let mut group = std::mem::take(&mut self.group);
+        let sink = self.sink.clone();
         self.writing = Some(tokio::task::spawn_blocking(move || {
-            share.write_chunks(&group)?;
+            sink.write(&mut group)?;
             Ok(group.iter().map(|w| w.chunk).collect())
         }));
         Ok(())

@@ -29,10 +29,13 @@
 //! * `download` — the per-share downloaders and the set of `k` share streams with spares;
 //! * `resume` — what survives an interruption: the pending-store record and its lock, the
 //!   partial restore output and its checkpoint, atomic small-file writes;
-//! * `catalogue` — `list` and `verify`.
+//! * `catalogue` — `list` and `verify`;
+//! * `renew` — proactive share renewal (zero sharings, staged and committed in two phases);
+//! * `repair`, `scrub`, `sets` — share repair, scrubbing, sample sets.
 
 mod catalogue;
 mod download;
+pub mod renew;
 pub mod repair;
 mod restore;
 mod resume;

@@ -67,8 +67,9 @@ impl BackupClient {
         }
         let agreed = found.agree(id)?;
         let (header, trailer) = (agreed.header, agreed.trailer);
-        let open = agreed
-            .members
+        let k = usize::from(header.scheme.k());
+        let members = found.one_epoch(agreed.members, k);
+        let open = members
             .first()
             .map(|(_, m)| m.open.clone())
             .ok_or_else(|| found.nothing_error(id))?;
@@ -78,8 +79,7 @@ impl BackupClient {
             .position(|a| *a == site.agent_sae_id)
             .and_then(|i| u8::try_from(i).ok())
             .ok_or_else(|| usage(format!("backup {id} keeps no share at site {site_name}")))?;
-        if agreed
-            .members
+        if members
             .iter()
             .any(|(s, m)| m.share_index == target && s.name == site.name)
         {
@@ -88,9 +88,7 @@ impl BackupClient {
                  (`verify {id}` checks its chunks; a damaged complete share cannot be repaired in place yet)"
             )));
         }
-        let k = usize::from(header.scheme.k());
-        let sources: Vec<_> = agreed
-            .members
+        let sources: Vec<_> = members
             .into_iter()
             .filter(|(_, m)| m.share_index != target)
             .collect();

@@ -181,6 +181,48 @@ impl Found {
         })
     }
 
+    /// The members of one share epoch: the newest that `k` sites hold, else the one most
+    /// sites hold. Shares of other epochs are named in `rejected` and never combined with
+    /// them (a renewal changes every share; mixing epochs gives noise).
+    pub(super) fn one_epoch(
+        &mut self,
+        members: Vec<(Site, Manifest)>,
+        k: usize,
+    ) -> Vec<(Site, Manifest)> {
+        let mut epochs: Vec<u32> = members.iter().map(|(_, m)| m.open.epoch).collect();
+        epochs.sort_unstable();
+        epochs.dedup();
+        let sites_at = |e: u32| distinct_sites(members.iter().filter(|(_, m)| m.open.epoch == e));
+        let Some(chosen) = epochs
+            .iter()
+            .rev()
+            .find(|&&e| sites_at(e) >= k)
+            .or_else(|| epochs.iter().max_by_key(|&&e| (sites_at(e), e)))
+            .copied()
+        else {
+            return members;
+        };
+        let (keep, other): (Vec<_>, Vec<_>) = members
+            .into_iter()
+            .partition(|(_, m)| m.open.epoch == chosen);
+        for (site, m) in other {
+            let why = if m.open.epoch > chosen {
+                "a renewal of this backup is unfinished; `backup-client renew ID` finishes it"
+            } else {
+                "it missed a renewal; `backup-client repair ID --site SITE` rebuilds it"
+            };
+            self.rejected.push((
+                site.name.clone(),
+                m.share_index,
+                format!(
+                    "share at epoch {}, the others at {chosen}: {why}",
+                    m.open.epoch
+                ),
+            ));
+        }
+        keep
+    }
+
     /// Names the shares that only passes with a wrong result used.
     fn name_inconsistent(&mut self, usable: &[ShareSource], wrong: &[Vec<u8>], good: &[u8]) {
         let mut named: Vec<u8> = Vec::new();
@@ -273,6 +315,7 @@ impl BackupClient {
             members,
         } = found.agree(id)?;
         let k = header.scheme.k() as usize;
+        let members = found.one_epoch(members, k);
         let usable = self.usable_shares(&mut found, members).await;
         if usable.len() < k {
             return Err(found.too_few_error(id, k, usable.len()));

@@ -71,6 +71,7 @@ impl StorePlan {
                 .map(|s| s.agent_sae_id.clone())
                 .collect(),
             readers: self.readers.clone(),
+            epoch: 0,
         }
     }
 }
@@ -316,7 +317,7 @@ impl BackupClient {
     }
 
     /// The randomness source for the shares (`backup.rng`).
-    fn share_rng(&self) -> Result<Box<dyn RandomSource + Send>, TransferError> {
+    pub(super) fn share_rng(&self) -> Result<Box<dyn RandomSource + Send>, TransferError> {
         self.cfg
             .backup
             .rng
@@ -445,6 +446,7 @@ impl BackupClient {
         report_progress: bool,
     ) -> Uploader {
         Uploader {
+            route: super::upload::Route::Store,
             http: self.http.clone(),
             keys: self.keys.clone(),
             site: t.site.clone(),

@@ -98,7 +98,7 @@ fn read_error(path: &Path, e: SharingError) -> TransferError {
 }
 
 /// A fresh random nonce naming one split of one chunk.
-fn split_nonce() -> Result<u64, TransferError> {
+pub(super) fn split_nonce() -> Result<u64, TransferError> {
     let mut nonce_src = [0u8; 8];
     getrandom::fill(&mut nonce_src)
         .map_err(|e| TransferError::Failed(format!("OS random: {e}")))?;
@@ -107,7 +107,7 @@ fn split_nonce() -> Result<u64, TransferError> {
 
 /// Queues share `i` of chunk `j` for share `i`'s site; shares of sites not stored on
 /// (degraded) are wiped here.
-fn dispatch(
+pub(super) fn dispatch(
     senders: &[(u8, async_channel::Sender<Job>)],
     j: u64,
     nonce: u64,
@@ -128,8 +128,16 @@ fn dispatch(
     }
 }
 
+/// What an uploader's chunks are: a store's share chunks, or the deltas of a renewal.
+#[derive(Clone, Copy)]
+pub(super) enum Route {
+    Store,
+    Renew(Uuid),
+}
+
 /// Sends one share's chunks to its site.
 pub(super) struct Uploader {
+    pub(super) route: Route,
     pub(super) http: reqwest::Client,
     pub(super) keys: Arc<KeyFetcher>,
     pub(super) site: Site,
@@ -148,13 +156,17 @@ pub(super) struct Uploader {
 
 impl Uploader {
     pub(super) async fn run(self, rx: async_channel::Receiver<Job>) -> Result<(), TransferError> {
-        let url = format!(
-            "{}/v1/backups/{}/shares/{}/chunks",
+        let base = format!(
+            "{}/v1/backups/{}/shares/{}",
             self.site.agent_url.trim_end_matches('/'),
             self.backup,
             self.share
         );
-        let ctx = mac_context(self.backup, self.share, Direction::Store);
+        let (url, direction) = match self.route {
+            Route::Store => (format!("{base}/chunks"), Direction::Store),
+            Route::Renew(r) => (format!("{base}/renewal/{r}/chunks"), Direction::Renew),
+        };
+        let ctx = mac_context(self.backup, self.share, direction);
         let result = self.pump(&rx, &url, &ctx).await;
         if result.is_err() {
             rx.close();

@@ -343,3 +343,26 @@ pub fn operator_post(
         (code, r.text().await.unwrap_or_default())
     })
 }
+
+/// Adds `failpoint = "…"` to site `i`'s agent configuration (or removes it) and restarts it.
+pub fn restart_with_failpoint(net: &mut Net, i: usize, failpoint: Option<&str>) {
+    let p = net.info.sites[i].agent_config.clone();
+    let text = std::fs::read_to_string(&p).unwrap();
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("failpoint"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let text = match failpoint {
+        Some(f) => format!("failpoint = \"{f}\"\n{text}"),
+        None => text,
+    };
+    std::fs::write(&p, text).unwrap();
+    net.restart_agent(i).unwrap();
+}
+
+/// Whether agent `i` aborted at its failpoint (its log says so).
+pub fn aborted(net: &Net, i: usize) -> bool {
+    let log = std::fs::read_to_string(&net.info.sites[i].agent_log).unwrap_or_default();
+    log.contains("failpoint reached")
+}
