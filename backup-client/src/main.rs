@@ -143,9 +143,10 @@ enum Cmd {
         report: Option<PathBuf>,
     },
     /// Rebuild the share of backup ID that belongs at site SITE (lost there) from k healthy
-    /// shares, and store it there again under one-time pad and tag. Only this client, the
-    /// data's owner, holds k shares while it runs; the sites see what they see in a store
-    /// and a restore. A share still complete at SITE is not touched (`verify` names damage).
+    /// shares, and store it there again under one-time pad and tag; if SITE still holds it
+    /// with damaged chunks (`verify` names them), rebuild only those, in place. Only this
+    /// client, the data's owner, holds k shares while it runs; the sites see what they see
+    /// in a store and a restore.
     Repair {
         id: String,
         /// The site whose share is rebuilt.
@@ -550,12 +551,16 @@ async fn repair(bc: &BackupClient, id: Uuid, site: &str, json: bool, show: Show)
     if json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
+        let what = if r.damaged_chunks.is_empty() {
+            format!("{} chunks", r.chunks)
+        } else {
+            format!("damaged chunks {:?} rebuilt in place", r.damaged_chunks)
+        };
         eprintln!(
-            "repaired share {} of backup {} at site {} ({} chunks) in {:.2} s from shares {}",
+            "repaired share {} of backup {} at site {} ({what}) in {:.2} s from shares {}",
             r.share_index,
             r.backup_id,
             r.site,
-            r.chunks,
             r.seconds,
             r.from
                 .iter()
@@ -635,7 +640,7 @@ fn renew_line(r: &backup_client::transfer::renew::RenewReport) -> String {
     }
 }
 
-/// The command that rebuilds share of backup `id` lost at `site`.
+/// The command that rebuilds the share of backup `id` lost or damaged at `site`.
 fn repair_command(id: Uuid, site: &str) -> String {
     format!("backup-client repair {id} --site {site}")
 }
@@ -735,6 +740,13 @@ async fn verify(bc: &BackupClient, id: &str, json: bool) -> Result<i32> {
     } else {
         print_checks(&checks);
         for c in &checks {
+            if c.shares.iter().any(|s| !s.damaged.is_empty()) {
+                println!(
+                    "site {}: damaged chunks: run `{}` to rebuild them in place",
+                    c.site,
+                    repair_command(id, &c.site)
+                );
+            }
             for i in &c.lost {
                 println!(
                     "site {}: share {i}: LOST (not held there): run `{}`",
@@ -773,8 +785,14 @@ async fn scrub(
         print_scrub_table(&r, &sites);
         for b in &r.bad_chunks {
             println!(
-                "{:?}: {} (backup {}) at site {}, share {}, chunk {}",
-                b.fault, b.name, b.backup_id, b.site, b.share_index, b.chunk
+                "{:?}: {} (backup {}) at site {}, share {}, chunk {}: run `{}`",
+                b.fault,
+                b.name,
+                b.backup_id,
+                b.site,
+                b.share_index,
+                b.chunk,
+                repair_command(b.backup_id, &b.site)
             );
         }
         for (name, id, site, i) in &r.lost_shares {

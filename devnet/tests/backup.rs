@@ -222,6 +222,38 @@ fn scrubbing_names_every_damaged_chunk_by_file_site_share_and_chunk() {
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(same_files(&files[1], &restored));
+
+    // The scrub names the command; `repair` rebuilds only the damaged chunk, in place.
+    assert!(
+        text.contains(&format!("run `backup-client repair {} --site B`", ids[1])),
+        "{text}"
+    );
+    let before = std::fs::metadata(&data).unwrap().len();
+    let r = client(&net.info, 0, &["repair", &ids[1], "--site", "B"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["damaged_chunks"], serde_json::json!([3]));
+    assert_eq!(r.json()["chunks"], 1);
+    assert_eq!(std::fs::metadata(&data).unwrap().len(), before);
+    let v = client(&net.info, 0, &["verify", "--all"]);
+    assert_eq!(v.code, 0, "intact again: {}", v.stdout);
+    let again = client(&net.info, 0, &["repair", &ids[1], "--site", "B"]);
+    assert_eq!(again.code, 2, "{}", again.stderr);
+    assert!(
+        again.stderr.contains("nothing to repair"),
+        "{}",
+        again.stderr
+    );
+    // B's mended share restores with C's while A is down.
+    let mut net = net;
+    net.kill_agent(0);
+    let restored = dir.path().join("two.mended");
+    let r = client(
+        &net.info,
+        0,
+        &["restore", &ids[1], restored.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(same_files(&files[1], &restored));
 }
 
 #[test]
