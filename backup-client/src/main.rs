@@ -147,11 +147,24 @@ enum Cmd {
     /// with damaged chunks (`verify` names them), rebuild only those, in place. Only this
     /// client, the data's owner, holds k shares while it runs; the sites see what they see
     /// in a store and a restore.
+    ///
+    /// With --to Y the share moves: it is rebuilt at site Y instead, every site is told the
+    /// backup's new placement, and the old share at SITE is removed if SITE answers
+    /// (re-running the same command finishes an interrupted move). With --set NAME, every
+    /// file of the set whose share at SITE needs it.
     Repair {
-        id: String,
+        /// The backup (or --set).
+        #[arg(required_unless_present = "set", conflicts_with = "set")]
+        id: Option<String>,
+        /// Repair every file of the sample set NAME.
+        #[arg(long, value_name = "NAME")]
+        set: Option<String>,
         /// The site whose share is rebuilt.
         #[arg(long, value_name = "SITE")]
         site: String,
+        /// Move the share to this site instead of rebuilding it at SITE.
+        #[arg(long, value_name = "SITE")]
+        to: Option<String>,
     },
     /// Renew every share of backup ID (or of every file of --set NAME) without the file:
     /// the client deals a fresh sharing of zero and sends each site its part under one-time
@@ -201,7 +214,10 @@ fn main() {
                 .is_some()
                 || matches!(
                     e.downcast_ref::<backup_client::transfer::TransferError>(),
-                    Some(backup_client::transfer::TransferError::Usage(_))
+                    Some(
+                        backup_client::transfer::TransferError::Usage(_)
+                            | backup_client::transfer::TransferError::NothingToRepair(_)
+                    )
                 );
             eprintln!("backup-client: {}", format!("{e:#}").replace('\n', " "));
             if usage {
@@ -380,7 +396,19 @@ async fn client(cli: Cli, cfg: ClientConfig) -> Result<i32> {
             )),
         },
         Cmd::List => list(&bc, cli.json).await,
-        Cmd::Repair { id, site } => repair(&bc, parse_id(&id)?, &site, cli.json, show).await,
+        Cmd::Repair {
+            id: Some(id),
+            site,
+            to,
+            ..
+        } => repair(&bc, parse_id(&id)?, &site, to.as_deref(), cli.json, show).await,
+        Cmd::Repair {
+            set: Some(name),
+            site,
+            to,
+            ..
+        } => repair_set(&bc, &name, &site, to.as_deref(), cli.json, show).await,
+        Cmd::Repair { .. } => bail!("repair ID --site SITE or repair --set NAME --site SITE"),
         Cmd::Renew { id: Some(id), .. } => renew(&bc, parse_id(&id)?, cli.json, show).await,
         Cmd::Renew {
             set: Some(name), ..
@@ -543,33 +571,108 @@ async fn restore_set(bc: &BackupClient, name: &str, dir: &Path, json: bool) -> R
 }
 
 /// `repair ID --site SITE`.
-async fn repair(bc: &BackupClient, id: Uuid, site: &str, json: bool, show: Show) -> Result<i32> {
+async fn repair(
+    bc: &BackupClient,
+    id: Uuid,
+    site: &str,
+    to: Option<&str>,
+    json: bool,
+    show: Show,
+) -> Result<i32> {
     let bar = Bar::start(bc.progress.clone(), "repair", show);
-    let r = bc.repair(id, site).await;
+    let r = bc.repair(id, site, to).await;
     drop(bar);
     let r = r?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
-        let what = if r.damaged_chunks.is_empty() {
-            format!("{} chunks", r.chunks)
-        } else {
-            format!("damaged chunks {:?} rebuilt in place", r.damaged_chunks)
-        };
-        eprintln!(
-            "repaired share {} of backup {} at site {} ({what}) in {:.2} s from shares {}",
-            r.share_index,
-            r.backup_id,
-            r.site,
-            r.seconds,
-            r.from
-                .iter()
-                .map(|(s, i)| format!("{i}@{s}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        eprintln!("{}", repair_line(&r));
     }
-    Ok(0)
+    Ok(moved_fully(&r))
+}
+
+async fn repair_set(
+    bc: &BackupClient,
+    name: &str,
+    site: &str,
+    to: Option<&str>,
+    json: bool,
+    show: Show,
+) -> Result<i32> {
+    let bar = Bar::start(bc.progress.clone(), "repair", show);
+    let r = bc
+        .repair_set(name, site, to, |i, n, path| {
+            tracing::info!(file = path, "repairing {} of {n}", i + 1);
+        })
+        .await;
+    drop(bar);
+    let files = r?;
+    let code = files
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().map(moved_fully))
+        .max()
+        .unwrap_or(0);
+    if json {
+        let files: Vec<_> = files
+            .iter()
+            .map(|(path, r)| serde_json::json!({ "path": path, "repair": r }))
+            .collect();
+        println!("{}", serde_json::json!({ "set": name, "files": files }));
+    } else {
+        for (path, r) in &files {
+            match r {
+                Some(r) => eprintln!("{path}: {}", repair_line(r)),
+                None => eprintln!("{path}: share at {site} intact, nothing to repair"),
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// Exit status of a repair: 1 when a move left sites not told or the old share in place.
+fn moved_fully(r: &backup_client::transfer::repair::RepairReport) -> i32 {
+    match &r.moved_from {
+        Some(m) if !m.not_updated.is_empty() || !m.old_share_removed => 1,
+        _ => 0,
+    }
+}
+
+/// What a repair did, in one line (and what a move left to do).
+fn repair_line(r: &backup_client::transfer::repair::RepairReport) -> String {
+    let what = if r.damaged_chunks.is_empty() {
+        format!("{} chunks", r.chunks)
+    } else {
+        format!("damaged chunks {:?} rebuilt in place", r.damaged_chunks)
+    };
+    let from = r
+        .from
+        .iter()
+        .map(|(s, i)| format!("{i}@{s}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut line = format!(
+        "repaired share {} of backup {} at site {} ({what}) in {:.2} s from shares {from}",
+        r.share_index, r.backup_id, r.site, r.seconds
+    );
+    if let Some(m) = &r.moved_from {
+        line.push_str(&format!(
+            "; moved from site {} (placement version {}), old share there {}",
+            m.site,
+            m.placement_version,
+            if m.old_share_removed {
+                "removed"
+            } else {
+                "NOT removed (site unreachable?): re-run to remove it"
+            }
+        ));
+        if !m.not_updated.is_empty() {
+            line.push_str(&format!(
+                "; not yet told the new placement: {} (re-run to finish)",
+                m.not_updated.join("; ")
+            ));
+        }
+    }
+    line
 }
 
 async fn renew(bc: &BackupClient, id: Uuid, json: bool, show: Show) -> Result<i32> {

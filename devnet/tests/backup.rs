@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{backup_net, client, client_with_config, random_file, store, used_key_ids};
+use common::{backup_net, client, client_with_config, random_file, start, store, used_key_ids};
 
 const SMALL_CHUNKS: &[&str] = &["--chunk-size", "65536"];
 
@@ -690,4 +690,78 @@ fn store_and_restore_larger_than_the_pools_run_at_the_links_rate() {
         "a progress line every 10 s on stderr: {}",
         r.stderr
     );
+}
+
+#[test]
+fn a_share_moves_to_a_new_site_and_an_interrupted_move_is_finished() {
+    // Four sites, star around A: the backup's shares at A, B, C; D is new.
+    let mut net = start(devnet::Options {
+        sites: 4,
+        rate_bytes_per_sec: 0,
+        max_key_count: 200_000,
+        ..devnet::Options::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    for (round, scheme) in ["xor", "shamir"].into_iter().enumerate() {
+        let f = random_file(dir.path(), &format!("in-{scheme}"), 5 * 65_536 + 3);
+        let id = store(
+            &net.info,
+            0,
+            &f,
+            &[SMALL_CHUNKS[0], SMALL_CHUNKS[1], "--scheme", scheme],
+        );
+        let stores: Vec<_> = net.info.sites.iter().map(|s| s.store_dir.clone()).collect();
+        let share_dir = |site: usize, i: usize| stores[site].join(&id).join(format!("share-{i}"));
+        assert!(share_dir(1, 1).exists());
+        if round == 1 {
+            // B is down (the usual reason to move its share): D gets the share from A's and
+            // C's, every reachable site is told; B's old copy stays until B is back.
+            net.kill_agent(1);
+        }
+        let r = client(&net.info, 0, &["repair", &id, "--site", "B", "--to", "D"]);
+        let rep = r.json();
+        assert_eq!(rep["site"], "D", "{}", r.stderr);
+        assert_eq!(rep["share_index"], 1);
+        assert_eq!(
+            rep["moved_from"]["not_updated"],
+            serde_json::json!([]),
+            "{rep}"
+        );
+        assert!(share_dir(3, 1).exists(), "D holds share 1");
+        if round == 1 {
+            assert_eq!(r.code, 1, "an unfinished move says so: {}", r.stderr);
+            assert_eq!(rep["moved_from"]["old_share_removed"], false, "{rep}");
+            assert!(share_dir(1, 1).exists());
+            net.restart_agent(1).unwrap();
+            // Restorable meanwhile: B's copy, under the old placement, is not counted.
+            let out = dir.path().join(format!("between-{scheme}"));
+            let r = client(&net.info, 0, &["restore", &id, out.to_str().unwrap()]);
+            assert_eq!(r.code, 0, "{}", r.stderr);
+            assert!(same_files(&f, &out));
+            let rejected = r.json()["rejected"].to_string();
+            assert!(rejected.contains("older placement"), "{rejected}");
+            // The same command finishes the move: B learns the placement, drops its copy.
+            let r = client(&net.info, 0, &["repair", &id, "--site", "B", "--to", "D"]);
+            assert_eq!(r.code, 0, "{}", r.stderr);
+            assert_eq!(r.json()["chunks"], 0, "nothing rebuilt again");
+            assert_eq!(r.json()["moved_from"]["old_share_removed"], true);
+        } else {
+            assert_eq!(r.code, 0, "{}", r.stderr);
+            assert_eq!(rep["moved_from"]["old_share_removed"], true, "{rep}");
+        }
+        assert!(!share_dir(1, 1).exists(), "B's old share is gone");
+        let v = client(&net.info, 0, &["verify", &id]);
+        assert_eq!(v.code, 0, "{scheme}: {}", v.stdout);
+        // B is gone for good: C and D restore it (A's agent down too).
+        net.kill_agent(0);
+        net.kill_agent(1);
+        let out = dir.path().join(format!("out-{scheme}"));
+        let r = client(&net.info, 0, &["restore", &id, out.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{scheme}: {}", r.stderr);
+        assert!(same_files(&f, &out), "{scheme}");
+        let used = r.json()["used"].to_string();
+        assert!(used.contains("\"D\"") && used.contains("\"C\""), "{used}");
+        net.restart_agent(0).unwrap();
+        net.restart_agent(1).unwrap();
+    }
 }

@@ -215,6 +215,11 @@ pub struct ShareOpen {
     /// it was recorded).
     #[serde(default)]
     pub placement: Vec<String>,
+    /// Raised each time a share moves to another site (`repair --to`): when sites disagree
+    /// only on the placement, and each side has `k` sites, the higher version is the
+    /// backup's (a move in progress).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub placement_version: u32,
     /// SAEs besides the owner that may read this share; `None` (absent): the owner's own
     /// site's clients (SAEs of the owner's KME). The agent's operator may add readers for
     /// disaster recovery (`recovery_clients`).
@@ -326,6 +331,17 @@ pub struct Manifest {
     /// The renewal that brought the share to its epoch (absent at epoch 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewal: Option<Uuid>,
+}
+
+/// Body of `PUT /v1/backups/{id}/shares/{i}/placement`: the backup's new placement after one
+/// of its shares moved to another site. Only the owner may send it, with a higher version
+/// (the same one again is a no-op). After it, `DELETE /v1/backups/{id}/shares/{i}` removes
+/// the share from a site the placement no longer names for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementUpdate {
+    pub placement: Vec<String>,
+    pub placement_version: u32,
 }
 
 /// Body of `PUT /v1/backups/{id}/shares/{i}/renewal/{renewal}`: stage a renewal of the share

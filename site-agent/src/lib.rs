@@ -30,6 +30,9 @@
 //! - `GET  /v1/backups/{id}/shares/{i}/state` → [`ShareState`]
 //! - `POST /v1/backups/{id}/shares/{i}/chunks` — frames → [`Stored`]
 //! - `POST /v1/backups/{id}/shares/{i}/finalize` — [`Finalize`] → [`Manifest`]
+//! - `PUT  /v1/backups/{id}/shares/{i}/placement` — [`PlacementUpdate`] → [`Manifest`] (a
+//!   share of the backup moved); `DELETE /v1/backups/{id}/shares/{i}` removes a share the
+//!   placement no longer gives to this site
 //! - `GET  /v1/backups/{id}/shares/{i}/chunks?from=&to=` → frames (restore)
 //! - `POST /v1/backups/{id}/shares/{i}/receipts` — [`Receipts`](share_transfer::wire::Receipts)
 //!   → [`Acknowledged`](share_transfer::wire::Acknowledged)
@@ -73,7 +76,9 @@ use crate::config::AgentConfig;
 use crate::ledger::Ledger;
 use mtls::server::PeerCert;
 use share_transfer::keys::{KeyError, KeyFetcher, Notice};
-use share_transfer::wire::{AgentError, Finalize, Manifest, ShareOpen, ShareState};
+use share_transfer::wire::{
+    AgentError, Finalize, Manifest, PlacementUpdate, ShareOpen, ShareState,
+};
 use storage::{Storage, StoreError};
 
 /// An error reply of the agent.
@@ -376,6 +381,14 @@ fn routes(cfg: &mut web::ServiceConfig) {
             web::post().to(finalize),
         )
         .route(
+            "/v1/backups/{id}/shares/{i}/placement",
+            web::put().to(set_placement),
+        )
+        .route(
+            "/v1/backups/{id}/shares/{i}",
+            web::delete().to(remove_share),
+        )
+        .route(
             "/v1/backups/{id}/shares/{i}/renewal",
             web::get().to(renewal::status),
         )
@@ -500,6 +513,47 @@ async fn state(
         chunks: s.state(),
         complete: s.manifest().complete,
     }))
+}
+
+async fn set_placement(
+    req: HttpRequest,
+    a: Shared,
+    path: web::Path<(String, u8)>,
+    body: web::Json<PlacementUpdate>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = a.caller(&req)?;
+    let (id, i) = ids(&path)?;
+    let (s, _) = a.owned_share(&caller, id, i)?;
+    let m = web::block(move || s.set_placement(&body.placement, body.placement_version))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    tracing::info!(backup = %id, share = i, version = m.open.placement_version, "placement updated");
+    Ok(HttpResponse::Ok().json(m))
+}
+
+/// Removes a share the backup's placement no longer gives to this site (it moved).
+async fn remove_share(
+    req: HttpRequest,
+    a: Shared,
+    path: web::Path<(String, u8)>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = a.caller(&req)?;
+    let (id, i) = ids(&path)?;
+    let (_, m) = a.owned_share(&caller, id, i)?;
+    if m.open.placement.get(usize::from(i)) == Some(&a.cfg.sae_id) || m.open.placement.is_empty() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "share {i} of backup {id} belongs at this site by the backup's placement: it is                  removed only after it moved elsewhere"
+            ),
+        ));
+    }
+    let store = a.clone();
+    web::block(move || store.storage.remove(id, i))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    tracing::info!(backup = %id, share = i, "share removed: it moved to another site");
+    Ok(HttpResponse::Ok().json(m))
 }
 
 async fn finalize(

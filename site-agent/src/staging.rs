@@ -430,6 +430,7 @@ mod tests {
             placement: Vec::new(),
             readers: None,
             epoch: 0,
+            placement_version: 0,
         };
         let share = store.create(id, 0, &open, "C").unwrap();
         share

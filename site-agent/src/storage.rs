@@ -436,6 +436,34 @@ impl ShareFiles {
         Ok(m)
     }
 
+    /// Records the backup's new placement (a share moved; see
+    /// [`share_transfer::wire::PlacementUpdate`]): only a higher version changes it; the same
+    /// version with the same placement is a no-op.
+    pub fn set_placement(
+        &self,
+        placement: &[String],
+        version: u32,
+    ) -> Result<Manifest, StoreError> {
+        let mut m = self.manifest();
+        if m.open.placement_version == version && m.open.placement == placement {
+            return Ok(m);
+        }
+        if version <= m.open.placement_version
+            || placement.len() != usize::from(m.open.scheme.n)
+            || !m.complete
+        {
+            return Err(StoreError::Conflict {
+                id: self.id,
+                index: self.index,
+            });
+        }
+        m.open.placement = placement.to_vec();
+        m.open.placement_version = version;
+        write_manifest(&self.dir, &m)?;
+        *self.manifest.lock().unwrap_or_else(|e| e.into_inner()) = m.clone();
+        Ok(m)
+    }
+
     /// The renewal staged for this share, if any.
     pub fn staging(&self) -> Option<Arc<Staging>> {
         self.staging
@@ -749,6 +777,23 @@ impl Storage {
         Ok(done)
     }
 
+    /// Removes share `i` of backup `id` from disk (renamed aside first, so a crash never
+    /// leaves half a share under its name).
+    pub fn remove(&self, id: Uuid, index: u8) -> Result<(), StoreError> {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(id, index));
+        let dir = self.share_dir(id, index);
+        let parent = self.root.join(id.to_string());
+        let aside = parent.join(format!(".removed-share-{index}-{}", Uuid::new_v4()));
+        fs::rename(&dir, &aside).map_err(io(&dir))?;
+        File::open(&parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&parent))?;
+        fs::remove_dir_all(&aside).map_err(io(&aside))
+    }
+
     /// Drops the cached files of share `i` of backup `id` and opens them again (after a
     /// renewal swapped them); requests already holding the old ones finish on them.
     pub fn reload(&self, id: Uuid, index: u8) -> Result<Option<Arc<ShareFiles>>, StoreError> {
@@ -822,6 +867,7 @@ mod tests {
             placement: Vec::new(),
             readers: None,
             epoch: 0,
+            placement_version: 0,
         }
     }
 

@@ -28,7 +28,13 @@ impl BackupClient {
                             scheme: m.open.scheme,
                             shares: Vec::new(),
                             placement: m.open.placement.clone(),
+                            placement_version: m.open.placement_version,
                         });
+                        if m.open.placement_version > e.placement_version {
+                            // A share moved: the newest placement is the backup's.
+                            e.placement = m.open.placement.clone();
+                            e.placement_version = m.open.placement_version;
+                        }
                         e.shares
                             .push((m.share_index, site.name.clone(), m.complete));
                     }
@@ -51,7 +57,8 @@ impl BackupClient {
         let (mut checks, found) = futures_util::join!(self.check_sites(id), self.find_shares(id));
         let placement = found
             .candidates
-            .first()
+            .iter()
+            .max_by_key(|(_, m)| m.open.placement_version)
             .map(|(_, m)| m.open.placement.clone())
             .unwrap_or_default();
         self.mark_lost(&mut checks, &placement);

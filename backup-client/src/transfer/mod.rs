@@ -80,6 +80,9 @@ pub enum TransferError {
     /// The store must start again as a new backup (said why).
     #[error("{0}")]
     Restart(String),
+    /// `repair` found the share whole where it belongs (said where).
+    #[error("{0}")]
+    NothingToRepair(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
@@ -196,6 +199,9 @@ pub struct BackupEntry {
     /// The agent SAE of each share index's site, as the backup was opened.
     #[serde(skip)]
     pub placement: Vec<String>,
+    /// Its version (raised by each share move).
+    #[serde(skip)]
+    pub placement_version: u32,
 }
 
 /// Result of `verify` for one site.

@@ -34,6 +34,9 @@ use share_transfer::wire::Manifest;
 use sharing::format::{ShareHeader, ShareTrailer, HEADER_LEN, TRAILER_LEN};
 use sharing::sharing::Combiner;
 
+/// Shares that agree on what the backup is: (key, header, trailer, the shares).
+type Group = (String, ShareHeader, ShareTrailer, Vec<(Site, Manifest)>);
+
 /// The shares of a backup as found at the sites.
 pub(super) struct Found {
     /// Complete shares, this site's first.
@@ -79,7 +82,6 @@ impl Found {
     /// a site the placement does not give it to is refused; shares of sites that disagree
     /// with the agreeing `k` are named.
     pub(super) fn agree(&mut self, id: Uuid) -> Result<Agreed, TransferError> {
-        type Group = (String, ShareHeader, ShareTrailer, Vec<(Site, Manifest)>);
         let mut groups: Vec<Group> = Vec::new();
         for (site, m) in std::mem::take(&mut self.candidates) {
             let (h, t) = match decode_ends(&m) {
@@ -107,14 +109,15 @@ impl Found {
                 continue;
             }
             let key = format!(
-                "{:?}|{}|{}|{}|{}|{}|{:?}",
+                "{:?}|{}|{}|{}|{}|{}|{:?}|{}",
                 h.scheme,
                 h.chunk_size,
                 hex::encode(h.set_id),
                 t.original_len,
                 t.chunk_count,
                 hex::encode(t.digest),
-                place
+                place,
+                m.open.placement_version
             );
             match groups.iter_mut().find(|g| g.0 == key) {
                 Some(g) => g.3.push((site, m)),
@@ -149,6 +152,32 @@ impl Found {
                 describe(&groups)
             )));
         }
+        // Groups that differ only in placement: a share moved (`repair --to`) and not every
+        // site was told yet; the newest placement that k sites hold is the backup's.
+        let enough: Vec<usize> = (0..groups.len())
+            .filter(|&g| sites_of(&groups[g]) >= groups[g].1.scheme.k() as usize)
+            .collect();
+        let content = |g: &Group| (g.1.scheme, g.1.chunk_size, g.1.set_id, g.2);
+        let version = |g: &Group| g.3[0].1.open.placement_version;
+        if enough.len() > 1
+            && enough
+                .iter()
+                .all(|&g| content(&groups[g]) == content(&groups[enough[0]]))
+        {
+            if let Some(&newest) = enough.iter().max_by_key(|&&g| version(&groups[g])) {
+                let top = version(&groups[newest]);
+                if enough
+                    .iter()
+                    .filter(|&&g| version(&groups[g]) == top)
+                    .count()
+                    == 1
+                {
+                    let g = groups.remove(newest);
+                    groups.insert(0, g);
+                    return Ok(self.agreed_on(groups, k));
+                }
+            }
+        }
         if groups
             .get(1)
             .is_some_and(|g| sites_of(g) >= g.1.scheme.k() as usize)
@@ -158,27 +187,42 @@ impl Found {
                 describe(&groups)
             )));
         }
+        Ok(self.agreed_on(groups, k))
+    }
+
+    /// The first group is the backup; the others' shares are named as not counted (those
+    /// of the same file under an older placement: a share move in progress).
+    fn agreed_on(&mut self, groups: Vec<Group>, k: usize) -> Agreed {
         let mut groups = groups.into_iter();
-        let Some((_, header, trailer, members)) = groups.next() else {
-            return Err(self.nothing_error(id));
+        let (header, trailer, members) = match groups.next() {
+            Some((_, h, t, m)) => (h, t, m),
+            None => unreachable!("agree checks that a group exists"),
         };
-        for (_, _, _, others) in groups {
+        let version = members.first().map_or(0, |(_, m)| m.open.placement_version);
+        for (_, h, t, others) in groups {
             for (site, m) in others {
-                self.rejected.push((
-                    site.name.clone(),
-                    m.share_index,
+                let same_file = (h.scheme, h.chunk_size, h.set_id, t)
+                    == (header.scheme, header.chunk_size, header.set_id, trailer);
+                let moved = same_file && m.open.placement_version < version;
+                let why = if moved {
                     format!(
-                        "site {} disagrees with the {} sites that agree on this backup's size, digest and placement",
-                        site.name, k
-                    ),
-                ));
+                        "site {} holds an older placement of this backup (a share moved and not                          every site was told: re-run the `repair --to` that moved it)",
+                        site.name
+                    )
+                } else {
+                    format!(
+                        "site {} disagrees with the {k} sites that agree on this backup's size, digest and placement",
+                        site.name
+                    )
+                };
+                self.rejected.push((site.name.clone(), m.share_index, why));
             }
         }
-        Ok(Agreed {
+        Agreed {
             header,
             trailer,
             members,
-        })
+        }
     }
 
     /// The members of one share epoch: the newest that `k` sites hold, else the one most

@@ -72,6 +72,7 @@ impl StorePlan {
                 .collect(),
             readers: self.readers.clone(),
             epoch: 0,
+            placement_version: 0,
         }
     }
 }
