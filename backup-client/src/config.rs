@@ -55,6 +55,9 @@ pub struct BackupDefaults {
     /// A restore records its progress (after an fsync) every this many chunks, so that an
     /// interrupted restore resumes from there.
     pub checkpoint_chunks: u64,
+    /// Files of a sample set stored at once (each with its own `streams` per site), so
+    /// that one file's opening and finalisation overlap another's transfer.
+    pub set_files_in_flight: usize,
 }
 
 /// Upload streams per site when not configured: one per core, within 2..=16.
@@ -79,6 +82,7 @@ impl Default for BackupDefaults {
             key_wait_secs: 600,
             retries: 5,
             checkpoint_chunks: 256,
+            set_files_in_flight: 2,
         }
     }
 }

@@ -40,6 +40,7 @@ use uuid::Uuid;
 ///   [[sites]] name = "A"  agent_url = "https://127.0.0.1:9001"  agent_sae_id = "AGENT_A"
 ///   [backup] k = 2  n = 3  scheme = "xor"  streams = cores (2..16)  batch_chunks = 4  rng = "chacha12"
 ///            placement = ["A", "B", "C"]  chunk_size = 0  key_wait_secs = 600  retries = 5
+///            set_files_in_flight = 2   # files of a sample set stored at once
 ///            readers = [...]   # who else may read what you store; absent = your site's SAEs
 ///
 /// The site agent's configuration (for `serve`):

@@ -286,6 +286,17 @@ impl BackupClient {
         })
     }
 
+    /// The same client (connections, key fetcher, configuration) reporting progress into
+    /// `progress`: for files of a set stored at once.
+    fn with_progress(&self, progress: Arc<Progress>) -> BackupClient {
+        BackupClient {
+            cfg: self.cfg.clone(),
+            http: self.http.clone(),
+            keys: self.keys.clone(),
+            progress,
+        }
+    }
+
     fn site_err(site: &Site, message: impl Into<String>) -> TransferError {
         TransferError::Site {
             site: site.name.clone(),

@@ -18,11 +18,109 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use share_transfer::wire::{valid_set_name, valid_set_path, SetFile, SetManifest};
 use uuid::Uuid;
 
 use super::{io_err, BackupClient, StoreOptions, TransferError};
+
+/// A file of the set dealt with: stored now, or found unchanged.
+struct Done<'a> {
+    file: &'a Found,
+    backup_id: Uuid,
+    outcome: Outcome,
+    digest: String,
+}
+
+impl Done<'_> {
+    /// Counts it in the set's progress and records it in the client's state, the set's
+    /// manifest and the report.
+    fn record(
+        self,
+        sp: &super::SetProgress,
+        local: &mut LocalSet,
+        manifest: &mut SetManifest,
+        reports: &mut Vec<SetFileReport>,
+    ) {
+        let f = self.file;
+        sp.files_done.fetch_add(1, Relaxed);
+        sp.bytes_done.fetch_add(f.size, Relaxed);
+        local.files.insert(
+            f.path.clone(),
+            (f.size, f.mtime_ns, self.digest, self.backup_id),
+        );
+        manifest.files.push(SetFile {
+            path: f.path.clone(),
+            size: f.size,
+            mtime_ns: f.mtime_ns,
+            backup_id: self.backup_id,
+        });
+        reports.push(SetFileReport {
+            path: f.path.clone(),
+            bytes: f.size,
+            backup_id: self.backup_id,
+            outcome: self.outcome,
+        });
+    }
+}
+
+/// The progress of the files stored at once, summed into the client's progress (what the
+/// progress line shows) several times a second.
+struct LiveProgress {
+    main: std::sync::Arc<super::Progress>,
+    files: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<super::Progress>>>>,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl LiveProgress {
+    fn start(main: std::sync::Arc<super::Progress>) -> Self {
+        let files: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<super::Progress>>>> =
+            Default::default();
+        let (m, f) = (main.clone(), files.clone());
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let (mut done, mut total) = (0, 0);
+                for p in f.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    done += p.done.load(Relaxed);
+                    total += p.total.load(Relaxed);
+                }
+                m.done.store(done, Relaxed);
+                m.total.store(total, Relaxed);
+            }
+        });
+        LiveProgress {
+            main,
+            files,
+            ticker,
+        }
+    }
+
+    /// A progress for one more file in flight (sharing the key-wait notice).
+    fn add(&self) -> std::sync::Arc<super::Progress> {
+        let p = std::sync::Arc::new(super::Progress {
+            notice: self.main.notice.clone(),
+            ..Default::default()
+        });
+        self.lock().push(p.clone());
+        p
+    }
+
+    fn remove(&self, p: &std::sync::Arc<super::Progress>) {
+        self.lock().retain(|x| !std::sync::Arc::ptr_eq(x, p));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<std::sync::Arc<super::Progress>>> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stop(self) {
+        self.ticker.abort();
+        self.main.done.store(0, Relaxed);
+        self.main.total.store(0, Relaxed);
+    }
+}
 
 /// A regular file found for a set.
 #[derive(Debug, Clone)]
@@ -347,6 +445,10 @@ impl BackupClient {
         for c in [&sp.files_done, &sp.bytes_done, &sp.bytes_sent] {
             c.store(0, Relaxed);
         }
+        // Unchanged files are recorded at once; the others are stored up to
+        // `backup.set_files_in_flight` at a time, so that one file's set-up and
+        // finalisation overlap another's transfer.
+        let mut to_send: Vec<(usize, &Found)> = Vec::new();
         for (pos, f) in found.iter().enumerate() {
             let same = before.get(&f.path).filter(|p| {
                 p.size == f.size && p.mtime_ns == f.mtime_ns && complete.contains(&p.backup_id)
@@ -364,43 +466,52 @@ impl BackupClient {
                 (Some(_), None, _) => Some(Outcome::UnchangedBySizeAndTime),
                 _ => None,
             };
-            each(pos + 1, found.len(), &f.path, outcome.is_none());
-            let (backup_id, outcome, dig) = match (outcome, same, looked) {
-                (Some(o), Some(p), Some(d)) => (p.backup_id, o, d),
-                _ => {
-                    let r = self.store(&f.full, opts).await?;
-                    bytes_sent += r.bytes;
-                    sp.bytes_sent.fetch_add(r.bytes, Relaxed);
-                    let d = blake3::Hash::from_bytes(r.digest).to_hex().to_string();
-                    (r.backup_id, Outcome::Stored, d)
-                }
+            let (Some(outcome), Some(p), Some(dig)) = (outcome, same, looked) else {
+                to_send.push((pos, f));
+                continue;
             };
-            self.progress.done.store(0, Relaxed);
-            self.progress.total.store(0, Relaxed);
-            sp.files_done.fetch_add(1, Relaxed);
-            sp.bytes_done.fetch_add(f.size, Relaxed);
-            local
-                .files
-                .insert(f.path.clone(), (f.size, f.mtime_ns, dig, backup_id));
-            local.save(&self.cfg.state_dir, name)?;
-            manifest.files.push(SetFile {
-                path: f.path.clone(),
-                size: f.size,
-                mtime_ns: f.mtime_ns,
-                backup_id,
-            });
-            if outcome == Outcome::Stored || pos + 1 == found.len() {
-                manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
-                manifest.updated = now();
-                sites = self.put_set(&manifest).await?;
-            }
-            reports.push(SetFileReport {
-                path: f.path.clone(),
-                bytes: f.size,
-                backup_id,
+            each(pos + 1, found.len(), &f.path, false);
+            let done = Done {
+                file: f,
+                backup_id: p.backup_id,
                 outcome,
-            });
+                digest: dig,
+            };
+            done.record(sp, &mut local, &mut manifest, &mut reports);
         }
+        local.save(&self.cfg.state_dir, name)?;
+        if to_send.is_empty() {
+            manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
+            manifest.updated = now();
+            sites = self.put_set(&manifest).await?;
+        }
+        let in_flight = self.cfg.backup.set_files_in_flight.max(1);
+        let live = LiveProgress::start(self.progress.clone());
+        let mut stores = futures_util::stream::iter(to_send.into_iter().map(|(pos, f)| {
+            each(pos + 1, found.len(), &f.path, true);
+            let sub = self.with_progress(live.add());
+            async move { (f, sub.store(&f.full, opts).await, sub.progress) }
+        }))
+        .buffer_unordered(in_flight);
+        while let Some((f, r, sub_progress)) = stores.next().await {
+            live.remove(&sub_progress);
+            let r = r?;
+            bytes_sent += r.bytes;
+            sp.bytes_sent.fetch_add(r.bytes, Relaxed);
+            let done = Done {
+                file: f,
+                backup_id: r.backup_id,
+                outcome: Outcome::Stored,
+                digest: blake3::Hash::from_bytes(r.digest).to_hex().to_string(),
+            };
+            done.record(sp, &mut local, &mut manifest, &mut reports);
+            local.save(&self.cfg.state_dir, name)?;
+            manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
+            manifest.updated = now();
+            sites = self.put_set(&manifest).await?;
+        }
+        drop(stores);
+        live.stop();
         reports.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(SetReport {
             set: name.to_owned(),
