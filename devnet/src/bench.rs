@@ -15,6 +15,8 @@
 //! - Peak RSS (VmHWM) of the client, each site agent and each KME.
 //! - Link: the modelled secure key rate and QBER by fibre length; the bulk fill rate of a
 //!   simulated link into the durable pool, beside the same link with an in-memory pool.
+//! - Relay: on a 4-site chain A-B-C-D, exchanges/s and batched keys/s from A to a slave 1,
+//!   2 and 3 links away (B directly; C and D through trusted nodes).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -41,6 +43,8 @@ pub struct BenchOptions {
     pub link_only: bool,
     /// KMEs keep their pools in memory only (no durable store), for comparison.
     pub volatile: bool,
+    /// Only the relay part.
+    pub relay_only: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -224,6 +228,94 @@ async fn kme_part(info: &DevnetInfo, o: &BenchOptions) -> Result<()> {
         "(each byte to master and slave)"
     );
     Ok(())
+}
+
+/// Relayed key: a 4-site chain, a master at A and slaves 1, 2 and 3 links away.
+fn relay_part(o: &BenchOptions) -> Result<()> {
+    let net = Devnet::start(
+        &o.dir.join("relay"),
+        &Options {
+            sites: 4,
+            links: Some(crate::parse_links("A-B,B-C,C-D", 4)?),
+            rate_bytes_per_sec: 0,
+            max_key_count: 1 << 19,
+            agents: false,
+            volatile_kmes: o.volatile,
+            ..Options::default()
+        },
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    println!(
+        "\nRelay (4-site chain A-B-C-D; master SAE_A1; each hop one-time padded and authenticated)"
+    );
+    println!(
+        "{:<52} {:>14} {:>20}",
+        "measurement", "median", "vs 1 link (same run)"
+    );
+    let conc = 8;
+    let mut one = (0.0, 0.0);
+    for (hops, slave) in [(1, "SAE_B1"), (2, "SAE_C1"), (3, "SAE_D1")] {
+        let master: Vec<_> = (0..conc)
+            .map(|_| net.info.client("SAE_A1"))
+            .collect::<Result<_>>()?;
+        let slaves: Vec<_> = (0..conc)
+            .map(|_| net.info.client(slave))
+            .collect::<Result<_>>()?;
+        let cl = Arc::new((master, slaves));
+        let (mut ex, mut keys) = (Vec::new(), Vec::new());
+        for _ in 0..o.runs {
+            for (number, out) in [(1u64, &mut ex), (1024, &mut keys)] {
+                let c = cl.clone();
+                out.push(rt.block_on(rate(conc, o.seconds, move |i| {
+                    let c = c.clone();
+                    async move { relay_exchange(&c.0[i], &c.1[i], slave, number).await }
+                }))?);
+            }
+        }
+        let (e, k) = (median(ex), median(keys));
+        if hops == 1 {
+            one = (e, k);
+        }
+        println!(
+            "{:<52} {:>10.0} /s {:>19.2}x",
+            format!("exchanges, number=1, 256 bit, {hops} link(s), {conc} clients"),
+            e,
+            e / one.0.max(1e-9)
+        );
+        println!(
+            "{:<52} {:>10.0} /s {:>19.2}x",
+            format!("keys, batched 1,024 x 256 bit, {hops} link(s), {conc} clients"),
+            k,
+            k / one.1.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+/// One enc_keys of `number` 256-bit keys for `slave` and its dec_keys; returns the keys.
+async fn relay_exchange(
+    master: &etsi_spec::Client,
+    slave: &etsi_spec::Client,
+    slave_id: &str,
+    number: u64,
+) -> Result<u64> {
+    let req = etsi_spec::KeyRequest {
+        number: Some(number),
+        size: Some(256),
+        ..Default::default()
+    };
+    let Some(got) = pool_wait(master.enc_keys_decoded(slave_id, &req).await).await? else {
+        return Ok(0);
+    };
+    let ids = etsi_spec::KeyIds::from_ids(got.iter().map(|(id, _)| id.to_string()));
+    let back = slave.dec_keys_decoded("SAE_A1", &ids).await?;
+    if back != got {
+        bail!("the slave received other keys than the master");
+    }
+    Ok(back.len() as u64)
 }
 
 /// Runs the CLI, sampling its peak RSS; returns its JSON reply.
@@ -553,6 +645,14 @@ fn link_part(o: &BenchOptions) -> Result<()> {
 /// Runs the whole benchmark and prints the tables.
 pub fn run(o: &BenchOptions) -> Result<()> {
     std::fs::create_dir_all(&o.dir)?;
+    if o.relay_only {
+        println!(
+            "devnet bench (relay), {} (2 cores shared by every process), medians of {} run(s)",
+            chrono_free_date(),
+            o.runs
+        );
+        return relay_part(o);
+    }
     if o.link_only {
         println!(
             "devnet bench (link), {} (2 cores shared by every process), medians of {} run(s)",
@@ -587,9 +687,11 @@ pub fn run(o: &BenchOptions) -> Result<()> {
         Some(pipeline_part(&net, o)?)
     };
     drop(rt);
-    link_part(o)?;
     println!();
     print_rss("the client and the bench's devnet", &net.info, client_peak);
+    drop(net);
+    relay_part(o)?;
+    link_part(o)?;
     Ok(())
 }
 

@@ -58,6 +58,12 @@ pub struct Options {
     pub agent_limits_toml: String,
     /// Start `qkd-dashboard` with the operator's certificate (`devnet up` does).
     pub dashboard: bool,
+    /// Give every KME the rest of the network (`[relay]`: the other links, the other KMEs'
+    /// SAEs), so that keys reach SAEs of KMEs it has no link to, relayed through trusted
+    /// nodes. Off: only linked KMEs are reachable.
+    pub relay: bool,
+    /// Lines added to every KME's `[relay]` table (e.g. `max_hops = 2`).
+    pub relay_toml: String,
 }
 
 impl Default for Options {
@@ -81,6 +87,8 @@ impl Default for Options {
             crl: false,
             agent_limits_toml: String::new(),
             dashboard: false,
+            relay: true,
+            relay_toml: String::new(),
         }
     }
 }
@@ -446,6 +454,9 @@ impl<'a> Plan<'a> {
         for j in self.peers(i) {
             toml.push_str(&self.peer_toml(i, j));
         }
+        if self.opts.relay {
+            toml.push_str(&self.relay_toml(i));
+        }
         if !self.opts.volatile_kmes {
             // Top-level key, so it goes before the first table.
             let store = self.dir.join(format!("kme-store-{}", self.names[i]));
@@ -487,6 +498,27 @@ impl<'a> Plan<'a> {
                 opts.rate_bytes_per_sec, opts.block_bytes
             )),
         )
+    }
+
+    /// The `[relay]` table of site `i`'s KME: the links it is not part of, and the KMEs it
+    /// has no link to, with their SAEs.
+    fn relay_toml(&self, i: usize) -> String {
+        let links: Vec<[String; 2]> = self
+            .links
+            .iter()
+            .filter(|&&(a, b)| a != i && b != i)
+            .map(|&(a, b)| [self.kme_ids[a].clone(), self.kme_ids[b].clone()])
+            .collect();
+        let mut toml = format!("\n[relay]\nlinks = {links:?}\n{}\n", self.opts.relay_toml);
+        let linked: Vec<usize> = self.peers(i).collect();
+        for j in (0..self.opts.sites).filter(|j| *j != i && !linked.contains(j)) {
+            toml.push_str(&format!(
+                "[[relay.kmes]]\nkme_id = \"{}\"\nsaes = {:?}\n",
+                self.kme_ids[j],
+                self.attached(j)
+            ));
+        }
+        toml
     }
 
     /// The `[[peers]]` table of site `i`'s KME for its link to site `j`.

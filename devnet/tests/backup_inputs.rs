@@ -8,7 +8,7 @@ mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use common::{backup_net, client, client_with_config, random_file, store, walk};
+use common::{backup_net, client, client_with_config, random_file, start, store, walk};
 
 #[test]
 fn every_file_a_devnet_and_its_processes_create_is_private() {
@@ -101,8 +101,13 @@ fn a_placement_naming_a_site_twice_and_a_file_as_randomness_are_refused() {
 
 #[test]
 fn a_store_to_a_site_without_a_qkd_link_says_so() {
-    // The seed's star: A-B and A-C, no link between B and C.
-    let net = backup_net(None);
+    // The seed's star: A-B and A-C, no link between B and C, and no relay through A.
+    let net = start(devnet::Options {
+        rate_bytes_per_sec: 0,
+        max_key_count: 200_000,
+        relay: false,
+        ..devnet::Options::default()
+    });
     let f = random_file(&net.dir, "in", 10_000);
     let r = client(&net.info, 1, &["store", f.to_str().unwrap()]);
     assert_eq!(r.code, 1, "{}", r.stderr);

@@ -256,6 +256,43 @@ pub struct Settings {
     /// loses the keys awaiting slaves (it never hands a byte out twice either way).
     #[serde(default)]
     pub store_dir: Option<PathBuf>,
+    /// Key relay through trusted nodes (`[relay]`): the network beyond this KME's own links.
+    /// Absent: only SAEs of linked KMEs are reachable.
+    #[serde(default)]
+    pub relay: Option<RelaySettings>,
+}
+
+/// `[relay]`: how keys reach SAEs of KMEs this one has no QKD link to, hop by hop through
+/// trusted nodes (see `service::relay`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    /// The network's other QKD links, as pairs of KME IDs (this KME's own links are its
+    /// `[[peers]]`).
+    #[serde(default)]
+    pub links: Vec<[String; 2]>,
+    /// KMEs without a link to this one, and their SAEs.
+    #[serde(default)]
+    pub kmes: Vec<RemoteKme>,
+    /// Most links a relayed key may cross.
+    #[serde(default = "default_max_hops")]
+    pub max_hops: usize,
+    /// KMEs that keys must never be relayed through (they would see them).
+    #[serde(default)]
+    pub forbid: Vec<String>,
+}
+
+/// A KME of the network not linked to this one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteKme {
+    pub kme_id: String,
+    #[serde(default)]
+    pub saes: Vec<String>,
+}
+
+fn default_max_hops() -> usize {
+    4
 }
 
 fn default_listen() -> SocketAddr {
@@ -426,6 +463,11 @@ impl Settings {
         for p in &self.peers {
             for s in &p.saes {
                 m.insert(s.clone(), p.kme_id.clone());
+            }
+        }
+        for k in self.relay.iter().flat_map(|r| &r.kmes) {
+            for s in &k.saes {
+                m.entry(s.clone()).or_insert_with(|| k.kme_id.clone());
             }
         }
         m

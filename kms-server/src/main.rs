@@ -60,6 +60,12 @@ use clap::Parser;
 ///                kind = "upstream-014"  url = "https://vendor-kme"  ca = "vendor-ca.pem"
 ///                       cert = "me-at-vendor.pem"  key = "me-at-vendor.key"
 ///                       peer_sae_id = "OTHER_END_AT_VENDOR"  key_size = 256  keys_per_request = 64
+///   [relay]  links = [["KME_B","KME_C"], ...]   # the network's other links (own: [[peers]])
+///            max_hops = 4  forbid = ["KME_X"]   # never relay through these KMEs
+///   [[relay.kmes]] kme_id="KME_C" saes=["SAE_C1"]   # KMEs without a link to this one
+///                                    # with [relay], keys for their SAEs travel hop by hop,
+///                                    # each hop one-time padded and authenticated with that
+///                                    # link's key; the KMEs in between see them (trusted nodes)
 ///
 /// With store_dir, key bytes and the state of every key survive kill -9: after a restart no
 /// key awaiting a slave is lost and none is delivered twice; the two ends of each link

@@ -12,6 +12,9 @@
 //!   at the link's producing end only (the smaller KME ID, which models it), so each link
 //!   has one series and raises one alert. Names follow Prometheus conventions: base units, `_total` counters,
 //!   labels from a bounded set (configured peers, fixed endpoints and codes).
+//! - `qkd_relay_keys_total{role}`: keys relayed through trusted nodes, by this KME's role
+//!   (`origin`: the master's KME, `transit`: a trusted node on the way, `destination`: the
+//!   slaves' KME); the key each hop consumed is in `qkd_key_consumed_bytes_total{peer}`.
 //! - `kme_requests_total{endpoint,code}` and `kme_request_duration_seconds{endpoint}`
 //!   (histogram) for every HTTP request.
 
@@ -39,6 +42,7 @@ pub struct Metrics {
     latency: Mutex<HashMap<String, Histogram>>,
     generated: Mutex<HashMap<String, u64>>,
     consumed: Mutex<HashMap<String, u64>>,
+    relayed: Mutex<HashMap<String, u64>>,
 }
 
 fn bump(map: &Mutex<HashMap<String, u64>>, key: &str, by: u64) {
@@ -69,6 +73,11 @@ impl Metrics {
     /// Key material that arrived for the link to `peer` (or `local`).
     pub fn generated(&self, peer: &str, bytes: u64) {
         bump(&self.generated, peer, bytes);
+    }
+
+    /// Keys relayed, by this KME's role on the path (`origin`, `transit`, `destination`).
+    pub fn relayed(&self, role: &str, keys: u64) {
+        bump(&self.relayed, role, keys);
     }
 
     /// Key material handed out or registered on the link to `peer` (or `local`).
@@ -108,6 +117,12 @@ impl Metrics {
         if let Ok(m) = self.consumed.lock() {
             for (peer, v) in m.iter() {
                 let _ = writeln!(out, "qkd_key_consumed_bytes_total{{peer=\"{peer}\"}} {v}");
+            }
+        }
+        out.push_str("# HELP qkd_relay_keys_total Keys relayed through trusted nodes, by this KME's role.\n# TYPE qkd_relay_keys_total counter\n");
+        if let Ok(m) = self.relayed.lock() {
+            for (role, v) in m.iter() {
+                let _ = writeln!(out, "qkd_relay_keys_total{{role=\"{role}\"}} {v}");
             }
         }
         out.push_str("# HELP kme_requests_total HTTP requests by endpoint and status code.\n# TYPE kme_requests_total counter\n");

@@ -180,6 +180,19 @@ fn held_detail(e: &ClientError) -> usize {
         .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
 }
 
+/// Whether a 503 says that no path to the slave's KME exists (a relaying KME's
+/// `relay_path: none` detail): waiting for key would not help.
+fn no_path(e: &ClientError) -> bool {
+    let ClientError::Api { error, .. } = e else {
+        return false;
+    };
+    error
+        .details
+        .iter()
+        .flatten()
+        .any(|d| d.get("relay_path").and_then(|v| v.as_str()) == Some("none"))
+}
+
 /// A key's ID and its base64 text, borrowed from a reply body.
 type KeyText<'a> = (Uuid, std::borrow::Cow<'a, str>);
 
@@ -238,7 +251,7 @@ impl KeyFetcher {
             };
             match self.client.enc_keys_body(slave, &req).await {
                 Ok(body) => break Ok((body, number)),
-                Err(e) if e.status().is_some_and(|s| s.as_u16() == 503) => {
+                Err(e) if e.status().is_some_and(|s| s.as_u16() == 503) && !no_path(&e) => {
                     waited = true;
                     let elapsed = start.elapsed();
                     if elapsed > self.max_wait {

@@ -10,7 +10,8 @@
 //!   Wegman–Carter tag (through [`auth`]), nothing returned unless the tag verifies.
 //! * [`otp`] — the one-time pad (XOR with key material, wiped after use): the one pad path,
 //!   used by [`seal`] and exercised directly by the tests and the bench.
-//! * [`auth`] — the Wegman–Carter MAC over POLYVAL.
+//! * [`auth`] — the Wegman–Carter MAC over POLYVAL (the `wegman-carter` crate, which the
+//!   KMEs' key relay shares).
 //! * [`keys`] — key plans: how many ETSI 014 keys of which size cover a chunk's pad and MAC
 //!   key, and fetching them (as master or slave) while waiting out an empty pool.
 //! * [`receipt`] — download receipts: a restoring client's proof that it fetched the keys
@@ -22,10 +23,7 @@
 //!
 //! # Dependencies and why
 //!
-//! * `polyval` (RustCrypto) — the GF(2^128) polynomial hash for the Wegman–Carter MAC;
-//!   maintained, CLMUL-accelerated with run-time detection, better forgery bound
-//!   (`(ℓ+1)/2^128`) than Poly1305 (`8ℓ/2^106`); `zeroize` feature wipes its key on drop.
-//! * `subtle` — constant-time tag comparison (already a dependency of `polyval`).
+//! * `wegman-carter` — the MAC (POLYVAL; its crate doc says why).
 //! * `etsi-spec` — the typed 014 client the key plans use.
 //! * `blake3` — the digest of a share's splits ([`wire::splits_digest`]) checked at
 //!   finalisation. `config` — layered TOML/env settings.
@@ -35,7 +33,7 @@
 
 #![forbid(unsafe_code)]
 
-pub mod auth;
+pub use wegman_carter as auth;
 pub mod config;
 pub mod keys;
 pub mod otp;

@@ -56,6 +56,11 @@ struct NetArgs {
     /// KME restart loses the keys awaiting slaves. Default: durable, crash-safe pools.
     #[arg(long)]
     volatile: bool,
+    /// Do not relay keys through trusted nodes: SAEs reach only SAEs of linked KMEs.
+    /// Default: every KME knows the whole network and relays keys to KMEs it has no link to
+    /// (hop by hop, each hop one-time padded and authenticated with that link's key).
+    #[arg(long)]
+    no_relay: bool,
 }
 
 impl NetArgs {
@@ -73,6 +78,7 @@ impl NetArgs {
             max_key_count: self.max_key_count.unwrap_or(base.max_key_count),
             length_km: self.length_km.or(base.length_km),
             volatile_kmes: self.volatile || base.volatile_kmes,
+            relay: base.relay && !self.no_relay,
             ..base
         })
     }
@@ -143,8 +149,9 @@ enum Cmd {
     /// devnet per run whose pools are filled before the job; the fill rate is printed) and
     /// on key generated live (beside cp and the seed's 356 / 502 Mbps); CPU ns per file
     /// byte of every process (from /proc) beside a copy's, and a labelled projection for
-    /// one 2-core machine per site; the link model and fill rates; peak RSS of the client,
-    /// agents and KMEs. Not part of the tests.
+    /// one 2-core machine per site; relayed exchanges/s and keys/s over 1, 2 and 3 links of
+    /// a chain; the link model and fill rates; peak RSS of the client, agents and KMEs. Not
+    /// part of the tests.
     Bench {
         /// Working folder (default: a fresh folder under the system temp dir; removed after).
         #[arg(long)]
@@ -168,6 +175,9 @@ enum Cmd {
         /// KMEs without a durable store (pools in memory only), for comparison.
         #[arg(long)]
         volatile: bool,
+        /// Only the relay part: exchanges/s and keys/s over 1, 2 and 3 links of a chain.
+        #[arg(long)]
+        relay_only: bool,
     },
 }
 
@@ -181,6 +191,7 @@ fn main() -> Result<()> {
             kme_only,
             link_only,
             volatile,
+            relay_only,
         } => {
             let tmp = dir.is_none();
             let dir = dir.unwrap_or_else(|| {
@@ -193,6 +204,7 @@ fn main() -> Result<()> {
                 seconds,
                 kme_only,
                 link_only,
+                relay_only,
                 volatile,
             });
             if tmp {

@@ -5,7 +5,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::{caller_kme, parse_json, read_body, Shared};
 use crate::link;
-use crate::peer::{BlockAnnounce, RegisterBatch, RegisterResults, SyncRequest};
+use crate::peer::{BlockAnnounce, RegisterBatch, RegisterResults, Relay, SyncRequest};
 use crate::service::KmeError;
 
 pub(super) async fn receive_block(
@@ -61,4 +61,15 @@ pub(super) async fn register(
     let batch: RegisterBatch = parse_json(&body, "registration")?;
     let results = kme.register_many(&from, batch.registrations).await;
     Ok(HttpResponse::Ok().json(RegisterResults { results }))
+}
+
+pub(super) async fn relay(
+    req: HttpRequest,
+    kme: Shared,
+    payload: web::Payload,
+) -> Result<HttpResponse, KmeError> {
+    let from = caller_kme(&req, &kme)?;
+    let body = read_body(payload, 64 << 20, &kme).await?;
+    let relay: Relay = parse_json(&body, "key relay")?;
+    Ok(HttpResponse::Ok().json(kme.relay_in(&from, relay).await))
 }

@@ -64,6 +64,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .service(
+        web::resource(peer::RELAY_PATH)
+            .route(web::post().to(internal::relay))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
         web::resource("/admin/v1/links/{peer}/eavesdropper")
             .route(web::post().to(admin::set_eavesdropper))
             .default_service(web::to(method_not_allowed)),

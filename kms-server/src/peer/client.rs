@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::messages::{BlockAnnounce, RegisterBatch, RegisterResults, SyncReply, SyncRequest};
-use super::{PeerError, BLOCKS_PATH, KME_URI, REGISTER_PATH, SOURCE_PATH, SYNC_PATH};
+use super::messages::{
+    BlockAnnounce, RegisterBatch, RegisterResults, Relay, RelayOutcome, SyncReply, SyncRequest,
+};
+use super::{PeerError, BLOCKS_PATH, KME_URI, REGISTER_PATH, RELAY_PATH, SOURCE_PATH, SYNC_PATH};
 use crate::config::Settings;
 
 /// A client of one peer KME.
@@ -85,6 +87,11 @@ impl PeerClient {
         self.post_json::<_, RegisterResults>(REGISTER_PATH, batch)
             .await
             .map(|r| r.results)
+    }
+
+    /// Sends keys one hop further on their relay; returns what became of them downstream.
+    pub async fn relay(&self, relay: &Relay) -> Result<RelayOutcome, PeerError> {
+        self.post_json(RELAY_PATH, relay).await
     }
 
     /// Announces one block of link key to the peer; returns once the peer holds it.

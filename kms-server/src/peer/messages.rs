@@ -98,3 +98,80 @@ pub struct RegisterBatch {
 pub struct RegisterResults {
     pub results: Vec<Option<String>>,
 }
+
+/// One key relayed through trusted nodes: its ID and length in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayedKey {
+    pub key_id: Uuid,
+    pub len: u64,
+}
+
+/// How a hop of a relay carries the keys' bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Carrier {
+    /// First hop: the keys are these ranges (one per key, in order) of the sender's own
+    /// direction of the link, as in a registration; only offsets cross the wire.
+    Link { offsets: Vec<u64> },
+    /// Later hops: the keys' bytes, concatenated, one-time padded with the first bytes of
+    /// the range at `pad_offset` of the sender's own direction of the link (as long as the
+    /// keys, plus 32 bytes of Wegman–Carter key for `tag`, over [`Relay::mac_input`]).
+    Sealed {
+        pad_offset: u64,
+        /// Base64.
+        ciphertext: String,
+        /// Hex, 16 bytes.
+        tag: String,
+    },
+}
+
+/// Body of `POST /internal/v1/keys/relay`: keys a master at `path[0]` obtained for slaves
+/// at the last KME of `path`, sent one hop further.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Relay {
+    /// Names the relay in every node's log.
+    pub relay_id: Uuid,
+    pub master: String,
+    /// Slaves attached to the last KME of `path`.
+    pub slaves: Vec<String>,
+    /// KME IDs from the master's KME to the slaves'.
+    pub path: Vec<String>,
+    pub keys: Vec<RelayedKey>,
+    pub carrier: Carrier,
+}
+
+impl Relay {
+    /// What a sealed hop's tag covers: every field but the ciphertext and tag, then the
+    /// ciphertext (so the relay's route, owners and key IDs cannot be changed either).
+    pub fn mac_input(&self, pad_offset: u64, ciphertext: &[u8]) -> Vec<u8> {
+        let head = serde_json::to_vec(&(
+            &self.relay_id,
+            &self.master,
+            &self.slaves,
+            &self.path,
+            &self.keys,
+            pad_offset,
+        ))
+        .unwrap_or_default();
+        let mut m = Vec::with_capacity(8 + head.len() + ciphertext.len());
+        m.extend_from_slice(&(head.len() as u64).to_le_bytes());
+        m.extend_from_slice(&head);
+        m.extend_from_slice(ciphertext);
+        m
+    }
+}
+
+/// Reply to a [`Relay`]: delivered (registered durably for the slaves at the end of the
+/// path), or why not and, when a link of the path could not carry it, which.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayOutcome {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The two KMEs of the link that could not carry the keys (alarm, not reconciled, no
+    /// key), so the master's KME can route around it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken_hop: Option<[String; 2]>,
+}

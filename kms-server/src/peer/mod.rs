@@ -14,6 +14,10 @@
 //!   (the faithful BB84 simulator).
 //! - `POST /internal/v1/keys/register`: a KME that handed keys to a master registers their
 //!   IDs and stream ranges at the slaves' KME. Only offsets cross the wire, never key bytes.
+//! - `POST /internal/v1/keys/relay`: keys for slaves at a KME without a link to the master's
+//!   travel hop by hop ([`Relay`] / [`RelayOutcome`]): the first hop names link ranges like
+//!   a registration, every later hop carries the bytes one-time padded and Wegman–Carter
+//!   tagged with that hop's link key (see `service::relay`).
 
 pub mod client;
 pub mod messages;
@@ -21,8 +25,8 @@ pub mod registrar;
 
 pub use client::PeerClient;
 pub use messages::{
-    BlockAnnounce, BlockRef, RegisterBatch, RegisterResults, RegisteredKey, Registration,
-    SyncReply, SyncRequest,
+    BlockAnnounce, BlockRef, Carrier, RegisterBatch, RegisterResults, RegisteredKey, Registration,
+    Relay, RelayOutcome, RelayedKey, SyncReply, SyncRequest,
 };
 pub use registrar::Registrar;
 
@@ -31,6 +35,7 @@ pub const BLOCKS_PATH: &str = "/internal/v1/link/blocks";
 pub const SYNC_PATH: &str = "/internal/v1/link/sync";
 pub const SOURCE_PATH: &str = "/internal/v1/link/source";
 pub const REGISTER_PATH: &str = "/internal/v1/keys/register";
+pub const RELAY_PATH: &str = "/internal/v1/keys/relay";
 
 /// URI SAN prefix that marks a KME's certificates; both ends of every call on this channel
 /// require `urn:qkd:kme:<the peer's configured ID>` of the other.

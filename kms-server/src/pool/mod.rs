@@ -33,6 +33,9 @@ pub enum StreamId {
     Local,
     /// One direction of the QKD link to `peer`.
     Link { peer: String, direction: Direction },
+    /// Keys relayed here through trusted nodes for slaves attached here (`service::relay`):
+    /// appended as they arrive, taken at once by their key records.
+    Relayed,
 }
 
 impl StreamId {
@@ -60,11 +63,12 @@ impl StreamId {
         }
     }
 
-    /// The stream's name in the durable store (`local`, `own:PEER`, `theirs:PEER`): part of
-    /// the on-disk format, see [`store`].
+    /// The stream's name in the durable store (`local`, `own:PEER`, `theirs:PEER`,
+    /// `relayed`): part of the on-disk format, see [`store`].
     pub fn name(&self) -> String {
         match self {
             StreamId::Local => "local".to_owned(),
+            StreamId::Relayed => "relayed".to_owned(),
             StreamId::Link {
                 peer,
                 direction: Direction::Own,
@@ -80,6 +84,8 @@ impl StreamId {
     pub fn parse(name: &str) -> Option<Self> {
         if name == "local" {
             Some(StreamId::Local)
+        } else if name == "relayed" {
+            Some(StreamId::Relayed)
         } else if let Some(peer) = name.strip_prefix("own:") {
             Some(StreamId::own(peer))
         } else {
@@ -87,11 +93,11 @@ impl StreamId {
         }
     }
 
-    /// The peer whose link this stream belongs to (`None` for the local pool); also the
-    /// label of its metrics.
+    /// The peer whose link this stream belongs to (`None` for the local pool and relayed
+    /// keys); also the label of its metrics.
     pub fn peer(&self) -> Option<&str> {
         match self {
-            StreamId::Local => None,
+            StreamId::Local | StreamId::Relayed => None,
             StreamId::Link { peer, .. } => Some(peer),
         }
     }
@@ -111,6 +117,7 @@ mod tests {
     fn stream_names_round_trip() {
         for id in [
             StreamId::Local,
+            StreamId::Relayed,
             StreamId::own("KME_B"),
             StreamId::theirs("KME:x"),
         ] {

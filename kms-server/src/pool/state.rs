@@ -64,6 +64,8 @@ impl LinkState {
 #[derive(Default)]
 pub struct State {
     pub local: Stream,
+    /// Keys relayed here for slaves attached here.
+    pub relayed: Stream,
     pub links: HashMap<String, LinkState>,
     pub records: Records,
 }
@@ -73,6 +75,7 @@ impl State {
     pub fn stream_mut(&mut self, id: &StreamId) -> Option<&mut Stream> {
         match id {
             StreamId::Local => Some(&mut self.local),
+            StreamId::Relayed => Some(&mut self.relayed),
             StreamId::Link { peer, direction } => {
                 self.links.get_mut(peer).map(|l| l.stream_mut(*direction))
             }
@@ -81,13 +84,16 @@ impl State {
 
     /// Every stream with its ID.
     pub fn streams(&self) -> impl Iterator<Item = (StreamId, &Stream)> {
-        std::iter::once((StreamId::Local, &self.local)).chain(self.links.iter().flat_map(
-            |(peer, l)| {
-                [
-                    (StreamId::own(peer), &l.own),
-                    (StreamId::theirs(peer), &l.theirs),
-                ]
-            },
-        ))
+        [
+            (StreamId::Local, &self.local),
+            (StreamId::Relayed, &self.relayed),
+        ]
+        .into_iter()
+        .chain(self.links.iter().flat_map(|(peer, l)| {
+            [
+                (StreamId::own(peer), &l.own),
+                (StreamId::theirs(peer), &l.theirs),
+            ]
+        }))
     }
 }

@@ -18,19 +18,22 @@ use crate::pool::store::{Batch, RecordOp};
 use crate::pool::{KeyRecord, Readiness, State, StreamId};
 
 /// A validated Get key request.
-struct KeyOrder<'a> {
-    master: &'a str,
-    number: u64,
-    size: u64,
+#[derive(Clone)]
+pub(super) struct KeyOrder<'a> {
+    pub(super) master: &'a str,
+    pub(super) number: u64,
+    pub(super) size: u64,
     /// Slaves attached to this KME.
-    local_slaves: Vec<String>,
+    pub(super) local_slaves: Vec<String>,
     /// The linked KME of the other slaves (None: all slaves are local) and those slaves.
-    remote: Option<&'a str>,
-    remote_slaves: Vec<String>,
+    pub(super) remote: Option<&'a str>,
+    pub(super) remote_slaves: Vec<String>,
+    /// The slaves' KME when it has no link to this one (keys relayed; `remote` is None).
+    pub(super) relay_to: Option<String>,
 }
 
 impl KeyOrder<'_> {
-    fn key_bytes(&self) -> u64 {
+    pub(super) fn key_bytes(&self) -> u64 {
         self.size / 8
     }
 
@@ -40,10 +43,10 @@ impl KeyOrder<'_> {
 }
 
 /// Keys allocated for an order, their durable write under way.
-struct Allocation {
-    keys: IssuedKeys,
-    registered: Vec<RegisteredKey>,
-    durable: super::Durable,
+pub(super) struct Allocation {
+    pub(super) keys: IssuedKeys,
+    pub(super) registered: Vec<RegisteredKey>,
+    pub(super) durable: super::Durable,
 }
 
 impl Kme {
@@ -57,7 +60,17 @@ impl Kme {
             .detail("slave", slave));
         }
         let target = self.home_of(slave, "slave")?.to_owned();
-        let route = self.route(&target)?;
+        // A slave at a KME without a link to this one: keys are relayed along a path, and
+        // its first link is the one whose pool limits them.
+        let (first_hop, relay_path) = match self.route(&target) {
+            Ok(r) => (r.map(str::to_owned), None),
+            Err(_) if self.relays() => {
+                let path = self.relay_path(&target, &[])?;
+                (path.get(1).cloned(), Some(path))
+            }
+            Err(e) => return Err(e),
+        };
+        let route = first_hop.as_deref();
         let l = &self.settings.limits;
         let (available, perf, (mine, total), bound) = {
             let st = self.lock()?;
@@ -93,6 +106,11 @@ impl Kme {
         waiting.insert("total_bytes".into(), total.into());
         waiting.insert("max_bytes".into(), bound.total.into());
         status_extension.insert("awaiting_slaves".into(), serde_json::Value::Object(waiting));
+        if let Some(path) = relay_path {
+            let mut relay = serde_json::Map::new();
+            relay.insert("path".into(), path.into());
+            status_extension.insert("relay".into(), serde_json::Value::Object(relay));
+        }
         if let Some((peer, p)) = route.zip(perf) {
             let length = self
                 .settings
@@ -137,6 +155,9 @@ impl Kme {
         req: &KeyRequest,
     ) -> Result<IssuedKeys, KmeError> {
         let order = self.validate_order(caller, slave, req)?;
+        if let Some(target) = order.relay_to.clone() {
+            return self.relay_keys(&order, &target).await;
+        }
         let Allocation {
             keys,
             registered,
@@ -207,21 +228,36 @@ impl Kme {
             local_slaves: Vec::new(),
             remote: None,
             remote_slaves: Vec::new(),
+            relay_to: None,
         };
+        let one_kme =
+            || KmeError::bad_request("all slaves must be attached to this KME or to one other KME");
         for s in slaves {
             let home = self.home_of(s, "slave")?;
-            match self.route(home)? {
-                None => order.local_slaves.push(s.to_owned()),
-                Some(peer) => {
-                    if order.remote.is_some_and(|r| r != peer) {
-                        return Err(KmeError::bad_request(
-                            "all slaves must be attached to this KME or to one linked KME",
-                        ));
+            match self.route(home) {
+                Ok(None) => order.local_slaves.push(s.to_owned()),
+                Ok(Some(peer)) => {
+                    if order.remote.is_some_and(|r| r != peer) || order.relay_to.is_some() {
+                        return Err(one_kme());
                     }
                     order.remote = Some(peer);
                     order.remote_slaves.push(s.to_owned());
                 }
+                // No link to the slave's KME: relayed through trusted nodes, if configured.
+                Err(_) if self.relays() => {
+                    if order.remote.is_some()
+                        || order.relay_to.as_deref().is_some_and(|r| r != home)
+                    {
+                        return Err(one_kme());
+                    }
+                    order.relay_to = Some(home.to_owned());
+                    order.remote_slaves.push(s.to_owned());
+                }
+                Err(e) => return Err(e),
             }
+        }
+        if order.relay_to.is_some() && !order.local_slaves.is_empty() {
+            return Err(one_kme());
         }
         Ok(order)
     }
@@ -281,13 +317,18 @@ impl Kme {
     /// the same batch (not deliverable until a remote registration succeeded), so their
     /// bytes are never unaccounted for on disk. Nobody learns of the keys before the batch
     /// is durable.
-    fn allocate(&self, st: &mut State, order: &KeyOrder<'_>) -> Result<Allocation, KmeError> {
+    pub(super) fn allocate(
+        &self,
+        st: &mut State,
+        order: &KeyOrder<'_>,
+    ) -> Result<Allocation, KmeError> {
         let (number, size, key_bytes) = (order.number, order.size, order.key_bytes());
         let stream_id = order.stream();
         let State {
             local,
             links,
             records,
+            ..
         } = st;
         let stream = match order.remote {
             None => local,

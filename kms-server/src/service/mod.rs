@@ -4,6 +4,8 @@
 //! * [`keys`] — the 014 operations: Get status, Get key (`enc_keys`), Get key with key IDs
 //!   (`dec_keys`).
 //! * [`registration`] — keys a peer KME registers here for slaves attached here.
+//! * [`relay`] — keys for SAEs of KMEs without a link to this one, hop by hop through
+//!   trusted nodes: routing, origin, transit, destination.
 //! * [`admin`] — the eavesdropper switch, housekeeping, the pool gauges.
 //! * [`error`] — [`KmeError`], every refusal, mapped to HTTP replies in one place.
 //!
@@ -16,6 +18,7 @@ pub mod admin;
 pub mod error;
 pub mod keys;
 pub mod registration;
+pub mod relay;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -62,15 +62,21 @@ impl Kme {
     /// peer's direction reaches the end of every range `regs` name, or [`APPEND_WAIT`] has
     /// passed (then the registration is checked, and refused, as it stands).
     pub async fn await_appended(&self, from_kme: &str, regs: &[Registration]) {
-        if self.kme_id() >= from_kme {
-            return; // the far end appends before it acknowledges: nothing to wait for
-        }
         let needed = regs
             .iter()
             .flat_map(|r| &r.keys)
             .map(|k| k.offset.saturating_add(k.len))
             .max()
             .unwrap_or(0);
+        self.await_stream_end(from_kme, needed).await;
+    }
+
+    /// At the producing end of the link to `from_kme`: waits until this end's copy of the
+    /// peer's direction reaches `needed`, or [`APPEND_WAIT`] has passed.
+    pub async fn await_stream_end(&self, from_kme: &str, needed: u64) {
+        if self.kme_id() >= from_kme {
+            return; // the far end appends before it acknowledges: nothing to wait for
+        }
         let deadline = tokio::time::Instant::now() + APPEND_WAIT;
         loop {
             // Created before the check, so an append between the check and the wait wakes it.

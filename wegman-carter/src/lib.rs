@@ -1,4 +1,14 @@
-//! Information-theoretic message authentication (Wegman–Carter) with POLYVAL.
+//! `wegman-carter`: information-theoretic message authentication (Wegman–Carter) with
+//! POLYVAL, for messages protected by QKD key.
+//!
+//! Owns the one MAC construction of the workspace: the backup's share transfers use it
+//! (through `share_transfer::auth`) and the KMEs' key relay uses it for every hop. Must never
+//! depend on either side: it knows nothing of shares, KMEs or transport.
+//!
+//! Dependencies: `polyval` (RustCrypto; maintained, CLMUL-accelerated with run-time
+//! detection, forgery bound `(ℓ+1)/2^128`, better than Poly1305's `8ℓ/2^106`; its `zeroize`
+//! feature wipes the key on drop), `subtle` (constant-time tag comparison), `zeroize`,
+//! `thiserror`.
 //!
 //! # Construction
 //!
@@ -38,6 +48,8 @@
 //! length. **Never reuse a key**: reusing `s` reveals `h(M) ⊕ h(M')`, from which `H` can be
 //! solved. A fresh hash key per message (not only a fresh pad) also avoids the gradual
 //! leakage analysed by Abidin & Larsson for partially secret (QKD) keys.
+
+#![forbid(unsafe_code)]
 
 use polyval::universal_hash::UniversalHash;
 use polyval::Polyval;
