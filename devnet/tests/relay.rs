@@ -268,7 +268,7 @@ fn await_alarm(info: &DevnetInfo, master: &str, slave: &str) {
 
 #[test]
 fn an_alarmed_link_is_routed_around_or_named_in_a_503() {
-    // A square: A-B-D and A-C-D. The eavesdropper sits on B-D (B produces it).
+    // A square: A-B-D and A-C-D.
     let net = net_with(4, "A-B,B-D,A-C,C-D", Some(5.0));
     let info = &net.info;
     let rt = rt();
@@ -278,22 +278,24 @@ fn an_alarmed_link_is_routed_around_or_named_in_a_503() {
         rt.block_on(dec(info, "SAE_D1", "SAE_A1", &ids)).unwrap(),
         keys
     );
-    let via_b = |info: &DevnetInfo| {
-        std::fs::read_to_string(&info.sites[1].kme_log)
+    let via = |info: &DevnetInfo, site: usize| {
+        std::fs::read_to_string(&info.sites[site].kme_log)
             .unwrap()
             .matches("trusted node")
             .count()
     };
-    let via_c = |info: &DevnetInfo| {
-        std::fs::read_to_string(&info.sites[2].kme_log)
-            .unwrap()
-            .matches("trusted node")
-            .count()
+    // Both paths have two links; the first relay took one of them.
+    let (first, other) = match (via(info, 1), via(info, 2)) {
+        (1, 0) => (1, 2),
+        (0, 1) => (2, 1),
+        seen => panic!("one relay through B or C, not {seen:?}"),
     };
-    assert_eq!((via_b(info), via_c(info)), (1, 0), "first through B");
+    let kme = |i: usize| format!("KME_{}", ["A", "B", "C", "D"][i]);
+    let sae = |i: usize| format!("SAE_{}1", ["A", "B", "C", "D"][i]);
 
-    eavesdrop(info, 1, "KME_D", 1.0);
-    await_alarm(info, "SAE_B1", "SAE_D1");
+    // The eavesdropper on that path's second link (its producing end: the smaller ID).
+    eavesdrop(info, first, "KME_D", 1.0);
+    await_alarm(info, &sae(first), "SAE_D1");
     let keys = rt.block_on(enc(info, "SAE_A1", "SAE_D1", 4, 256)).unwrap();
     let ids: Vec<String> = keys.iter().map(|k| k.0.clone()).collect();
     assert_eq!(
@@ -301,14 +303,15 @@ fn an_alarmed_link_is_routed_around_or_named_in_a_503() {
         keys
     );
     assert_eq!(
-        via_c(info),
+        via(info, other),
         1,
-        "the alarmed B-D was routed around, through C"
+        "the alarmed {}-KME_D was routed around",
+        kme(first)
     );
 
-    // C-D alarmed too (C produces it): no path is left; the 503 names the broken links.
-    eavesdrop(info, 2, "KME_D", 1.0);
-    await_alarm(info, "SAE_C1", "SAE_D1");
+    // The other path's second link alarmed too: none is left; the 503 names both.
+    eavesdrop(info, other, "KME_D", 1.0);
+    await_alarm(info, &sae(other), "SAE_D1");
     let e = rt
         .block_on(enc(info, "SAE_A1", "SAE_D1", 1, 256))
         .unwrap_err();

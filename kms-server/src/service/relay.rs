@@ -5,7 +5,10 @@
 //! * **Routing** ([`Kme::relay_path`]): breadth-first over the network's links (this KME's
 //!   own, whose state it knows, and the others named in `[relay] links`), shortest in hops,
 //!   at most `max_hops`, never through a KME of `[relay] forbid`, around own links that are
-//!   alarmed or not reconciled and around links a previous try found broken.
+//!   alarmed or not reconciled and around links a previous try found broken; among equally
+//!   short paths, the one whose first link holds the most key. The state and pool levels of
+//!   links further away are not known here (no link-state exchange): a broken one is found
+//!   by trying it, and routed around.
 //! * **Origin** ([`Kme::relay_keys`], the master's KME): the keys are drawn from its own
 //!   direction of the first link of the path, exactly as for a slave at that linked KME, and
 //!   named to the next KME by their ranges ([`Carrier::Link`]). The master gets them only
@@ -120,6 +123,12 @@ impl Kme {
         for n in graph.values_mut() {
             n.sort_unstable();
             n.dedup();
+        }
+        // Among paths of equal length, the one whose first link holds the most key: the
+        // breadth-first search meets this KME's neighbours in that order.
+        if let (Some(first), Ok(st)) = (graph.get_mut(me), self.lock()) {
+            let held = |p: &str| st.links.get(p).map_or(0, |l| l.own.available());
+            first.sort_by_key(|p| std::cmp::Reverse(held(p)));
         }
         let forbidden = |k: &str| relay.forbid.iter().any(|f| f == k);
         let mut parent: HashMap<&str, &str> = HashMap::new();
