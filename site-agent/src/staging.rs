@@ -42,8 +42,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::storage::{
-    failpoint, io, open_log, record_bytes, write_manifest, ChunkRecords, ChunkWrite, Failpoint,
-    ShareFiles, StoreError,
+    failpoint, io, open_log, record_bytes, write_atomic, write_manifest, ChunkRecords, ChunkWrite,
+    Failpoint, ShareFiles, StoreError,
 };
 use share_transfer::wire::{splits_digest, Manifest, PendingRenewal};
 
@@ -364,20 +364,7 @@ fn read_state(dir: &Path) -> Result<Option<State>, StoreError> {
 
 /// Writes `renew.json` atomically and durably (temp file, fsync, rename, folder fsync).
 fn write_state(dir: &Path, st: &State) -> Result<(), StoreError> {
-    let tmp = dir.join("renew.json.tmp");
-    let text = serde_json::to_vec(st).unwrap_or_default();
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(&text).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    let fin = dir.join(STATE);
-    fs::rename(&tmp, &fin).map_err(io(&fin))?;
-    sync_dir(dir)
+    write_atomic(dir, STATE, &serde_json::to_vec(st).unwrap_or_default())
 }
 
 fn remove_if_present(path: &Path) -> Result<(), StoreError> {

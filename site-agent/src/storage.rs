@@ -587,9 +587,15 @@ fn private_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 pub(crate) fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), StoreError> {
-    let tmp = dir.join("manifest.json.tmp");
-    let fin = dir.join("manifest.json");
     let text = serde_json::to_vec_pretty(m).unwrap_or_default();
+    write_atomic(dir, "manifest.json", &text)
+}
+
+/// Replaces `dir/name` with `bytes` atomically and durably: a temporary file, synced, renamed
+/// over it, then the folder synced. A crash leaves the old file or the new one, never a mix.
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let fin = dir.join(name);
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -597,13 +603,10 @@ pub(crate) fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), StoreError>
         .mode(0o600)
         .open(&tmp)
         .map_err(io(&tmp))?;
-    f.write_all(&text).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     fs::rename(&tmp, &fin).map_err(io(&fin))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
-    Ok(())
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 /// All shares kept by one agent.
