@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{call, frozen_net, ids_of, raw, stored, DEC, ENC, STATUS};
+use common::{call, frozen_net, ids_of, raw, start, stored, DEC, ENC, STATUS};
 use serde_json::{json, Value};
 
 fn keys_of(body: &Value) -> Vec<(String, String)> {
@@ -191,7 +191,13 @@ async fn multicast_delivers_the_same_key_to_each_named_slave_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_path_answers_in_spec_format_and_changes_nothing() {
-    let net = frozen_net(2000);
+    // Frozen pools, and no relay: B and C stay unreachable from each other.
+    let net = start(devnet::Options {
+        rate_bytes_per_sec: 1,
+        max_key_count: 2000,
+        relay: false,
+        ..devnet::Options::default()
+    });
     let info = &net.info;
     let (a1, base_a) = raw(info, Some("SAE_A1"), 0);
     let (b1, base_b) = raw(info, Some("SAE_B1"), 1);
@@ -346,7 +352,7 @@ async fn every_error_path_answers_in_spec_format_and_changes_nothing() {
             "{method} {path}: message {msg} should name {needle}"
         );
     }
-    // B and C are not linked in the default star topology.
+    // B and C are not linked in the default star topology (and this network does not relay).
     let (b1_, _) = raw(info, Some("SAE_B1"), 1);
     let r = call(&b1_, "get", &format!("{base_b}/SAE_C1/enc_keys"), ENC, None).await;
     assert_eq!(r.status, 400);

@@ -245,10 +245,11 @@ impl BackupClient {
         if holders.iter().all(|h| h.status.epoch == newest) {
             return Ok(None);
         }
+        // (A share repaired at the newest epoch names no renewal: another one does.)
         let Some(renewal) = holders
             .iter()
-            .find(|h| h.status.epoch == newest)
-            .and_then(|h| h.status.renewal)
+            .filter(|h| h.status.epoch == newest)
+            .find_map(|h| h.status.renewal)
         else {
             return Err(failed(format!(
                 "backup {id}: shares are at different epochs without a renewal that explains it"
