@@ -154,7 +154,7 @@ enum Cmd {
     /// (re-running the same command finishes an interrupted move). With --set NAME, every
     /// file of the set whose share at SITE needs it.
     Repair {
-        /// The backup (or --set).
+        /// The backup, or a sample set's name (or --set).
         #[arg(required_unless_present = "set", conflicts_with = "set")]
         id: Option<String>,
         /// Repair every file of the sample set NAME.
@@ -175,7 +175,7 @@ enum Cmd {
     /// (repair a lost one first). Sends n times the file's size and uses as much QKD key.
     /// Re-running after an interruption finishes or rolls back the interrupted renewal.
     Renew {
-        /// The backup to renew (or --set).
+        /// The backup to renew, or a sample set's name (or --set).
         #[arg(required_unless_present = "set", conflicts_with = "set")]
         id: Option<String>,
         /// Renew every file of the sample set NAME.
@@ -184,6 +184,28 @@ enum Cmd {
     },
     /// Run the site agent (needs an agent configuration).
     Serve,
+}
+
+/// What `renew` and `repair` work on: one backup, or every file of a sample set.
+enum Target {
+    Backup(Uuid),
+    Set(String),
+}
+
+/// `ID`, `--set NAME`, or a set's name in place of the ID (`renew run42`).
+fn target(id: Option<String>, set: Option<String>) -> Result<Target> {
+    match (id, set) {
+        (_, Some(name)) => Ok(Target::Set(name)),
+        (Some(id), None) => match Uuid::try_parse(&id) {
+            Ok(u) => Ok(Target::Backup(u)),
+            Err(_) if share_transfer::wire::valid_set_name(&id) => Ok(Target::Set(id)),
+            Err(_) => Ok(Target::Backup(parse_id(&id)?)),
+        },
+        (None, None) => Err(backup_client::transfer::TransferError::Usage(
+            "name a backup ID or a sample set (--set NAME)".into(),
+        )
+        .into()),
+    }
 }
 
 fn parse_id(s: &str) -> Result<Uuid> {
@@ -398,23 +420,15 @@ async fn client(cli: Cli, cfg: ClientConfig) -> Result<i32> {
         },
         Cmd::List => list(&bc, cli.json).await,
         Cmd::Repair {
-            id: Some(id),
-            site,
-            to,
-            ..
-        } => repair(&bc, parse_id(&id)?, &site, to.as_deref(), cli.json, show).await,
-        Cmd::Repair {
-            set: Some(name),
-            site,
-            to,
-            ..
-        } => repair_set(&bc, &name, &site, to.as_deref(), cli.json, show).await,
-        Cmd::Repair { .. } => bail!("repair ID --site SITE or repair --set NAME --site SITE"),
-        Cmd::Renew { id: Some(id), .. } => renew(&bc, parse_id(&id)?, cli.json, show).await,
-        Cmd::Renew {
-            set: Some(name), ..
-        } => renew_set(&bc, &name, cli.json, show).await,
-        Cmd::Renew { .. } => bail!("renew ID or renew --set NAME"),
+            id, set, site, to, ..
+        } => match target(id, set)? {
+            Target::Backup(id) => repair(&bc, id, &site, to.as_deref(), cli.json, show).await,
+            Target::Set(name) => repair_set(&bc, &name, &site, to.as_deref(), cli.json, show).await,
+        },
+        Cmd::Renew { id, set } => match target(id, set)? {
+            Target::Backup(id) => renew(&bc, id, cli.json, show).await,
+            Target::Set(name) => renew_set(&bc, &name, cli.json, show).await,
+        },
         Cmd::Verify {
             id: Some(id),
             all: false,

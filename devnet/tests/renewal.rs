@@ -250,6 +250,15 @@ fn a_sample_set_is_renewed_as_a_whole_and_a_lost_share_must_be_repaired_first() 
         );
     }
 
+    // The set's name alone names it too.
+    let r = client(&net.info, 0, &["renew", "run7"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.json()["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| f["renewal"]["epoch"] == 2));
+
     // A share lost at B: renewal refuses (it would leave B's share behind) and says how
     // to fix it; after the repair, the renewal goes through.
     let id = renewed[1]["renewal"]["backup_id"]
@@ -269,8 +278,8 @@ fn a_sample_set_is_renewed_as_a_whole_and_a_lost_share_must_be_repaired_first() 
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(
         epochs(&net, &id),
-        vec![1, 1, 1],
-        "the repaired share joins epoch 1"
+        vec![2, 2, 2],
+        "the repaired share joins epoch 2"
     );
     let r = client(&net.info, 0, &["renew", &id]);
     assert_eq!(r.code, 0, "{}", r.stderr);
