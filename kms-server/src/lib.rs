@@ -17,8 +17,10 @@
 //! - [`link`] — moving key from a source into both ends' pools: the producer's loop, the far
 //!   end, synchronisation after restarts, pacing, the local pool.
 //! - [`service`] — [`service::Kme`], the operations independent of HTTP (Get status, Get key
-//!   in named steps, Get key with key IDs, registrations from peers, admin), with its own
-//!   error enum; key enters the pools only through [`service::Kme::append_durable`].
+//!   in named steps, Get key with key IDs, registrations from peers, key relay through
+//!   trusted nodes, admin), with its own error enum; key enters the pools only through
+//!   [`service::Kme::append_durable`] (and relayed key through the destination's `relayed`
+//!   stream, see [`service::relay`]).
 //! - [`source`] — key sources behind a trait: simulator, faithful BB84, key files, upstream
 //!   014; how to add a vendor driver.
 //! - [`peer`] — the KME-to-KME channel: routes, every wire message, the client, the
@@ -32,7 +34,8 @@
 //! hyper-openssl (`mtls::pinned`: the same OpenSSL, with a verification callback that
 //! requires the peer's `urn:qkd:kme:` SAN before anything is sent, which reqwest's
 //! native-tls cannot offer); `config` for layered TOML/env settings; `zeroize` to
-//! wipe key material; `uuid` for key IDs; `tracing` for logs, which never contain key
+//! wipe key material; `wegman-carter` (the workspace's one MAC, shared with the backup's
+//! transfers) to authenticate relayed keys on every hop; `hex` for its tags; `uuid` for key IDs; `tracing` for logs, which never contain key
 //! material; `redb` for the durable pool's state (pure Rust, ACID, crash-safe with fsync on
 //! commit, no server); `async-trait` so key sources can be chosen at run time
 //! (`dyn KeySource`); `libc` for `O_NOFOLLOW` in the key-files source.

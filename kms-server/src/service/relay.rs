@@ -9,7 +9,7 @@
 //!   short paths, the one whose first link holds the most key. The state and pool levels of
 //!   links further away are not known here (no link-state exchange): a broken one is found
 //!   by trying it, and routed around.
-//! * **Origin** ([`Kme::relay_keys`], the master's KME): the keys are drawn from its own
+//! * **Origin** (`Kme::relay_keys`, the master's KME): the keys are drawn from its own
 //!   direction of the first link of the path, exactly as for a slave at that linked KME, and
 //!   named to the next KME by their ranges ([`Carrier::Link`]). The master gets them only
 //!   once the last KME has registered them durably; if a link of the path cannot carry them,
