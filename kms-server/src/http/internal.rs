@@ -69,7 +69,10 @@ pub(super) async fn relay(
     payload: web::Payload,
 ) -> Result<HttpResponse, KmeError> {
     let from = caller_kme(&req, &kme)?;
-    let body = read_body(payload, 64 << 20, &kme).await?;
+    // The largest relay a KME sends: max_key_per_request keys of max_key_size, in base64.
+    let l = &kme.settings.limits;
+    let limit = (l.max_key_per_request * (l.max_key_size / 8)).saturating_mul(4) / 3 + (1 << 20);
+    let body = read_body(payload, usize::try_from(limit).unwrap_or(usize::MAX), &kme).await?;
     let relay: Relay = parse_json(&body, "key relay")?;
     Ok(HttpResponse::Ok().json(kme.relay_in(&from, relay).await))
 }
