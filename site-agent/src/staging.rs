@@ -32,9 +32,9 @@
 //!
 //! A renewal needs the share's size again in free space until it commits.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -42,8 +42,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::storage::{
-    failpoint, io, open_log, record_bytes, write_atomic, write_manifest, ChunkRecords, ChunkWrite,
-    Failpoint, ShareFiles, StoreError,
+    failpoint, io, open_append, open_data, open_log, read_json, record_bytes, sync_dir,
+    write_atomic, write_manifest, ChunkRecords, ChunkWrite, Failpoint, ShareFiles, StoreError,
 };
 use share_transfer::wire::{splits_digest, Manifest, PendingRenewal};
 
@@ -112,23 +112,9 @@ impl Staging {
         let Some(state) = read_state(dir)? else {
             return Ok(None);
         };
-        let data_path = dir.join(DATA);
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&data_path)
-            .map_err(io(&data_path))?;
+        let data = open_data(&dir.join(DATA))?;
         let (log, chunks) = open_log(&dir.join(LOG))?;
-        let keys_path = dir.join(KEYS);
-        let keys = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&keys_path)
-            .map_err(io(&keys_path))?;
+        let keys = open_append(&dir.join(KEYS))?;
         Ok(Some(Staging {
             dir: dir.to_owned(),
             chunk_size: m.open.chunk_size as usize,
@@ -304,19 +290,15 @@ impl Staging {
     }
 }
 
-/// Whether `dir` holds a committed renewal not yet swapped in.
-pub(crate) fn has_committed(dir: &Path) -> Result<bool, StoreError> {
-    Ok(read_state(dir)?.is_some_and(|s| s.committed))
-}
-
 /// Finishes a committed renewal left by a crash in `dir`; run before a share is opened.
-pub(crate) fn recover(dir: &Path) -> Result<(), StoreError> {
+/// Returns whether there was one.
+pub(crate) fn recover(dir: &Path) -> Result<bool, StoreError> {
     match read_state(dir)? {
         Some(st) if st.committed => {
             tracing::info!(dir = %dir.display(), epoch = st.epoch, "finishing a committed share renewal");
-            roll_forward(dir, &st)
+            roll_forward(dir, &st).map(|()| true)
         }
-        _ => Ok(()),
+        _ => Ok(false),
     }
 }
 
@@ -334,11 +316,8 @@ fn roll_forward(dir: &Path, st: &State) -> Result<(), StoreError> {
     }
     sync_dir(dir)?;
     let mpath = dir.join("manifest.json");
-    let text = fs::read(&mpath).map_err(io(&mpath))?;
-    let mut m: Manifest = serde_json::from_slice(&text).map_err(|e| StoreError::Io {
-        path: mpath.clone(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })?;
+    let mut m: Manifest =
+        read_json(&mpath)?.ok_or_else(|| io(&mpath)(std::io::ErrorKind::NotFound.into()))?;
     if m.open.epoch != st.epoch || m.renewal != Some(st.renewal) {
         m.open.epoch = st.epoch;
         m.renewal = Some(st.renewal);
@@ -349,17 +328,7 @@ fn roll_forward(dir: &Path, st: &State) -> Result<(), StoreError> {
 }
 
 fn read_state(dir: &Path) -> Result<Option<State>, StoreError> {
-    let path = dir.join(STATE);
-    match fs::read(&path) {
-        Ok(t) => serde_json::from_slice(&t)
-            .map(Some)
-            .map_err(|e| StoreError::Io {
-                path,
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io(&path)(e)),
-    }
+    read_json(&dir.join(STATE))
 }
 
 /// Writes `renew.json` atomically and durably (temp file, fsync, rename, folder fsync).
@@ -372,10 +341,6 @@ fn remove_if_present(path: &Path) -> Result<(), StoreError> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
         _ => Ok(()),
     }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 #[cfg(test)]

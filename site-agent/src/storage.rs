@@ -606,7 +606,50 @@ pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), S
     f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     fs::rename(&tmp, &fin).map_err(io(&fin))?;
+    sync_dir(dir)
+}
+
+/// Makes the entries of folder `dir` (new, renamed or removed files) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// The JSON file at `path`, parsed; `None` if it does not exist.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, StoreError> {
+    match fs::read(path) {
+        Ok(t) => serde_json::from_slice(&t)
+            .map(Some)
+            .map_err(|e| StoreError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+/// Opens (creating it, 0600) a file of chunks written in place at their offsets.
+pub(crate) fn open_data(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))
+}
+
+/// Opens (creating it, 0600) a file only ever appended to.
+pub(crate) fn open_append(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))
 }
 
 /// All shares kept by one agent.
@@ -683,7 +726,7 @@ impl Storage {
             dir.parent().unwrap_or(&self.root),
             &self.root,
         ] {
-            File::open(d).and_then(|f| f.sync_all()).map_err(io(d))?;
+            sync_dir(d)?;
         }
         Ok(share)
     }
@@ -695,35 +738,14 @@ impl Storage {
             return Ok(Some(s.clone()));
         }
         let dir = self.share_dir(id, index);
-        let mpath = dir.join("manifest.json");
-        let text = match fs::read(&mpath) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(&mpath)(e)),
+        // A renewal committed before a crash is finished before anything is read.
+        staging::recover(&dir)?;
+        let Some(manifest) = read_json::<Manifest>(&dir.join("manifest.json"))? else {
+            return Ok(None);
         };
-        let mut manifest: Manifest = serde_json::from_slice(&text).map_err(|e| StoreError::Io {
-            path: mpath.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-        })?;
-        if staging::has_committed(&dir)? {
-            // A renewal committed before a crash: finish it before anything is read.
-            staging::recover(&dir)?;
-            let text = fs::read(&mpath).map_err(io(&mpath))?;
-            manifest = serde_json::from_slice(&text).map_err(|e| StoreError::Io {
-                path: mpath.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-            })?;
-        }
         let staged = Staging::open(&dir, &manifest)?.map(Arc::new);
         let data_path = dir.join("data");
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&data_path)
-            .map_err(io(&data_path))?;
+        let data = open_data(&data_path)?;
         let cs = manifest.open.chunk_size as usize;
         let direct = if self.direct_io && cs > 0 && cs.is_multiple_of(DIO_ALIGN) {
             OpenOptions::new()
@@ -735,13 +757,7 @@ impl Storage {
             None
         };
         let (log, chunks) = open_log(&dir.join("chunks.log"))?;
-        let keys_path = dir.join("keys.log");
-        let keys = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&keys_path)
-            .map_err(io(&keys_path))?;
+        let keys = open_append(&dir.join("keys.log"))?;
         let s = Arc::new(ShareFiles {
             id,
             index,
@@ -771,8 +787,7 @@ impl Storage {
             }
             for share in fs::read_dir(e.path()).into_iter().flatten().flatten() {
                 let dir = share.path();
-                if staging::has_committed(&dir)? {
-                    staging::recover(&dir)?;
+                if staging::recover(&dir)? {
                     done += 1;
                 }
             }
@@ -791,9 +806,7 @@ impl Storage {
         let parent = self.root.join(id.to_string());
         let aside = parent.join(format!(".removed-share-{index}-{}", Uuid::new_v4()));
         fs::rename(&dir, &aside).map_err(io(&dir))?;
-        File::open(&parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&parent))?;
+        sync_dir(&parent)?;
         fs::remove_dir_all(&aside).map_err(io(&aside))
     }
 

@@ -34,7 +34,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::store::Target;
-use super::upload::{dispatch, split_nonce, Job, Route};
+use super::upload::{dispatch, split_nonce, Route};
 use super::{BackupClient, TransferError};
 use crate::config::Site;
 use share_transfer::keys::KeyPlan;
@@ -297,14 +297,7 @@ impl BackupClient {
         let mut rolled = Vec::new();
         for h in holders {
             if let Some(p) = &h.status.pending {
-                let _: RenewalStatus = self
-                    .agent_call(
-                        &h.site,
-                        reqwest::Method::DELETE,
-                        &h.path(&format!("/{}", p.renewal)),
-                        None,
-                    )
-                    .await?;
+                self.abort_at(h, p.renewal).await?;
                 if !rolled.contains(&p.renewal) {
                     rolled.push(p.renewal);
                 }
@@ -370,18 +363,21 @@ impl BackupClient {
     /// rolls back what is left).
     async fn abort_quietly(&self, holders: &[Holder], renewal: Uuid) {
         for h in holders {
-            if let Err(e) = self
-                .agent_call::<RenewalStatus>(
-                    &h.site,
-                    reqwest::Method::DELETE,
-                    &h.path(&format!("/{renewal}")),
-                    None,
-                )
-                .await
-            {
+            if let Err(e) = self.abort_at(h, renewal).await {
                 tracing::warn!(site = %h.site.name, error = %e, "could not roll back a staged renewal; the next renew does");
             }
         }
+    }
+
+    /// Rolls back `renewal` at `h`'s site (nothing happens where it is not staged).
+    async fn abort_at(&self, h: &Holder, renewal: Uuid) -> Result<RenewalStatus, TransferError> {
+        self.agent_call(
+            &h.site,
+            reqwest::Method::DELETE,
+            &h.path(&format!("/{renewal}")),
+            None,
+        )
+        .await
     }
 
     /// Deals the zero sharings and sends every site its deltas; the digest of the new
@@ -412,19 +408,8 @@ impl BackupClient {
         self.progress.total.store(size, Ordering::Relaxed);
         self.progress.done.store(0, Ordering::Relaxed);
         let sent = Arc::new(AtomicU64::new(0));
-        let streams = self.cfg.backup.streams.max(1);
-        let mut senders = Vec::new();
-        let mut tasks = Vec::new();
-        for t in &targets {
-            let (tx, rx) = async_channel::bounded::<Job>(streams * self.cfg.backup.batch_chunks);
-            senders.push((t.share, tx));
-            for _ in 0..streams {
-                let mut up = self.uploader(t, id, (cs, size), &sent, t.share == targets[0].share);
-                up.route = Route::Renew(renewal);
-                let rx = rx.clone();
-                tasks.push(tokio::spawn(async move { up.run(rx).await }));
-            }
-        }
+        let (senders, tasks) =
+            self.spawn_uploaders(Route::Renew(renewal), id, &targets, (cs, size), &sent);
         let abort = Arc::new(AtomicBool::new(false));
         let stop = abort.clone();
         let rng = self.share_rng()?;
@@ -445,7 +430,8 @@ impl BackupClient {
             Ok(nonces)
         });
         let mut first_error = None;
-        let mut pending: futures_util::stream::FuturesUnordered<_> = tasks.into_iter().collect();
+        let mut pending: futures_util::stream::FuturesUnordered<_> =
+            tasks.into_iter().map(|(_, _, task)| task).collect();
         use futures_util::StreamExt;
         while let Some(r) = pending.next().await {
             let r = r

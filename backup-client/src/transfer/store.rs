@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::resume::{PendingStore, Start, StoreResume};
-use super::upload::{read_and_split, Job, ReadSplit, Uploader};
+use super::upload::{read_and_split, Job, ReadSplit, Route, Uploader};
 use super::{
     default_chunk_size, io_err, now_secs, BackupClient, ShareReport, StoreOptions, StoreReport,
     TransferError,
@@ -108,7 +108,7 @@ struct Uploaded {
 }
 
 /// `(share index, site name, uploader task)`.
-type UploaderTask = (u8, String, JoinHandle<Result<(), TransferError>>);
+pub(super) type UploaderTask = (u8, String, JoinHandle<Result<(), TransferError>>);
 
 impl BackupClient {
     /// Stores `file`; returns the backup ID and what happened at each site.
@@ -270,7 +270,13 @@ impl BackupClient {
         let rng = self.share_rng()?;
         let abort = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
-        let (senders, uploaders) = self.spawn_uploaders(plan, id, targets, &sent);
+        let (senders, uploaders) = self.spawn_uploaders(
+            Route::Store,
+            id,
+            targets,
+            (plan.chunk_size, plan.size),
+            &sent,
+        );
         // Reader/splitter thread → per-site channels → uploaders.
         let work = ReadSplit {
             path: plan.file.clone(),
@@ -328,13 +334,15 @@ impl BackupClient {
             .map_err(|e| TransferError::Usage(format!("backup.rng: {e}")))
     }
 
-    /// Starts `streams` uploaders per target on one queue per target; returns the queues'
-    /// senders (for the reader) and the tasks.
-    fn spawn_uploaders(
+    /// Starts `streams` uploaders per target on one queue per target, sending `route`'s
+    /// chunks of backup `id` (`size` file bytes in chunks of `chunk_size`); returns the
+    /// queues' senders (for the reader or dealer) and the tasks.
+    pub(super) fn spawn_uploaders(
         &self,
-        plan: &StorePlan,
+        route: Route,
         id: Uuid,
         targets: &[Target],
+        (chunk_size, size): (usize, u64),
         sent: &Arc<AtomicU64>,
     ) -> (Vec<(u8, async_channel::Sender<Job>)>, Vec<UploaderTask>) {
         let streams = self.cfg.backup.streams;
@@ -345,13 +353,9 @@ impl BackupClient {
             let (tx, rx) = async_channel::bounded::<Job>(streams * batch);
             senders.push((t.share, tx));
             for _ in 0..streams {
-                let up = self.uploader(
-                    t,
-                    id,
-                    (plan.chunk_size, plan.size),
-                    sent,
-                    t.share == targets[0].share,
-                );
+                let mut up =
+                    self.uploader(t, id, (chunk_size, size), sent, t.share == targets[0].share);
+                up.route = route;
                 let rx = rx.clone();
                 uploaders.push((
                     t.share,

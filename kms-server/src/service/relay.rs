@@ -39,6 +39,11 @@ use crate::pool::records::{now_unix, KeyBytes};
 use crate::pool::store::{Batch, RecordOp};
 use crate::pool::{KeyRecord, Readiness, StreamId};
 
+/// Whether a link can carry keys now: reconciled, and not stopped by an alarm.
+fn link_usable(l: &crate::pool::LinkState) -> bool {
+    l.synced() && !l.perf.is_some_and(|p| p.aborted)
+}
+
 /// Tries of a relay on new paths after a link of the path failed.
 const ATTEMPTS: usize = 3;
 
@@ -82,11 +87,27 @@ impl Kme {
 
     /// Whether this KME's own link to `peer` can carry keys now.
     fn own_link_usable(&self, peer: &str) -> bool {
-        self.lock().is_ok_and(|st| {
-            st.links
-                .get(peer)
-                .is_some_and(|l| l.synced() && !l.perf.is_some_and(|p| p.aborted))
-        })
+        self.lock()
+            .is_ok_and(|st| st.links.get(peer).is_some_and(link_usable))
+    }
+
+    /// This KME's links that can carry keys now, with the key each holds for its masters,
+    /// most first (one look at the state).
+    fn usable_links(&self) -> Vec<(&str, u64)> {
+        let Ok(st) = self.lock() else {
+            return Vec::new();
+        };
+        let mut v: Vec<(&str, u64)> = self
+            .settings
+            .peers
+            .iter()
+            .filter_map(|p| {
+                let l = st.links.get(&p.kme_id).filter(|l| link_usable(l))?;
+                Some((p.kme_id.as_str(), l.own.available()))
+            })
+            .collect();
+        v.sort_by_key(|&(p, held)| (std::cmp::Reverse(held), p));
+        v
     }
 
     /// The shortest path (KME IDs, this one first) to `target` within `max_hops`, through
@@ -104,21 +125,12 @@ impl Kme {
                 .iter()
                 .any(|h| (h[0] == a && h[1] == b) || (h[0] == b && h[1] == a))
         };
-        let mut edges: Vec<(&str, &str)> = Vec::new();
-        for p in &self.settings.peers {
-            if !avoided(me, &p.kme_id) && self.own_link_usable(&p.kme_id) {
-                edges.push((me, p.kme_id.as_str()));
-            }
-        }
+        let mut graph: HashMap<&str, Vec<&str>> = HashMap::new();
         for [a, b] in &relay.links {
             if a != me && b != me && !avoided(a, b) {
-                edges.push((a.as_str(), b.as_str()));
+                graph.entry(a).or_default().push(b);
+                graph.entry(b).or_default().push(a);
             }
-        }
-        let mut graph: HashMap<&str, Vec<&str>> = HashMap::new();
-        for (a, b) in edges {
-            graph.entry(a).or_default().push(b);
-            graph.entry(b).or_default().push(a);
         }
         for n in graph.values_mut() {
             n.sort_unstable();
@@ -126,10 +138,16 @@ impl Kme {
         }
         // Among paths of equal length, the one whose first link holds the most key: the
         // breadth-first search meets this KME's neighbours in that order.
-        if let (Some(first), Ok(st)) = (graph.get_mut(me), self.lock()) {
-            let held = |p: &str| st.links.get(p).map_or(0, |l| l.own.available());
-            first.sort_by_key(|p| std::cmp::Reverse(held(p)));
+        let first: Vec<&str> = self
+            .usable_links()
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| !avoided(me, p))
+            .collect();
+        for &p in &first {
+            graph.entry(p).or_default().push(me);
         }
+        graph.insert(me, first);
         let forbidden = |k: &str| relay.forbid.iter().any(|f| f == k);
         let mut parent: HashMap<&str, &str> = HashMap::new();
         let mut depth: HashMap<&str, usize> = HashMap::from([(me, 0)]);
