@@ -174,7 +174,7 @@ impl Found {
                 {
                     let g = groups.remove(newest);
                     groups.insert(0, g);
-                    return Ok(self.agreed_on(groups, k));
+                    return self.agreed_on(id, groups, k);
                 }
             }
         }
@@ -187,16 +187,20 @@ impl Found {
                 describe(&groups)
             )));
         }
-        Ok(self.agreed_on(groups, k))
+        self.agreed_on(id, groups, k)
     }
 
     /// The first group is the backup; the others' shares are named as not counted (those
     /// of the same file under an older placement: a share move in progress).
-    fn agreed_on(&mut self, groups: Vec<Group>, k: usize) -> Agreed {
+    fn agreed_on(
+        &mut self,
+        id: Uuid,
+        groups: Vec<Group>,
+        k: usize,
+    ) -> Result<Agreed, TransferError> {
         let mut groups = groups.into_iter();
-        let (header, trailer, members) = match groups.next() {
-            Some((_, h, t, m)) => (h, t, m),
-            None => unreachable!("agree checks that a group exists"),
+        let Some((_, header, trailer, members)) = groups.next() else {
+            return Err(self.nothing_error(id));
         };
         let version = members.first().map_or(0, |(_, m)| m.open.placement_version);
         for (_, h, t, others) in groups {
@@ -218,11 +222,11 @@ impl Found {
                 self.rejected.push((site.name.clone(), m.share_index, why));
             }
         }
-        Agreed {
+        Ok(Agreed {
             header,
             trailer,
             members,
-        }
+        })
     }
 
     /// The members of one share epoch: the newest that `k` sites hold, else the one most
