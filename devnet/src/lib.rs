@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cpu;
 pub mod fastq;
 pub mod fill;
+pub mod garage;
 pub mod monitor;
 
 use std::net::TcpListener;
@@ -64,6 +65,10 @@ pub struct Options {
     pub relay: bool,
     /// Lines added to every KME's `[relay]` table (e.g. `max_hops = 2`).
     pub relay_toml: String,
+    /// Keep every site's shares in its own Garage node (S3) instead of a local folder.
+    pub s3: bool,
+    /// Lines added to every agent's `[s3]` table (e.g. `retry_timeout_secs = 5`).
+    pub s3_toml: String,
 }
 
 impl Default for Options {
@@ -89,6 +94,8 @@ impl Default for Options {
             dashboard: false,
             relay: true,
             relay_toml: String::new(),
+            s3: false,
+            s3_toml: String::new(),
         }
     }
 }
@@ -135,6 +142,23 @@ pub struct SiteInfo {
     /// `http://127.0.0.1:port` of the agent's operator listener (`/metrics`, `/jobs`).
     #[serde(default)]
     pub agent_metrics_url: String,
+    /// With `--s3`: the site's Garage node (S3 API address, bucket, the agent's
+    /// credentials file, configuration, log, pid); the agent keeps its shares there and
+    /// `store_dir` is empty.
+    #[serde(default)]
+    pub s3: Option<S3Info>,
+}
+
+/// A site's object store in `devnet.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct S3Info {
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub credentials: PathBuf,
+    pub garage_config: PathBuf,
+    pub garage_log: PathBuf,
+    pub garage_pid: u32,
 }
 
 /// The contents of `devnet.json`.
@@ -193,6 +217,9 @@ pub struct Devnet {
     pub info: DevnetInfo,
     children: Vec<Option<Child>>,
     agents: Vec<Option<Child>>,
+    /// Garage nodes (with `s3`), by site.
+    garages: Vec<Option<Child>>,
+    garage_nodes: Vec<Option<garage::Node>>,
     /// The dashboard.
     others: Vec<Child>,
     detached: bool,
@@ -326,6 +353,8 @@ struct Plan<'a> {
     metrics_ports: Vec<u16>,
     agent_ports: Vec<u16>,
     agent_metrics_ports: Vec<u16>,
+    /// (RPC, S3) ports of the sites' Garage nodes, with `s3`.
+    garage_ports: Vec<(u16, u16)>,
 }
 
 /// The files of one site in the devnet folder.
@@ -377,6 +406,13 @@ impl<'a> Plan<'a> {
         let metrics_ports = free_ports(opts.sites)?;
         let agent_ports = free_ports(opts.sites)?;
         let agent_metrics_ports = free_ports(opts.sites)?;
+        let garage_ports = if opts.s3 && opts.agents {
+            (0..opts.sites)
+                .map(|_| Ok((free_port()?, free_port()?)))
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
         Ok(Plan {
             opts,
             dir,
@@ -389,6 +425,7 @@ impl<'a> Plan<'a> {
             metrics_ports,
             agent_ports,
             agent_metrics_ports,
+            garage_ports,
         })
     }
 
@@ -551,9 +588,15 @@ impl<'a> Plan<'a> {
     }
 
     /// The configuration of site `i`'s backup agent.
-    fn agent_toml(&self, i: usize, agent: &certs::IdentityFiles, store_dir: &Path) -> String {
-        format!(
-            "sae_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\nkme_url = \"{}\"\nstore_dir = \"{}\"\n\
+    fn agent_toml(
+        &self,
+        i: usize,
+        agent: &certs::IdentityFiles,
+        store_dir: &Path,
+        s3: Option<&garage::Node>,
+    ) -> String {
+        let mut toml = format!(
+            "sae_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\nkme_url = \"{}\"\n{}\
              # every SAE of the network may use the agent\n\
              allowed_clients = {:?}\n\
              # the first client of every site may read every backup (restore anywhere after a \
@@ -564,7 +607,10 @@ impl<'a> Plan<'a> {
             self.agent_ports[i],
             self.agent_metrics_ports[i],
             self.url(i),
-            store_dir.display(),
+            match s3 {
+                Some(_) => String::new(),
+                None => format!("store_dir = \"{}\"\n", store_dir.display()),
+            },
             (0..self.opts.sites)
                 .flat_map(|j| self.sae_ids(j))
                 .collect::<Vec<_>>(),
@@ -575,7 +621,11 @@ impl<'a> Plan<'a> {
             agent.cert.display(),
             agent.key.display(),
             self.opts.agent_limits_toml,
-        )
+        );
+        if let Some(node) = s3 {
+            toml.push_str(&node.agent_toml(&self.opts.s3_toml));
+        }
+        toml
     }
 
     /// The `backup-client` configuration for site `i` (its first SAE, every site's agent).
@@ -627,7 +677,8 @@ impl<'a> Plan<'a> {
         if let Some(bin) = agent_bin {
             agent_pid = self.start_agent(i, bin, &files, guard)?;
         }
-        Ok(self.site_info(i, files, kme_pid, agent_pid))
+        let s3 = guard.s3_info(i);
+        Ok(self.site_info(i, files, kme_pid, agent_pid, s3))
     }
 
     /// Writes site `i`'s agent and client configurations and starts its agent; returns its
@@ -645,10 +696,13 @@ impl<'a> Plan<'a> {
             .iter()
             .find(|a| a.id == self.agent_id(i))
             .context("agent certificate")?;
-        std::fs::create_dir_all(&files.store_dir)?;
+        let node = self.start_garage(i, files, guard)?;
+        if node.is_none() {
+            std::fs::create_dir_all(&files.store_dir)?;
+        }
         std::fs::write(
             &files.agent_config,
-            self.agent_toml(i, agent_files, &files.store_dir),
+            self.agent_toml(i, agent_files, &files.store_dir, node.as_ref()),
         )?;
         std::fs::write(&files.client_config, self.client_toml(i, &files.site_dir)?)?;
         let agent = spawn(
@@ -662,11 +716,54 @@ impl<'a> Plan<'a> {
         Ok(agent_pid)
     }
 
+    /// With `s3`: plans, starts and provisions site `i`'s Garage node (into `guard`).
+    fn start_garage(
+        &self,
+        i: usize,
+        files: &SiteFiles,
+        guard: &mut Devnet,
+    ) -> Result<Option<garage::Node>> {
+        while guard.garages.len() < i {
+            guard.garages.push(None);
+            guard.garage_nodes.push(None);
+        }
+        let Some(&(rpc, s3)) = self.garage_ports.get(i) else {
+            guard.garages.push(None);
+            guard.garage_nodes.push(None);
+            return Ok(None);
+        };
+        let bin = garage::binary()?;
+        std::fs::create_dir_all(&files.site_dir)?;
+        let log = self
+            .dir
+            .join("logs")
+            .join(format!("garage-{}.log", self.names[i]));
+        let node = garage::Node::plan(&self.names[i], &files.site_dir, log, rpc, s3)?;
+        let mut child = node.spawn(&bin, false)?;
+        let provisioned = node.provision(&bin, &mut child);
+        guard.garages.push(Some(child));
+        guard.garage_nodes.push(Some(node.clone()));
+        provisioned.with_context(|| format!("Garage node of site {}", self.names[i]))?;
+        Ok(Some(node))
+    }
+
     /// Site `i` in `devnet.json`; the agent fields stay empty without agents.
-    fn site_info(&self, i: usize, files: SiteFiles, kme_pid: u32, agent_pid: u32) -> SiteInfo {
+    fn site_info(
+        &self,
+        i: usize,
+        files: SiteFiles,
+        kme_pid: u32,
+        agent_pid: u32,
+        s3: Option<S3Info>,
+    ) -> SiteInfo {
         let agents = self.opts.agents;
         let path = |p: PathBuf| if agents { p } else { PathBuf::new() };
         let text = |s: String| if agents { s } else { String::new() };
+        let store_dir = if s3.is_some() {
+            PathBuf::new()
+        } else {
+            path(files.store_dir.clone())
+        };
         SiteInfo {
             name: self.names[i].clone(),
             kme_id: self.kme_ids[i].clone(),
@@ -693,8 +790,9 @@ impl<'a> Plan<'a> {
             agent_config: path(files.agent_config),
             agent_log: path(files.agent_log),
             agent_pid,
-            store_dir: path(files.store_dir),
+            store_dir,
             agent_metrics_url: text(format!("http://127.0.0.1:{}", self.agent_metrics_ports[i])),
+            s3,
         }
     }
 
@@ -797,6 +895,8 @@ impl Devnet {
             },
             children: Vec::new(),
             agents: Vec::new(),
+            garages: Vec::new(),
+            garage_nodes: Vec::new(),
             others: Vec::new(),
             detached: false,
         }
@@ -970,6 +1070,50 @@ impl Devnet {
         Ok(())
     }
 
+    /// Site `i`'s object store as `devnet.json` describes it.
+    fn s3_info(&self, i: usize) -> Option<S3Info> {
+        let node = self.garage_nodes.get(i)?.as_ref()?;
+        Some(S3Info {
+            endpoint: node.endpoint.clone(),
+            region: garage::REGION.to_owned(),
+            bucket: garage::BUCKET.to_owned(),
+            credentials: node.credentials.clone(),
+            garage_config: node.config.clone(),
+            garage_log: node.log.clone(),
+            garage_pid: self
+                .garages
+                .get(i)
+                .and_then(|c| c.as_ref())
+                .map_or(0, Child::id),
+        })
+    }
+
+    /// Kills site `i`'s Garage node with SIGKILL (the object store goes away mid-job).
+    pub fn kill_garage(&mut self, i: usize) {
+        if let Some(mut c) = self.garages.get_mut(i).and_then(Option::take) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts site `i`'s Garage node again with its data (its log is appended to) and
+    /// waits until its S3 API listens.
+    pub fn restart_garage(&mut self, i: usize) -> Result<()> {
+        self.kill_garage(i);
+        let node = self
+            .garage_nodes
+            .get(i)
+            .and_then(Option::as_ref)
+            .context("site has no Garage node (start the devnet with s3)")?
+            .clone();
+        let child = node.spawn(&garage::binary()?, true)?;
+        if let Some(s3) = self.info.sites.get_mut(i).and_then(|s| s.s3.as_mut()) {
+            s3.garage_pid = child.id();
+        }
+        self.garages[i] = Some(child);
+        node.wait_s3(Duration::from_secs(30))
+    }
+
     /// Kills the backup agent of site `i` with SIGKILL.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.agents.get_mut(i).and_then(Option::take) {
@@ -988,6 +1132,7 @@ impl Drop for Devnet {
             .agents
             .iter_mut()
             .chain(self.children.iter_mut())
+            .chain(self.garages.iter_mut())
             .filter_map(Option::take)
             .chain(self.others.drain(..))
         {
@@ -1038,7 +1183,13 @@ pub fn down(dir: &Path) -> Result<usize> {
     let procs = info
         .sites
         .iter()
-        .flat_map(|s| [(s.agent_pid, "backup-client"), (s.kme_pid, "kms-server")])
+        .flat_map(|s| {
+            [
+                (s.agent_pid, "backup-client"),
+                (s.kme_pid, "kms-server"),
+                (s.s3.as_ref().map_or(0, |g| g.garage_pid), "garage"),
+            ]
+        })
         .chain([(info.dashboard_pid, "qkd-dashboard")]);
     for (pid, name) in procs {
         // Only signal a process that is still one of ours (pids get reused).

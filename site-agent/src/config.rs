@@ -20,8 +20,13 @@ pub struct AgentConfig {
     pub kme_url: String,
     /// Server certificate and KME client identity (one certificate for both).
     pub tls: TlsFiles,
-    /// Where shares are kept.
-    pub store_dir: PathBuf,
+    /// Where shares are kept: a folder of this machine (the local backend). Leave it out
+    /// and set `[s3]` to keep them in an S3-compatible bucket instead; one of the two.
+    #[serde(default)]
+    pub store_dir: Option<PathBuf>,
+    /// Keep shares in a bucket of an S3-compatible object store (see [`S3Config`]).
+    #[serde(default)]
+    pub s3: Option<S3Config>,
     /// The operator's listener: Prometheus `/metrics` and the `/jobs` the dashboard shows,
     /// plain HTTP for a scraper on the operator's network (no key material, no share bytes;
     /// backup IDs, file names and clients). Unset: off.
@@ -52,6 +57,70 @@ pub struct AgentConfig {
     /// Longest wait for QKD key before a restore stream gives up, seconds.
     #[serde(default = "default_key_wait")]
     pub key_wait_secs: u64,
+}
+
+/// `[s3]`: shares kept in a bucket of an S3-compatible object store (Garage, MinIO, Ceph
+/// RGW, AWS S3, ...). The bucket holds what the local folder would: this site's own share
+/// bytes after the one-time pad is removed, their records, manifests and sample sets. It
+/// must be this site's own storage, not shared with another site's agent: k sites' shares
+/// together give the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// `http(s)://host:port` of the S3 API.
+    pub endpoint: String,
+    /// The region the store expects in signatures (Garage: its `s3_region`).
+    #[serde(default = "default_region")]
+    pub region: String,
+    pub bucket: String,
+    /// Key prefix of every object this agent writes ("" = the bucket's root).
+    #[serde(default)]
+    pub prefix: String,
+    /// `bucket.host` addressing instead of `host/bucket` (path style, the default).
+    #[serde(default)]
+    pub virtual_hosted_style: bool,
+    /// A TOML file with `access_key_id` and `secret_access_key` (keep it 0600). Unset: the
+    /// environment's `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// Retries of a failed request (5xx, timeouts, connection errors), with exponential
+    /// back-off; nothing is acknowledged to a client until the store acknowledged it.
+    #[serde(default = "default_s3_retries")]
+    pub max_retries: usize,
+    /// Longest time, seconds, spent retrying one request before the agent gives up and the
+    /// client is told the object store failed.
+    #[serde(default = "default_s3_retry_timeout")]
+    pub retry_timeout_secs: u64,
+    /// Longest time, seconds, for one request.
+    #[serde(default = "default_s3_timeout")]
+    pub request_timeout_secs: u64,
+    /// Chunks larger than this go up as multipart uploads in parts of this size (S3 allows
+    /// parts from 5 MiB).
+    #[serde(default = "default_part_bytes")]
+    pub multipart_part_bytes: usize,
+    /// Requests in flight at once to the store (0 = 16).
+    #[serde(default)]
+    pub max_requests: usize,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+fn default_s3_retries() -> usize {
+    10
+}
+
+fn default_s3_retry_timeout() -> u64 {
+    120
+}
+
+fn default_s3_timeout() -> u64 {
+    60
+}
+
+fn default_part_bytes() -> usize {
+    16 << 20
 }
 
 /// `[limits]`: what keeps one client from wearing the agent down for everyone.
@@ -107,14 +176,24 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut c: AgentConfig = load(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
-            &mut c.tls.ca,
-            &mut c.tls.cert,
-            &mut c.tls.key,
-            &mut c.store_dir,
-        ] {
+        for p in [&mut c.tls.ca, &mut c.tls.cert, &mut c.tls.key] {
             resolve(base, p);
         }
-        Ok(c)
+        let extra = [
+            c.store_dir.as_mut(),
+            c.s3.as_mut().and_then(|s| s.credentials_file.as_mut()),
+        ];
+        for p in extra.into_iter().flatten() {
+            resolve(base, p);
+        }
+        match (&c.store_dir, &c.s3) {
+            (Some(_), None) | (None, Some(_)) => Ok(c),
+            _ => Err(ConfigError {
+                path: path.to_owned(),
+                message: "set exactly one of store_dir (shares in a local folder) and [s3] \
+                          (shares in an object store)"
+                    .into(),
+            }),
+        }
     }
 }

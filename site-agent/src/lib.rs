@@ -2,7 +2,7 @@
 //! returns shares.
 //!
 //! Owns: the agent's HTTP server, its configuration ([`config`]) and its durable share store
-//! ([`storage`]). Shares the frame format, sealing and key plans with the client through
+//! ([`storage`], over a [`backend`]: a local folder or an S3-compatible bucket). Shares the frame format, sealing and key plans with the client through
 //! `share-transfer`; takes its mTLS acceptor from `mtls`.
 //!
 //! Must never depend on: `kms-server` (the site's KME is any ETSI 014 KME, reached over
@@ -11,7 +11,7 @@
 //! Modules: this one (the JSON handlers and [`Agent`]), `upload` and `download` (the
 //! chunk streams), [`admission`] and [`ledger`] (the bounds per client), [`config`] (`AgentConfig`),
 //! [`storage`] (share files, chunk logs, O_DIRECT writes, finalisation and checks; its
-//! doc has the on-disk layout), `sets` (sample-set manifests, under `store_dir/sets/`),
+//! doc has the on-disk layout), `sets` (sample-set manifests, kept by the backend),
 //! [`jobs`] and `operator` (what the operator's listener shows: transfers and metrics),
 //! and `aligned` ([`storage::AlignedBuf`], the direct-I/O
 //! buffer: the crate's only `unsafe` code, allowed there alone under a crate-wide
@@ -52,6 +52,7 @@
 pub mod admission;
 #[allow(unsafe_code)] // the aligned direct-I/O buffer; every block carries its SAFETY argument
 mod aligned;
+pub mod backend;
 pub mod config;
 mod download;
 pub mod jobs;
@@ -124,6 +125,8 @@ impl From<StoreError> for ApiError {
             StoreError::Finalize(_) => StatusCode::BAD_REQUEST,
             StoreError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             StoreError::Damaged { .. } | StoreError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            // The object store is down or refusing: the client retries later.
+            StoreError::Backend { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(code, e.to_string())
     }
@@ -177,7 +180,15 @@ impl Agent {
             storage::arm_failpoint(f);
         }
         let l = &cfg.limits;
-        let storage = Storage::new(&cfg.store_dir, cfg.direct_io)?;
+        let storage = match (&cfg.s3, &cfg.store_dir) {
+            (Some(s3), _) => {
+                let b = backend::s3::S3Backend::new(s3)?;
+                b.check()?;
+                Storage::with_backend(Box::new(b))
+            }
+            (None, Some(dir)) => Storage::new(dir, cfg.direct_io)?,
+            (None, None) => anyhow::bail!("no store_dir and no [s3]: nowhere to keep shares"),
+        };
         let finished = storage.recover_renewals()?;
         if finished > 0 {
             tracing::info!(
@@ -339,7 +350,7 @@ pub async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
         operator::serve(agent.clone(), addr)?;
     }
     let data = web::Data::new(agent.clone());
-    tracing::info!(sae = %agent.cfg.sae_id, %listen, store = %agent.cfg.store_dir.display(), "site agent serving");
+    tracing::info!(sae = %agent.cfg.sae_id, %listen, store = %agent.storage.backend().describe(), "site agent serving");
     actix_web::HttpServer::new(move || {
         actix_web::App::new()
             .app_data(data.clone())
@@ -463,9 +474,14 @@ async fn verify(
     let shares = a
         .readable(&caller, a.storage.shares_of(id)?, |s| s.manifest())
         .await;
-    let checks = web::block(move || shares.iter().map(|s| s.check()).collect::<Vec<_>>())
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let checks = web::block(move || {
+        shares
+            .iter()
+            .map(|s| s.check())
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(HttpResponse::Ok().json(checks))
 }
 

@@ -30,12 +30,7 @@ pub fn serve(agent: Arc<Agent>, addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 async fn metrics(a: web::Data<Arc<Agent>>) -> HttpResponse {
-    let disk = rustix::fs::statvfs(&a.cfg.store_dir).ok().map(|s| {
-        (
-            s.f_bavail.saturating_mul(s.f_frsize),
-            s.f_blocks.saturating_mul(s.f_frsize),
-        )
-    });
+    let disk = a.storage.backend().space();
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(a.jobs.render(disk))
@@ -50,7 +45,7 @@ async fn jobs(a: web::Data<Arc<Agent>>) -> HttpResponse {
         for j in &mut jobs {
             let id = uuid::Uuid::parse_str(&j.backup_id).ok();
             if let Some(n) =
-                id.and_then(|id| agent.set_names.name(&agent.cfg.store_dir, &j.owner, id))
+                id.and_then(|id| agent.set_names.name(agent.storage.backend(), &j.owner, id))
             {
                 j.name = Some(n);
             }

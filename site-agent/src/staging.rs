@@ -1,78 +1,41 @@
 //! A share renewal staged beside its share, and how it is committed or rolled back.
 //!
-//! ```text
-//! STORE/<backup id>/share-<i>/renew.json        the pending renewal (written atomically):
-//!                                               renewal ID, target epoch, prepared, committed
-//!                            /renew.data        the renewed chunks (current ⊕ delta), chunk j
-//!                                               at offset j * chunk_size
-//!                            /renew.chunks.log  48-byte records as in chunks.log, new nonces
-//!                            /renew.keys.log    which QKD key IDs carried each delta
-//!                            /keys.e<N>.log     after commit: the key IDs of epoch N's deltas
-//! ```
+//! The protocol, whatever the backend (the files or objects each uses are in its doc:
+//! [`crate::backend::local`], [`crate::backend::s3`]):
 //!
 //! Staging never touches the current share: a chunk's delta is XORed into the current
-//! chunk (read back and checked against its record first) and the result goes to
-//! `renew.data`, `fdatasync`ed before its record is appended to `renew.chunks.log` and
-//! that is `fdatasync`ed too; the log is replayed on start like `chunks.log`. Staging a
-//! chunk twice is idempotent when the result is the same bytes, refused otherwise.
+//! chunk (read back and checked against its record first) and the result is made durable in
+//! the backend's staged area with its record, as a store's chunks are. Staging a chunk twice
+//! is idempotent when the result is the same bytes, refused otherwise.
 //!
 //! **Prepare** checks that every chunk is staged from the client's splits and reads each
-//! back against its record, then rewrites `renew.json` with `prepared`.
+//! back against its record, then rewrites the renewal state with `prepared`.
 //!
-//! **Commit** rewrites `renew.json` with `committed` (atomically, file and folder synced):
-//! that is the commit point. Then the staged files are renamed over the current ones
-//! (`renew.data` → `data`, `renew.chunks.log` → `chunks.log`, `renew.keys.log` →
-//! `keys.e<N>.log`), the manifest records the new epoch and the renewal, and `renew.json`
-//! is removed. Each step is idempotent and [`recover`] redoes whatever is left when a share
-//! is opened with a committed `renew.json`: a crash before the commit point leaves the share
-//! as it was with the renewal still staged (the client finishes or rolls it back); a crash
-//! after it always ends with the renewed share.
+//! **Commit** rewrites the renewal state with `committed` (atomically and durably): that is
+//! the commit point. Then the backend swaps the staged chunks in, the manifest records the
+//! new epoch and the renewal, and the state is removed; each step is idempotent, and a
+//! share opened with a committed state is finished first. So a crash before the commit
+//! point leaves the share as it was with the renewal still staged (the client finishes or
+//! rolls it back); a crash after it always ends with the renewed share.
 //!
-//! **Abort** (before commit) removes the staged files and `renew.json`.
+//! **Abort** (before commit) drops the staged chunks and the state.
 //!
 //! A renewal needs the share's size again in free space until it commits.
 
-use std::fs::{self, File};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::storage::{
-    failpoint, io, open_append, open_data, open_log, read_json, record_bytes, sync_dir,
-    write_atomic, write_manifest, ChunkRecords, ChunkWrite, Failpoint, ShareFiles, StoreError,
-};
+use crate::backend::{Area, ChunkRecords, Put, Record, RenewState, ShareIo};
+use crate::storage::{failpoint, ChunkWrite, Failpoint, ShareFiles, StoreError};
 use share_transfer::wire::{splits_digest, Manifest, PendingRenewal};
-
-const STATE: &str = "renew.json";
-const DATA: &str = "renew.data";
-const LOG: &str = "renew.chunks.log";
-const KEYS: &str = "renew.keys.log";
-
-/// A chunk's (nonce, BLAKE3) as its log records it.
-type Record = (u64, [u8; 32]);
-
-/// What `renew.json` holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-struct State {
-    renewal: Uuid,
-    epoch: u32,
-    prepared: bool,
-    committed: bool,
-}
 
 /// A renewal staged for one share.
 pub struct Staging {
-    dir: PathBuf,
+    io: Arc<dyn ShareIo>,
     chunk_size: usize,
     chunk_count: u64,
-    state: Mutex<State>,
-    data: File,
-    log: Mutex<File>,
-    keys: Mutex<File>,
+    state: Mutex<RenewState>,
     chunks: Mutex<ChunkRecords>,
 }
 
@@ -85,46 +48,37 @@ fn conflict(m: String) -> StoreError {
 }
 
 impl Staging {
-    /// Starts staging renewal `renewal` of the share in `dir` (manifest `m`) to `epoch`.
+    /// Starts staging renewal `renewal` of the share `io` (manifest `m`) to `epoch`.
     pub(crate) fn begin(
-        dir: &Path,
+        io: Arc<dyn ShareIo>,
         m: &Manifest,
         renewal: Uuid,
         epoch: u32,
     ) -> Result<Self, StoreError> {
-        for f in [DATA, LOG, KEYS] {
-            remove_if_present(&dir.join(f))?;
-        }
-        write_state(
-            dir,
-            &State {
-                renewal,
-                epoch,
-                prepared: false,
-                committed: false,
-            },
-        )?;
-        Self::open(dir, m)?.ok_or_else(|| conflict("staging vanished".into()))
+        let st = RenewState {
+            renewal,
+            epoch,
+            prepared: false,
+            committed: false,
+        };
+        io.begin_renewal(&st)?;
+        Ok(Self::new(io, m, st, ChunkRecords::new()))
     }
 
-    /// The renewal staged in `dir`, if any and not committed ([`recover`] runs first).
-    pub(crate) fn open(dir: &Path, m: &Manifest) -> Result<Option<Self>, StoreError> {
-        let Some(state) = read_state(dir)? else {
-            return Ok(None);
-        };
-        let data = open_data(&dir.join(DATA))?;
-        let (log, chunks) = open_log(&dir.join(LOG))?;
-        let keys = open_append(&dir.join(KEYS))?;
-        Ok(Some(Staging {
-            dir: dir.to_owned(),
+    /// A renewal the backend found staged, with its staged chunks' records.
+    pub(crate) fn new(
+        io: Arc<dyn ShareIo>,
+        m: &Manifest,
+        state: RenewState,
+        chunks: ChunkRecords,
+    ) -> Self {
+        Staging {
+            io,
             chunk_size: m.open.chunk_size as usize,
             chunk_count: m.open.chunk_count,
             state: Mutex::new(state),
-            data,
-            log: Mutex::new(log),
-            keys: Mutex::new(keys),
             chunks: Mutex::new(chunks),
-        }))
+        }
     }
 
     pub fn renewal(&self) -> Uuid {
@@ -147,15 +101,16 @@ impl Staging {
     }
 
     /// Stages chunks: each `ChunkWrite`'s data is the delta; the current chunk of `share`
-    /// ⊕ delta is written to the staging files with the write's nonce. The buffers are
-    /// turned into the renewed chunks in place.
+    /// ⊕ delta is staged with the write's nonce. The buffers are turned into the renewed
+    /// chunks in place.
     pub fn stage(&self, share: &ShareFiles, writes: &mut [ChunkWrite]) -> Result<(), StoreError> {
         if lock(&self.state).prepared {
             return Err(conflict("renewal already prepared: no more chunks".into()));
         }
         let mut current = vec![0u8; self.chunk_size];
         let mut fresh = Vec::with_capacity(writes.len());
-        for w in writes.iter_mut() {
+        let mut hashes = Vec::with_capacity(writes.len());
+        for (i, w) in writes.iter_mut().enumerate() {
             if w.chunk >= self.chunk_count || w.data.len() != self.chunk_size {
                 return Err(conflict(format!("chunk {} is not of this share", w.chunk)));
             }
@@ -172,43 +127,33 @@ impl Staging {
                 }
                 None => {}
             }
-            let off = w.chunk * self.chunk_size as u64;
-            let path = self.dir.join(DATA);
-            self.data.write_all_at(&w.data, off).map_err(io(&path))?;
-            fresh.push((w.chunk, w.nonce, h, w.key_ids.clone()));
+            fresh.push(i);
+            hashes.push(h);
         }
         use zeroize::Zeroize;
         current.zeroize();
         if fresh.is_empty() {
             return Ok(());
         }
-        let data_path = self.dir.join(DATA);
-        self.data.sync_data().map_err(io(&data_path))?;
-        failpoint(Failpoint::RenewStage);
-        let mut records = Vec::with_capacity(fresh.len() * 48);
-        let mut key_lines = String::new();
-        for (j, n, h, ids) in &fresh {
-            record_bytes(&mut records, *j, *n, h);
-            key_lines.push_str(&j.to_string());
-            for k in ids {
-                key_lines.push(' ');
-                key_lines.push_str(&k.to_string());
-            }
-            key_lines.push('\n');
-        }
-        let log_path = self.dir.join(LOG);
-        {
-            let mut log = lock(&self.log);
-            log.write_all(&records).map_err(io(&log_path))?;
-            log.sync_data().map_err(io(&log_path))?;
-        }
-        let keys_path = self.dir.join(KEYS);
-        lock(&self.keys)
-            .write_all(key_lines.as_bytes())
-            .map_err(io(&keys_path))?;
+        let chosen: Vec<Put<'_>> = fresh
+            .iter()
+            .zip(&hashes)
+            .map(|(&i, h)| {
+                let w = &writes[i];
+                Put {
+                    chunk: w.chunk,
+                    nonce: w.nonce,
+                    hash: *h,
+                    data: &w.data,
+                    key_ids: &w.key_ids,
+                }
+            })
+            .collect();
+        self.io
+            .put(Area::Staged, &chosen, &[Failpoint::RenewStage])?;
         let mut c = lock(&self.chunks);
-        for (j, n, h, _) in fresh {
-            c.insert(j, (n, h));
+        for p in &chosen {
+            c.insert(p.chunk, (p.nonce, p.hash));
         }
         Ok(())
     }
@@ -239,21 +184,20 @@ impl Staging {
             ));
         }
         let mut buf = vec![0u8; self.chunk_size];
-        let path = self.dir.join(DATA);
         for (j, r) in &records {
-            self.data
-                .read_exact_at(&mut buf, j * self.chunk_size as u64)
-                .map_err(io(&path))?;
-            if r.map(|r| r.1) != Some(*blake3::hash(&buf).as_bytes()) {
+            let Some(r) = r else { continue };
+            self.io.read(Area::Staged, *j, r, &mut buf)?;
+            if r.1 != *blake3::hash(&buf).as_bytes() {
                 return Err(conflict(format!("staged chunk {j} does not read back")));
             }
         }
+        self.io.freeze(Area::Staged, &lock(&self.chunks))?;
         let mut st = lock(&self.state);
-        let next = State {
+        let next = RenewState {
             prepared: true,
             ..*st
         };
-        write_state(&self.dir, &next)?;
+        self.io.put_renewal(&next)?;
         *st = next;
         drop(st);
         Ok(self.pending())
@@ -268,14 +212,14 @@ impl Staging {
             ));
         }
         failpoint(Failpoint::RenewPrecommit);
-        let next = State {
+        let next = RenewState {
             committed: true,
             ..*st
         };
-        write_state(&self.dir, &next)?;
+        self.io.put_renewal(&next)?;
         *st = next;
         failpoint(Failpoint::RenewCommit);
-        roll_forward(&self.dir, &next)
+        self.io.finish_renewal(&next)
     }
 
     /// Drops the staged renewal (only before commit).
@@ -283,63 +227,7 @@ impl Staging {
         if lock(&self.state).committed {
             return Err(conflict("renewal already committed".into()));
         }
-        for f in [DATA, LOG, KEYS, STATE] {
-            remove_if_present(&self.dir.join(f))?;
-        }
-        sync_dir(&self.dir)
-    }
-}
-
-/// Finishes a committed renewal left by a crash in `dir`; run before a share is opened.
-/// Returns whether there was one.
-pub(crate) fn recover(dir: &Path) -> Result<bool, StoreError> {
-    match read_state(dir)? {
-        Some(st) if st.committed => {
-            tracing::info!(dir = %dir.display(), epoch = st.epoch, "finishing a committed share renewal");
-            roll_forward(dir, &st).map(|()| true)
-        }
-        _ => Ok(false),
-    }
-}
-
-/// The steps after the commit point, each idempotent.
-fn roll_forward(dir: &Path, st: &State) -> Result<(), StoreError> {
-    for (from, to) in [
-        (DATA.to_owned(), "data".to_owned()),
-        (LOG.to_owned(), "chunks.log".to_owned()),
-        (KEYS.to_owned(), format!("keys.e{}.log", st.epoch)),
-    ] {
-        let from = dir.join(from);
-        if from.exists() {
-            fs::rename(&from, dir.join(to)).map_err(io(&from))?;
-        }
-    }
-    sync_dir(dir)?;
-    let mpath = dir.join("manifest.json");
-    let mut m: Manifest =
-        read_json(&mpath)?.ok_or_else(|| io(&mpath)(std::io::ErrorKind::NotFound.into()))?;
-    if m.open.epoch != st.epoch || m.renewal != Some(st.renewal) {
-        m.open.epoch = st.epoch;
-        m.renewal = Some(st.renewal);
-        write_manifest(dir, &m)?;
-    }
-    remove_if_present(&dir.join(STATE))?;
-    sync_dir(dir)
-}
-
-fn read_state(dir: &Path) -> Result<Option<State>, StoreError> {
-    read_json(&dir.join(STATE))
-}
-
-/// Writes `renew.json` atomically and durably (temp file, fsync, rename, folder fsync).
-fn write_state(dir: &Path, st: &State) -> Result<(), StoreError> {
-    write_atomic(dir, STATE, &serde_json::to_vec(st).unwrap_or_default())
-}
-
-fn remove_if_present(path: &Path) -> Result<(), StoreError> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
-        _ => Ok(()),
+        self.io.abort_renewal()
     }
 }
 
@@ -347,7 +235,11 @@ fn remove_if_present(path: &Path) -> Result<(), StoreError> {
 mod tests {
     use std::sync::Arc;
 
+    use std::fs;
+    use std::path::{Path, PathBuf};
+
     use super::*;
+    use crate::backend::local::write_manifest;
     use crate::storage::{AlignedBuf, Storage};
     use share_transfer::wire::{SchemeInfo, SchemeName, ShareOpen};
 
@@ -440,12 +332,12 @@ mod tests {
             let st = stage_and_prepare(&store, id, Uuid::new_v4());
             // The commit point, then a crash half-way through the swap: the data is renamed,
             // the log and the manifest are not.
-            let s = State {
+            let s = RenewState {
                 committed: true,
                 ..*lock(&st.state)
             };
-            write_state(&dir, &s).unwrap();
-            fs::rename(dir.join(DATA), dir.join("data")).unwrap();
+            fs::write(dir.join("renew.json"), serde_json::to_vec(&s).unwrap()).unwrap();
+            fs::rename(dir.join("renew.data"), dir.join("data")).unwrap();
             old
         };
         let store = Storage::new(root.path(), false).unwrap();
@@ -455,7 +347,7 @@ mod tests {
         assert_eq!(now, renewed());
         assert_eq!(state, vec![(0, 5), (1, 6)]);
         assert_eq!(epoch, 1);
-        assert!(!dir.join(STATE).exists() && dir.join("keys.e1.log").exists());
+        assert!(!dir.join("renew.json").exists() && dir.join("keys.e1.log").exists());
     }
 
     #[test]
@@ -483,7 +375,7 @@ mod tests {
         assert!(share.begin_renewal(Uuid::new_v4(), 1).is_err());
         share.staging().unwrap().abort().unwrap();
         share.end_renewal();
-        assert!(!dir.join(STATE).exists() && !dir.join(DATA).exists());
+        assert!(!dir.join("renew.json").exists() && !dir.join("renew.data").exists());
         assert_eq!(read_all(&store, id), old);
         // And it commits when asked.
         let st = stage_and_prepare(&store, id, rid);

@@ -61,6 +61,11 @@ struct NetArgs {
     /// (hop by hop, each hop one-time padded and authenticated with that link's key).
     #[arg(long)]
     no_relay: bool,
+    /// Keep every site's shares in an S3 bucket of that site's own Garage node (Garage
+    /// 2.x, installed by scripts/setup; `garage` on the PATH, in ~/.cargo/bin, or
+    /// DEVNET_GARAGE_BIN) instead of a local folder.
+    #[arg(long)]
+    s3: bool,
 }
 
 impl NetArgs {
@@ -79,6 +84,7 @@ impl NetArgs {
             length_km: self.length_km.or(base.length_km),
             volatile_kmes: self.volatile || base.volatile_kmes,
             relay: base.relay && !self.no_relay,
+            s3: self.s3 || base.s3,
             ..base
         })
     }
@@ -243,6 +249,14 @@ fn main() -> Result<()> {
                     s.kme_url,
                     saes.join(", ")
                 );
+                if let Some(s3) = &s.s3 {
+                    println!(
+                        "          shares in Garage at {} bucket {} (log {})",
+                        s3.endpoint,
+                        s3.bucket,
+                        s3.garage_log.display()
+                    );
+                }
             }
             println!("dashboard:   {}", d.info.dashboard_url);
             println!(
