@@ -51,6 +51,17 @@ use uuid::Uuid;
 ///   metrics_listen = "127.0.0.1:9201"   # operator's listener: Prometheus /metrics and the
 ///                                       # /jobs the dashboard shows (plain HTTP; unset: off)
 ///   [tls] ca = "ca.pem"  cert = "agent.pem"  key = "agent.key"
+///   [s3]   # instead of store_dir: shares in a bucket of an S3-compatible object store
+///          # (Garage, MinIO, Ceph RGW, AWS S3) that is this site's own, not another site's
+///        endpoint = "http://127.0.0.1:3900"  region = "garage"  bucket = "shares"  prefix = ""
+///        virtual_hosted_style = false        # default: path-style requests
+///        credentials_file = "s3.toml"        # access_key_id = "..." secret_access_key = "...";
+///                                            # unset: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+///        max_retries = 10  retry_timeout_secs = 120  request_timeout_secs = 60   # back-off on
+///                                            # 5xx and timeouts; nothing acknowledged before
+///                                            # the store acknowledged it
+///        multipart_part_bytes = 16777216     # larger chunks go up as multipart uploads
+///        max_requests = 16                   # requests in flight to the store
 ///   [limits] max_uploads_per_client = 32  max_uploads = 128  max_downloads_per_client = 64
 ///            max_downloads = 256  idle_secs = 60  unfetched_key_ttl_secs = 3600
 ///            max_unfetched_key_bytes_per_client = 1073741824   # download keys not acknowledged

@@ -45,6 +45,8 @@ pub struct BenchOptions {
     pub volatile: bool,
     /// Only the relay part.
     pub relay_only: bool,
+    /// Only the storage part: the pipeline with shares on local disk and in Garage (S3).
+    pub storage_only: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -381,7 +383,7 @@ fn run_job(net: &Devnet, file: &Path, out: &Path, size: u64, peak: &mut u64) -> 
         bail!("the restored file differs from the original");
     }
     std::fs::remove_file(out)?;
-    for s in &net.info.sites {
+    for s in net.info.sites.iter().filter(|s| s.s3.is_none()) {
         let _ = std::fs::remove_dir_all(s.store_dir.join(&id));
     }
     let gbps =
@@ -505,6 +507,85 @@ fn pipeline_part(net: &Devnet, o: &BenchOptions) -> Result<u64> {
         );
     }
     Ok(peak)
+}
+
+/// The pipeline on key stored in advance with the agents' shares on local disk and in
+/// each site's Garage node (S3), run after run on the same file, alternating, so that both
+/// see the same machine; throughput, ratio, and CPU per byte of every process (the Garage
+/// nodes' too).
+fn storage_part(o: &BenchOptions) -> Result<()> {
+    let file = o.dir.join("storage.fastq");
+    let out = o.dir.join("storage.restored");
+    println!(
+        "\nStorage backends: {} synthetic FASTQ on key stored in advance, shares on local disk vs in Garage {} (one node per site, S3 on loopback, fsync on)",
+        fastq::human_size(o.size),
+        crate::garage::binary()
+            .ok()
+            .and_then(|b| Command::new(b).arg("--version").output().ok())
+            .map(|v| String::from_utf8_lossy(&v.stdout).split_whitespace().nth(1).unwrap_or("").trim_start_matches("cargo:").to_owned())
+            .unwrap_or_default()
+    );
+    fastq::write_file(&file, o.size, 2021)?;
+    let copy = cpu::copy_baseline(&file, &o.dir.join("storage.copy"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut local, mut s3) = (Vec::new(), Vec::new());
+    let mut peak = 0u64;
+    for run in 0..o.runs {
+        for (jobs, on_s3) in [(&mut local, false), (&mut s3, true)] {
+            let dir = o.dir.join(format!(
+                "storage-{run}-{}",
+                if on_s3 { "s3" } else { "local" }
+            ));
+            let opts = Options {
+                s3: on_s3,
+                ..stored_key_options(o)
+            };
+            let net = Devnet::start(&dir, &opts)?;
+            rt.block_on(crate::fill::wait_full(
+                &net.info,
+                opts.block_bytes,
+                Duration::from_secs(1800),
+            ))?;
+            jobs.push(run_job(&net, &file, &out, o.size, &mut peak)?);
+            drop(net);
+            std::fs::remove_dir_all(&dir).ok();
+        }
+    }
+    std::fs::remove_file(&file)?;
+    let m = |v: &[Job], f: fn(&Job) -> f64| median(v.iter().map(f).collect());
+    let (ls, lr) = (m(&local, |j| j.store_gbps), m(&local, |j| j.restore_gbps));
+    let (ss, sr) = (m(&s3, |j| j.store_gbps), m(&s3, |j| j.restore_gbps));
+    println!();
+    println!("{:<52} {:>9.2} Gbps", "store, shares on local disk", ls);
+    println!(
+        "{:<52} {:>9.2} Gbps   {:.2}x local",
+        "store, shares in Garage (S3)",
+        ss,
+        ss / ls
+    );
+    println!("{:<52} {:>9.2} Gbps", "restore, shares on local disk", lr);
+    println!(
+        "{:<52} {:>9.2} Gbps   {:.2}x local",
+        "restore, shares in Garage (S3)",
+        sr,
+        sr / lr
+    );
+    if let (Some(l), Some(s)) = (median_job(&local), median_job(&s3)) {
+        println!("\n(the median runs' CPU, by store throughput)");
+        cpu::print_table(
+            o.size,
+            &[
+                ("store local", &l.store_cpu),
+                ("restore local", &l.restore_cpu),
+                ("store S3", &s.store_cpu),
+                ("restore S3", &s.restore_cpu),
+            ],
+            copy.cpu,
+        );
+    }
+    Ok(())
 }
 
 /// A network whose pools hold the key of one job (see [`crate::fill::stored_key_options`]).
@@ -653,6 +734,14 @@ pub fn run(o: &BenchOptions) -> Result<()> {
         );
         return relay_part(o);
     }
+    if o.storage_only {
+        println!(
+            "devnet bench (storage), {} (2 cores shared by every process), medians of {} run(s)",
+            chrono_free_date(),
+            o.runs
+        );
+        return storage_part(o);
+    }
     if o.link_only {
         println!(
             "devnet bench (link), {} (2 cores shared by every process), medians of {} run(s)",
@@ -692,6 +781,9 @@ pub fn run(o: &BenchOptions) -> Result<()> {
     drop(net);
     relay_part(o)?;
     link_part(o)?;
+    if !o.kme_only {
+        storage_part(o)?;
+    }
     Ok(())
 }
 

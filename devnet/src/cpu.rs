@@ -48,7 +48,7 @@ pub struct Proc {
     pub pid: u32,
 }
 
-/// Every KME and site agent of the network.
+/// Every KME, site agent and (with `--s3`) Garage node of the network.
 pub fn devnet_processes(info: &DevnetInfo) -> Vec<Proc> {
     let mut out = Vec::new();
     for s in &info.sites {
@@ -62,6 +62,13 @@ pub fn devnet_processes(info: &DevnetInfo) -> Vec<Proc> {
                 label: format!("agent {}", s.name),
                 site: s.name.clone(),
                 pid: s.agent_pid,
+            });
+        }
+        if let Some(g) = s.s3.as_ref().filter(|g| g.garage_pid != 0) {
+            out.push(Proc {
+                label: format!("garage {}", s.name),
+                site: s.name.clone(),
+                pid: g.garage_pid,
             });
         }
     }
@@ -178,14 +185,23 @@ pub fn print_table(size: u64, jobs: &[(&str, &JobCpu)], copy_cpu: Duration) {
         print!(" {name:>12}");
     }
     println!();
-    let Some((_, first)) = jobs.first() else {
-        return;
-    };
-    for (i, (label, _, _)) in first.rows.iter().enumerate() {
+    // Every process of any job, in order of first appearance (a job on another network
+    // may have processes the first has not, e.g. object-store nodes).
+    let mut labels: Vec<&str> = Vec::new();
+    for (_, job) in jobs {
+        for (label, _, _) in &job.rows {
+            if !labels.contains(&label.as_str()) {
+                labels.push(label);
+            }
+        }
+    }
+    for label in labels {
         print!("  {label:<38}");
         for (_, job) in jobs {
-            let t = job.rows.get(i).map_or(Duration::ZERO, |r| r.2);
-            print!(" {:>12.2}", ns_per_byte(t, size));
+            match job.rows.iter().find(|r| r.0 == label) {
+                Some(r) => print!(" {:>12.2}", ns_per_byte(r.2, size)),
+                None => print!(" {:>12}", "-"),
+            }
         }
         println!();
     }

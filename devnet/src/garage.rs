@@ -94,6 +94,8 @@ impl Node {
                  metadata_fsync = true\n\
                  data_fsync = true\n\
                  replication_factor = 1\n\
+                 # shares are uniformly random bytes: compressing them only costs CPU\n\
+                 compression_level = \"none\"\n\
                  rpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
                  rpc_public_addr = \"127.0.0.1:{rpc_port}\"\n\
                  rpc_secret = \"{secret}\"\n\n\

@@ -31,8 +31,11 @@ fn net(backend: Backend) -> Net {
         rate_bytes_per_sec: 0,
         max_key_count: 200_000,
         s3: matches!(backend, Backend::S3),
-        // Short retries, so that a store facing a stopped object store gives up in seconds.
-        s3_toml: "max_retries = 3\nretry_timeout_secs = 4\nrequest_timeout_secs = 10".into(),
+        // Short retries, so that a store facing a stopped object store gives up in seconds;
+        // 5 MiB parts, so that chunks of 12 MiB go up as multipart uploads.
+        s3_toml: "max_retries = 3\nretry_timeout_secs = 4\nrequest_timeout_secs = 10\n\
+                  multipart_part_bytes = 5242880"
+            .into(),
         ..Options::default()
     })
 }
@@ -233,9 +236,21 @@ fn round_trip(backend: Backend) {
         assert_eq!(rep["bytes"], len as u64);
         ids.push((id, f));
     }
+    // Chunks larger than a multipart part (12 MiB, parts of 5 MiB on Garage).
+    let f = random_file(dir.path(), "in-big", (24 << 20) + 5);
+    let id = store(&net.info, 0, &f, &["--chunk-size", "12582912"]);
+    let out = dir.path().join("out-big");
+    restore_ok(&net, &id, &out);
+    assert!(same_files(&f, &out), "{backend:?}: 12 MiB chunks differ");
+    if let Backend::S3 = backend {
+        // A multipart upload's ETag ends with its part count.
+        let (store, at) = chunk_object(&net, 0, &id, 0);
+        let etag = block_on(store.head(&at)).unwrap().e_tag.unwrap_or_default();
+        assert!(etag.trim_matches('"').ends_with("-3"), "3 parts: {etag}");
+    }
     let list = client(&net.info, 1, &["list"]).json();
     let backups = list["backups"].as_array().unwrap();
-    assert_eq!(backups.len(), 5, "{backend:?}: {list}");
+    assert_eq!(backups.len(), 6, "{backend:?}: {list}");
     for b in backups {
         assert_eq!(b["shares"].as_array().unwrap().len(), 3, "{b}");
     }

@@ -314,6 +314,19 @@ impl Agent {
         Ok((share, m))
     }
 
+    /// Every share of backup `id` held here, read on a blocking thread (an object store
+    /// is asked over the network).
+    async fn shares_of(
+        self: &Arc<Self>,
+        id: Uuid,
+    ) -> Result<Vec<Arc<storage::ShareFiles>>, ApiError> {
+        let agent = self.clone();
+        web::block(move || agent.storage.shares_of(id))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(ApiError::from)
+    }
+
     /// Whether `sae` is at this site, and the KME limits for the pair, from the KME.
     async fn peer(&self, sae: &str) -> Result<Peer, ApiError> {
         if let Some(p) = self.peers.lock().ok().and_then(|m| m.get(sae).cloned()) {
@@ -441,9 +454,11 @@ fn ids(path: &(String, u8)) -> Result<(Uuid, u8), ApiError> {
 
 async fn list(req: HttpRequest, a: Shared) -> Result<HttpResponse, ApiError> {
     let caller = a.caller(&req)?;
-    let mine = a
-        .readable(&caller, a.storage.list()?, Manifest::clone)
-        .await;
+    let agent = a.get_ref().clone();
+    let all = web::block(move || agent.storage.list())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let mine = a.readable(&caller, all, Manifest::clone).await;
     Ok(HttpResponse::Ok().json(mine))
 }
 
@@ -455,8 +470,8 @@ async fn list_one(
     let caller = a.caller(&req)?;
     let id = backup_id(&path)?;
     let all = a
-        .storage
-        .shares_of(id)?
+        .shares_of(id)
+        .await?
         .iter()
         .map(|s| s.manifest())
         .collect();
@@ -472,7 +487,7 @@ async fn verify(
     let caller = a.caller(&req)?;
     let id = backup_id(&path)?;
     let shares = a
-        .readable(&caller, a.storage.shares_of(id)?, |s| s.manifest())
+        .readable(&caller, a.shares_of(id).await?, |s| s.manifest())
         .await;
     let checks = web::block(move || {
         shares
@@ -513,7 +528,10 @@ async fn open_share(
             "chunk_count does not match original_len and chunk_size",
         ));
     }
-    let share = a.storage.create(id, i, &body, &caller)?;
+    let agent = a.get_ref().clone();
+    let share = web::block(move || agent.storage.create(id, i, &body, &caller))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(HttpResponse::Ok().json(share.manifest()))
 }
 

@@ -184,6 +184,11 @@ enum Cmd {
         /// Only the relay part: exchanges/s and keys/s over 1, 2 and 3 links of a chain.
         #[arg(long)]
         relay_only: bool,
+        /// Only the storage part: store and restore on key stored in advance with the
+        /// agents' shares on local disk and in each site's Garage node (S3), alternating run
+        /// by run; throughput, ratio, and CPU per byte of every process (Garage's too).
+        #[arg(long)]
+        storage_only: bool,
     },
 }
 
@@ -198,6 +203,7 @@ fn main() -> Result<()> {
             link_only,
             volatile,
             relay_only,
+            storage_only,
         } => {
             let tmp = dir.is_none();
             let dir = dir.unwrap_or_else(|| {
@@ -211,6 +217,7 @@ fn main() -> Result<()> {
                 kme_only,
                 link_only,
                 relay_only,
+                storage_only,
                 volatile,
             });
             if tmp {

@@ -28,7 +28,8 @@
 //!
 //! Implement [`Backend`] and [`ShareIo`]; map failures to [`StoreError::Io`] (a local path)
 //! or [`StoreError::Backend`] (anything remote: the agent answers 503 and names it); give it
-//! a section in [`crate::config::StoreConfig`] and a case in [`crate::storage::Storage::new`];
+//! a table in [`crate::config::AgentConfig`] (as `[s3]` is) and a case where
+//! [`crate::Agent::new`] picks the backend;
 //! run the storage unit tests (`storage::tests`, `staging::tests`) against it and the
 //! end-to-end suite with a `devnet` switch, as `devnet up --s3` does for [`s3`].
 

@@ -104,19 +104,20 @@ impl Inner {
         f: impl Future<Output = Result<T, object_store::Error>> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let stopped = |what: String| StoreError::Backend {
+            store: self.describe.clone(),
+            what,
+            error: "the agent's object store driver has stopped".into(),
+        };
         let Some(rt) = self.rt.as_ref() else {
-            return Err(StoreError::Renewal(
-                "the object store driver is shut down".into(),
-            ));
+            return Err(stopped(what()));
         };
         rt.spawn(async move {
             let _ = tx.send(f.await);
         });
         match rx.recv() {
             Ok(r) => r.map_err(|e| backend_error(&self.describe, what(), e)),
-            Err(_) => Err(StoreError::Renewal(
-                "the object store driver stopped mid-request".into(),
-            )),
+            Err(_) => Err(stopped(what())),
         }
     }
 
