@@ -98,6 +98,13 @@ pub struct S3Config {
     /// parts from 5 MiB).
     #[serde(default = "default_part_bytes")]
     pub multipart_part_bytes: usize,
+    /// Sign each request's body (SigV4 payload SHA-256) instead of sending it as
+    /// `UNSIGNED-PAYLOAD`. Off by default: every chunk's BLAKE3 is checked when it is read
+    /// back (at finalisation and on every read), so the signature's SHA-256 over every byte,
+    /// at the agent and again at the store, buys nothing the agent relies on; use https
+    /// endpoints where the path to the store is not trusted.
+    #[serde(default)]
+    pub sign_payload: bool,
     /// Requests in flight at once to the store (0 = 16).
     #[serde(default)]
     pub max_requests: usize,

@@ -247,6 +247,7 @@ impl S3Backend {
             .with_region(&cfg.region)
             .with_bucket_name(&cfg.bucket)
             .with_virtual_hosted_style_request(cfg.virtual_hosted_style)
+            .with_unsigned_payload(!cfg.sign_payload)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
