@@ -855,9 +855,14 @@ fn demo_devnet(dir: &Path, opts: &Options) -> Result<Devnet> {
     let t = Instant::now();
     let d = Devnet::start(dir, opts)?;
     println!(
-        "devnet up in {:.1} s: {} sites, links {}, key rate {}, pools of {} keys per direction ({})",
+        "devnet up in {:.1} s: {} sites{}, links {}, key rate {}, pools of {} keys per direction ({})",
         t.elapsed().as_secs_f64(),
         d.info.sites.len(),
+        if opts.s3 {
+            " (shares in each site's Garage, S3)"
+        } else {
+            ""
+        },
         d.info.links_text(),
         if opts.rate_bytes_per_sec == 0 {
             "bulk".to_string()

@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -139,17 +139,28 @@ impl Batch {
     }
 }
 
-/// The free ranges of a stream with their bytes: (offset, bytes).
-pub type FreeBytes = Vec<(u64, Zeroizing<Vec<u8>>)>;
-
 /// What the store held at start.
 pub struct Loaded {
-    pub streams: HashMap<String, (StreamMeta, FreeBytes)>,
+    /// Every stream's state; its free bytes stay in the segment files, read when taken
+    /// (through [`Store::spill`]).
+    pub streams: HashMap<String, StreamMeta>,
     /// Keys awaiting slaves; their bytes stay on disk ([`Store::read`]).
     pub records: Vec<(Uuid, RecordMeta)>,
 }
 
 type Done = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
+
+/// Per stream: the offset below which every appended byte is written to its segment files
+/// (advanced by the committer after each write, read by [`Store::spill`]'s readers).
+type Written = Arc<std::sync::Mutex<HashMap<String, Arc<AtomicU64>>>>;
+
+fn written_of(w: &Written, stream: &str) -> Arc<AtomicU64> {
+    w.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(stream.to_owned())
+        .or_default()
+        .clone()
+}
 
 /// Handle to the durable store (cheap to clone).
 #[derive(Clone)]
@@ -158,6 +169,7 @@ pub struct Store {
     failed: Arc<AtomicBool>,
     /// `store_dir/pool`, for reading the bytes of keys awaiting slaves.
     pool: PathBuf,
+    written: Written,
 }
 
 impl Store {
@@ -174,12 +186,17 @@ impl Store {
             files: HashMap::new(),
         };
         let (wipe_tx, wipe_rx) = mpsc::channel::<Batch>();
+        let written = Written::default();
         let mut committer = Committer {
             db: database,
             segments,
             wiper: wipe_tx,
+            written: written.clone(),
         };
         let loaded = committer.load()?;
+        for (name, meta) in &loaded.streams {
+            written_of(&written, name).store(meta.end, Ordering::Release);
+        }
         let (tx, rx) = mpsc::channel::<(Batch, Option<Done>)>();
         let failed = Arc::new(AtomicBool::new(false));
         let flag = failed.clone();
@@ -211,6 +228,7 @@ impl Store {
                 tx,
                 failed,
                 pool: dir.join("pool"),
+                written,
             },
             loaded,
         ))
@@ -247,6 +265,21 @@ impl Store {
         })
     }
 
+    /// A reader of `stream`'s free bytes that are no longer kept in memory (see
+    /// [`crate::pool::stream::Spill`]). Safe beside the committer and the wiper: free bytes
+    /// are written before the offset it reports moves past them, and neither overwritten
+    /// nor unlinked before they are taken.
+    pub fn spill(&self, stream: &str) -> Box<dyn crate::pool::stream::Spill> {
+        Box::new(SegmentSpill {
+            stream: stream.to_owned(),
+            segments: Segments {
+                root: self.pool.clone(),
+                files: HashMap::new(),
+            },
+            written: written_of(&self.written, stream),
+        })
+    }
+
     /// Queues `batch` without waiting (for wipes and housekeeping).
     pub fn submit_nowait(&self, batch: Batch) {
         if !batch.is_empty() {
@@ -267,6 +300,33 @@ impl StoredReader {
         len: u64,
     ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
         self.0.read(stream, offset, len)
+    }
+}
+
+/// A stream's bytes read back from its segment files (see [`Store::spill`]).
+struct SegmentSpill {
+    stream: String,
+    segments: Segments,
+    written: Arc<AtomicU64>,
+}
+
+impl crate::pool::stream::Spill for SegmentSpill {
+    fn read(&mut self, offset: u64, len: u64) -> Result<Zeroizing<Vec<u8>>, String> {
+        self.segments
+            .read(&self.stream, offset, len)
+            .map_err(|e| e.to_string())
+    }
+
+    fn durable_end(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    fn forget_below(&mut self, low: u64) {
+        // Segments wholly below `low` are consumed: the wiper unlinks them, and an open
+        // file would keep their blocks allocated.
+        self.segments
+            .files
+            .retain(|(_, seg), _| segment_range(*seg).1 > low);
     }
 }
 
@@ -567,6 +627,7 @@ struct Committer {
     segments: Segments,
     /// Overwrites consumed bytes and removes consumed segments, off the commit path.
     wiper: mpsc::Sender<Batch>,
+    written: Written,
 }
 
 impl Committer {
@@ -599,12 +660,8 @@ impl Committer {
         let mut out_streams = HashMap::new();
         for (name, meta) in &streams {
             let free = gaps(&meta.taken, 0, meta.end);
-            let mut blocks = Vec::with_capacity(free.len());
-            for &(s, e) in &free {
-                blocks.push((s, self.segments.read(name, s, e - s)?));
-            }
             keep.entry(name.clone()).or_default().extend(free);
-            out_streams.insert(name.clone(), (meta.clone(), blocks));
+            out_streams.insert(name.clone(), meta.clone());
         }
         for (id, meta) in metas {
             keep.entry(meta.stream.clone())
@@ -687,6 +744,15 @@ impl Committer {
             self.segments.write(stream, *off, data, &mut touched)?;
         }
         self.segments.sync(&touched)?;
+        // Appends of a stream come in stream order: its last one here ends what is written.
+        let mut ends: HashMap<&str, u64> = HashMap::new();
+        for (stream, off, data) in &batch.appends {
+            let end = ends.entry(stream).or_default();
+            *end = (*end).max(off + data.len() as u64);
+        }
+        for (stream, end) in ends {
+            written_of(&self.written, stream).fetch_max(end, Ordering::AcqRel);
+        }
         batch.appends.clear(); // wipes the in-flight copies
         if batch.streams.is_empty() && batch.records.is_empty() {
             return Ok(());
@@ -819,11 +885,12 @@ mod tests {
             reopened = Store::open(dir.path());
         }
         let (_store, loaded) = reopened.unwrap();
-        let (meta, blocks) = &loaded.streams["s"];
+        let meta = &loaded.streams["s"];
         assert_eq!(meta.end, 100);
-        assert_eq!(blocks.len(), 1);
-        assert_eq!(blocks[0].0, 20);
-        assert_eq!(&blocks[0].1[..], &data[20..]);
+        // The free bytes stay on disk; the stream reads them when they are taken.
+        let mut stream = crate::pool::Stream::restore_stored(meta, _store.spill("s"), 0);
+        assert_eq!(stream.in_memory(), 0);
+        assert_eq!(&stream.allocate(&[80]).unwrap()[0].1[..], &data[20..]);
         assert_eq!(loaded.records.len(), 1);
         let m = &loaded.records[0].1;
         assert_eq!(

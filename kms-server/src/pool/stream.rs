@@ -3,7 +3,13 @@
 //! Invariants (each enforced here, not by callers):
 //! - A byte of a [`Stream`] is handed out at most once: [`Stream::take_many`] refuses any
 //!   range that overlaps bytes already taken, and wipes the bytes it hands out from the stream.
-//! - Batches are all or nothing: a request that names one bad range changes nothing.
+//! - Batches are all or nothing: a request that names one bad range changes nothing, and
+//!   neither does one whose bytes cannot be read back from the store.
+//!
+//! Memory: a stream with a [`Spill`] (a durable stream) keeps at most its budget of key
+//! bytes in memory; the newest blocks already durable in the store beyond it are dropped
+//! from memory and read back from the store's segment files when they are taken. So a
+//! KME's memory does not grow with its pools, however much key they hold.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +24,19 @@ pub enum TakeError {
     AlreadyUsed { offset: u64, len: u64 },
     #[error("ranges in one request overlap")]
     Overlap,
+    #[error("key bytes could not be read back from the store: {0}")]
+    Unreadable(String),
+}
+
+/// Where a durable stream's bytes can be read back from once they are not kept in memory
+/// (the store's segment files, see [`crate::pool::store::Store::spill`]).
+pub trait Spill: Send {
+    /// Reads `len` bytes at `offset` (bytes of the stream that are durable and not taken).
+    fn read(&mut self, offset: u64, len: u64) -> Result<Zeroizing<Vec<u8>>, String>;
+    /// Offset below which every appended byte is written to the store.
+    fn durable_end(&self) -> u64;
+    /// Nothing below `low` will be read again (open files may be let go).
+    fn forget_below(&mut self, low: u64);
 }
 
 /// Offsets and ends of every stream stay below this (2^56 bytes: far beyond any link's
@@ -33,7 +52,9 @@ pub struct GapError {
 }
 
 struct Block {
-    data: Zeroizing<Vec<u8>>,
+    /// The bytes, or `None` when only the store holds them (see [`Spill`]).
+    data: Option<Zeroizing<Vec<u8>>>,
+    len: usize,
     /// Sorted, disjoint, non-adjacent ranges (relative to the block) already taken.
     taken: Vec<(usize, usize)>,
     remaining: usize,
@@ -42,11 +63,22 @@ struct Block {
 impl Block {
     /// A block none of whose bytes is taken.
     fn fresh(data: Zeroizing<Vec<u8>>) -> Self {
-        let remaining = data.len();
+        let len = data.len();
         Block {
-            data,
+            data: Some(data),
+            len,
             taken: Vec::new(),
-            remaining,
+            remaining: len,
+        }
+    }
+
+    /// A block of `len` free bytes that only the store holds.
+    fn stored(len: usize) -> Self {
+        Block {
+            data: None,
+            len,
+            taken: Vec::new(),
+            remaining: len,
         }
     }
 
@@ -55,7 +87,9 @@ impl Block {
     }
 
     fn mark(&mut self, start: usize, end: usize) {
-        self.data[start..end].zeroize();
+        if let Some(d) = self.data.as_mut() {
+            d[start..end].zeroize();
+        }
         self.remaining -= end - start;
         let pos = self.taken.partition_point(|&(s, _)| s < start);
         self.taken.insert(pos, (start, end));
@@ -85,9 +119,46 @@ pub struct Stream {
     end: u64,
     /// Bytes held and not yet taken.
     unconsumed: u64,
+    /// Where blocks dropped from memory are read back from (durable streams only).
+    spill: Option<Box<dyn Spill>>,
+    /// Bytes of blocks kept in memory at most, with a spill.
+    budget: u64,
+    /// Bytes of blocks in memory now.
+    in_memory: u64,
 }
 
 impl Stream {
+    /// Keeps at most `budget` bytes of this stream in memory from now on; blocks beyond it
+    /// that `spill` holds durably are read back from it when taken.
+    pub fn set_spill(&mut self, spill: Box<dyn Spill>, budget: u64) {
+        self.spill = Some(spill);
+        self.budget = budget;
+        self.shed();
+    }
+
+    /// Bytes of key kept in memory now.
+    pub fn in_memory(&self) -> u64 {
+        self.in_memory
+    }
+
+    /// Drops the newest durable blocks from memory while more than the budget is held.
+    fn shed(&mut self) {
+        let Some(spill) = self.spill.as_ref() else {
+            return;
+        };
+        let durable = spill.durable_end();
+        for (&start, block) in self.blocks.iter_mut().rev() {
+            if self.in_memory <= self.budget {
+                break;
+            }
+            if block.data.is_some() && start + block.len as u64 <= durable {
+                // Dropping Zeroizing wipes the bytes.
+                block.data = None;
+                self.in_memory -= block.len as u64;
+            }
+        }
+    }
+
     /// Offset just past the last appended byte.
     pub fn end(&self) -> u64 {
         self.end
@@ -119,7 +190,9 @@ impl Stream {
         }
         self.end += data.len() as u64;
         self.unconsumed += data.len() as u64;
+        self.in_memory += data.len() as u64;
         self.blocks.insert(offset, Block::fresh(data));
+        self.shed();
         Ok(())
     }
 
@@ -130,15 +203,16 @@ impl Stream {
         if total > self.available() {
             return None;
         }
-        let mut out = Vec::with_capacity(lens.len());
+        let mut ranges = Vec::with_capacity(lens.len());
+        let mut off = self.cursor;
         for &len in lens {
-            let off = self.cursor;
-            // The owner never takes below the cursor, so this cannot overlap.
-            let bytes = self.take_checked(off, len).ok()?;
-            self.cursor += len;
-            out.push((off, bytes));
+            ranges.push((off, len));
+            off += len;
         }
-        Some(out)
+        // The owner never takes below the cursor, so these cannot overlap.
+        let bytes = self.take_all(&ranges).ok()?;
+        self.cursor = off;
+        Some(ranges.into_iter().map(|(o, _)| o).zip(bytes).collect())
     }
 
     /// Peer side: takes every `(offset, len)` range, all or nothing.
@@ -154,13 +228,30 @@ impl Stream {
                 return Err(TakeError::Overlap);
             }
         }
+        self.take_all(ranges)
+    }
+
+    /// Checks every range, reads every range's bytes, then marks them taken: a range that
+    /// is not held, or bytes that cannot be read back, change nothing.
+    fn take_all(&mut self, ranges: &[(u64, u64)]) -> Result<Vec<Zeroizing<Vec<u8>>>, TakeError> {
         for &(off, len) in ranges {
             self.check(off, len)?;
         }
-        ranges
+        let out = ranges
             .iter()
-            .map(|&(off, len)| self.take_checked(off, len))
-            .collect()
+            .map(|&(off, len)| self.gather(off, len))
+            .collect::<Result<Vec<_>, _>>()
+            .inspect_err(
+                |e| tracing::error!(error = %e, "key pool: taking key failed; nothing was taken"),
+            )?;
+        for &(off, len) in ranges {
+            self.mark_taken(off, len);
+        }
+        if let Some(spill) = self.spill.as_mut() {
+            // Every byte still held is at or after the first block.
+            spill.forget_below(self.blocks.keys().next().map_or(self.end, |&s| s));
+        }
+        Ok(out)
     }
 
     /// Checks that `[offset, offset+len)` is held and untaken.
@@ -177,7 +268,7 @@ impl Stream {
                 .range(..=pos)
                 .next_back()
                 .ok_or(not_held.clone())?;
-            let bend = start + block.data.len() as u64;
+            let bend = start + block.len as u64;
             if pos >= bend {
                 return Err(not_held);
             }
@@ -190,38 +281,62 @@ impl Stream {
         Ok(())
     }
 
-    fn take_checked(&mut self, offset: u64, len: u64) -> Result<Zeroizing<Vec<u8>>, TakeError> {
-        self.check(offset, len)?;
+    /// The bytes of `[offset, offset+len)`, checked held and free (nothing changes).
+    fn gather(&mut self, offset: u64, len: u64) -> Result<Zeroizing<Vec<u8>>, TakeError> {
         let end = offset + len;
         let mut out = Zeroizing::new(Vec::with_capacity(len as usize));
         let mut pos = offset;
         while pos < end {
-            let start = match self.blocks.range(..=pos).next_back() {
-                Some((&s, _)) => s,
-                None => return Err(TakeError::NotHeld { offset, len }),
-            };
-            let Some(block) = self.blocks.get_mut(&start) else {
+            let Some((&start, block)) = self.blocks.range(..=pos).next_back() else {
                 return Err(TakeError::NotHeld { offset, len });
             };
-            let bend = start + block.data.len() as u64;
-            let seg_end = end.min(bend);
+            let seg_end = end.min(start + block.len as u64);
             let (s, e) = ((pos - start) as usize, (seg_end - start) as usize);
-            out.extend_from_slice(&block.data[s..e]);
-            block.mark(s, e);
+            match (&block.data, self.spill.as_mut()) {
+                (Some(d), _) => out.extend_from_slice(&d[s..e]),
+                (None, Some(spill)) => {
+                    let bytes = spill
+                        .read(pos, seg_end - pos)
+                        .map_err(TakeError::Unreadable)?;
+                    out.extend_from_slice(&bytes);
+                }
+                (None, None) => return Err(TakeError::Unreadable("no store".into())),
+            }
+            pos = seg_end;
+        }
+        Ok(out)
+    }
+
+    /// Marks `[offset, offset+len)` taken (checked by [`Stream::check`] first), wiping what
+    /// memory holds of it and dropping blocks with nothing left.
+    fn mark_taken(&mut self, offset: u64, len: u64) {
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let Some((&start, _)) = self.blocks.range(..=pos).next_back() else {
+                return;
+            };
+            let Some(block) = self.blocks.get_mut(&start) else {
+                return;
+            };
+            let seg_end = end.min(start + block.len as u64);
+            block.mark((pos - start) as usize, (seg_end - start) as usize);
             if block.remaining == 0 {
+                if block.data.is_some() {
+                    self.in_memory -= block.len as u64;
+                }
                 self.blocks.remove(&start);
             }
             pos = seg_end;
         }
         self.unconsumed -= len;
-        Ok(out)
     }
 
     /// Ranges `[start, end)` that are held and free, in order.
     pub fn free_ranges(&self) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
         for (&start, block) in &self.blocks {
-            let bend = start + block.data.len() as u64;
+            let bend = start + block.len as u64;
             let taken: Vec<(u64, u64)> = block
                 .taken
                 .iter()
@@ -252,7 +367,7 @@ impl Stream {
             for &(s, e) in &block.taken {
                 push(start + s as u64, start + e as u64);
             }
-            pos = start + block.data.len() as u64;
+            pos = start + block.len as u64;
         }
         push(pos, self.end);
         crate::pool::store::StreamMeta {
@@ -268,17 +383,39 @@ impl Stream {
         free: Vec<(u64, Zeroizing<Vec<u8>>)>,
     ) -> Self {
         let mut s = Stream {
-            blocks: BTreeMap::new(),
             cursor: meta.cursor,
             end: meta.end,
-            unconsumed: 0,
+            ..Stream::default()
         };
         for (off, data) in free {
             if data.is_empty() {
                 continue;
             }
             s.unconsumed += data.len() as u64;
+            s.in_memory += data.len() as u64;
             s.blocks.insert(off, Block::fresh(data));
+        }
+        s
+    }
+
+    /// Rebuilds a durable stream from its persistent form, its free bytes left in the
+    /// store: nothing is read until taken (see [`Spill`]).
+    pub fn restore_stored(
+        meta: &crate::pool::store::StreamMeta,
+        spill: Box<dyn Spill>,
+        budget: u64,
+    ) -> Self {
+        let mut s = Stream {
+            cursor: meta.cursor,
+            end: meta.end,
+            spill: Some(spill),
+            budget,
+            ..Stream::default()
+        };
+        for (start, end) in crate::pool::store::gaps(&meta.taken, 0, meta.end) {
+            s.unconsumed += end - start;
+            s.blocks
+                .insert(start, Block::stored((end - start) as usize));
         }
         s
     }
@@ -292,7 +429,7 @@ impl Stream {
                 Some(&(0, e)) => e,
                 _ => 0,
             };
-            if first_free < block.data.len() {
+            if first_free < block.len {
                 return start + first_free as u64;
             }
         }
@@ -308,6 +445,7 @@ impl Stream {
         // Dropping the blocks zeroizes their data (Zeroizing).
         self.blocks.clear();
         self.unconsumed = 0;
+        self.in_memory = 0;
         self.end = self.end.max(to);
         self.cursor = self.end;
         freed
@@ -357,6 +495,86 @@ mod tests {
         assert_eq!(&all[1][..], &[6, 7, 8]);
         assert_eq!(s.unconsumed(), 0);
         assert!(s.blocks.is_empty(), "fully used blocks are dropped");
+    }
+
+    /// A store holding the whole stream, of which the first `written` bytes are written.
+    struct FakeSpill {
+        bytes: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+        written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Spill for FakeSpill {
+        fn read(&mut self, offset: u64, len: u64) -> Result<Zeroizing<Vec<u8>>, String> {
+            if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err("disk gone".into());
+            }
+            let b = self.bytes.lock().unwrap();
+            Ok(Zeroizing::new(
+                b[offset as usize..(offset + len) as usize].to_vec(),
+            ))
+        }
+        fn durable_end(&self) -> u64 {
+            self.written.load(std::sync::atomic::Ordering::Relaxed)
+        }
+        fn forget_below(&mut self, _low: u64) {}
+    }
+
+    #[test]
+    fn a_durable_stream_keeps_its_budget_in_memory_and_reads_the_rest_back() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let spill = FakeSpill {
+            bytes: Default::default(),
+            written: Default::default(),
+            fail: Default::default(),
+        };
+        let (bytes, written, fail) = (
+            spill.bytes.clone(),
+            spill.written.clone(),
+            spill.fail.clone(),
+        );
+        let mut s = Stream::default();
+        s.set_spill(Box::new(spill), 8);
+        for i in 0..4u8 {
+            let block = vec![i + 1; 8];
+            bytes.lock().unwrap().extend_from_slice(&block);
+            s.append(s.end(), Zeroizing::new(block)).unwrap();
+            // Not yet written by the store: kept in memory whatever the budget.
+            assert_eq!(s.in_memory(), 8 * (u64::from(i) + 1));
+        }
+        written.store(24, Relaxed);
+        s.append(32, Zeroizing::new(vec![5; 8])).unwrap();
+        bytes.lock().unwrap().extend_from_slice(&[5; 8]);
+        // The written blocks 0..=2 left memory (newest first, until within budget or none
+        // is left); blocks 3 and 4 are not written yet and stay.
+        assert_eq!(s.in_memory(), 16);
+        // Taking reads memory and store alike, and never the same byte twice.
+        let got = s.allocate(&[4, 12, 8]).unwrap();
+        assert_eq!(&got[0].1[..], &[1; 4]);
+        assert_eq!(&got[1].1[..], &[[1u8; 4], [2; 4], [2; 4]].concat()[..]);
+        assert_eq!(&got[2].1[..], &[3; 8]);
+        assert!(s.take_many(&[(20, 1)]).is_err(), "taken bytes are gone");
+        // A read that fails takes nothing, in a batch of several ranges too.
+        s.allocate(&[4]).unwrap();
+        written.store(40, Relaxed);
+        s.append(40, Zeroizing::new(vec![6; 8])).unwrap();
+        bytes.lock().unwrap().extend_from_slice(&[6; 8]);
+        fail.store(true, Relaxed);
+        let before = (s.unconsumed(), s.meta());
+        // Byte 28 is in a block read back from the store, byte 41 in one still in memory.
+        assert!(matches!(
+            s.take_many(&[(41, 1), (28, 1)]),
+            Err(TakeError::Unreadable(_))
+        ));
+        assert_eq!((s.unconsumed(), s.meta()), before, "nothing taken");
+        fail.store(false, Relaxed);
+        let rest = s.available();
+        let all = s.allocate(&[rest]).unwrap();
+        assert_eq!(
+            &all[0].1[..],
+            &[&[4u8; 4][..], &[5; 8], &[6; 8]].concat()[..]
+        );
+        assert_eq!((s.unconsumed(), s.in_memory()), (0, 0));
     }
 
     #[test]

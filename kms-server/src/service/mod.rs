@@ -106,7 +106,8 @@ impl Kme {
             }
             Some(dir) => {
                 let (store, loaded) = Store::open(dir)?;
-                let (streams, records) = restore_state(&mut state, loaded);
+                let budget = settings.limits.memory_bytes_per_stream;
+                let (streams, records) = restore_state(&mut state, loaded, &store, budget);
                 tracing::info!(dir = %dir.display(), streams, keys_awaiting_slaves = records, "durable key pool opened");
                 Some(store)
             }
@@ -279,13 +280,20 @@ impl Kme {
 
 /// Puts what the durable store held into the fresh state; returns how many streams and key
 /// records were restored.
-fn restore_state(state: &mut State, loaded: Loaded) -> (usize, usize) {
+fn restore_state(state: &mut State, loaded: Loaded, store: &Store, budget: u64) -> (usize, usize) {
+    // Every stream keeps at most `budget` bytes in memory; the store holds the rest.
+    let ids: Vec<StreamId> = state.streams().map(|(id, _)| id).collect();
+    for id in ids {
+        if let Some(s) = state.stream_mut(&id) {
+            s.set_spill(store.spill(&id.name()), budget);
+        }
+    }
     let mut n_streams = 0;
-    for (name, (meta, free)) in loaded.streams {
+    for (name, meta) in loaded.streams {
         let slot = StreamId::parse(&name).and_then(|id| state.stream_mut(&id));
         match slot {
             Some(s) => {
-                *s = Stream::restore(&meta, free);
+                *s = Stream::restore_stored(&meta, store.spill(&name), budget);
                 n_streams += 1;
             }
             None => {

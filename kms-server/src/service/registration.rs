@@ -16,6 +16,7 @@ use super::{Kme, KmeError};
 use crate::peer::Registration;
 use crate::pool::records::{now_unix, KeyBytes};
 use crate::pool::store::{Batch, RecordOp};
+use crate::pool::stream::TakeError;
 use crate::pool::{KeyRecord, Readiness, State, StreamId};
 
 /// How long the producing end waits for its own copy of a block that a registration names.
@@ -135,10 +136,11 @@ impl Kme {
             .get_mut(from_kme)
             .ok_or_else(|| KmeError::unauthorized(format!("no link with KME {from_kme}")))?;
         let ranges: Vec<(u64, u64)> = reg.keys.iter().map(|k| (k.offset, k.len)).collect();
-        let taken = link
-            .theirs
-            .take_many(&ranges)
-            .map_err(|e| KmeError::bad_request(e.to_string()))?;
+        let taken = link.theirs.take_many(&ranges).map_err(|e| match e {
+            // Our disk failed us, not the peer: nothing was taken, the peer retries.
+            TakeError::Unreadable(_) => KmeError::unavailable(e.to_string()),
+            _ => KmeError::bad_request(e.to_string()),
+        })?;
         let stream = StreamId::theirs(from_kme);
         // Counted at the longest key's size (one Get key request asks keys of one size). A
         // refusal still consumes the ranges, as the master's KME discards its copy: left free
