@@ -68,7 +68,7 @@ pub struct Limits {
     pub max_awaiting_bytes: u64,
     /// With a durable store: bytes of each pool (stream) kept in memory at most; the rest
     /// is read back from the store's segment files when taken, so memory does not grow with
-    /// the pools (64 MiB by default). Without a store, pools live in memory whole.
+    /// the pools (16 MiB by default). Without a store, pools live in memory whole.
     pub memory_bytes_per_stream: u64,
 }
 
@@ -95,7 +95,7 @@ impl Default for Limits {
             key_ttl_secs: 3600,
             max_awaiting_bytes_per_master: 256 << 20,
             max_awaiting_bytes: 1 << 30,
-            memory_bytes_per_stream: 64 << 20,
+            memory_bytes_per_stream: 16 << 20,
         }
     }
 }

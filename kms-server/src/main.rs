@@ -42,6 +42,8 @@ use clap::Parser;
 ///            max_awaiting_bytes_per_master=268435456 max_awaiting_bytes=1073741824
 ///                                    # memory keys awaiting slaves here may take (each key
 ///                                    # counts its bytes + 256); beyond: 503 until fetched
+///            memory_bytes_per_stream=16777216   # with store_dir: bytes of each pool kept in
+///                                    # memory; the rest is read back from disk when taken
 ///   [http]  max_head_bytes=16384 max_headers=64   # larger heads: 431
 ///           head_timeout_ms=5000 body_timeout_secs=30 keep_alive_secs=15
 ///   [local]  rate_bytes_per_sec=1250000 block_bytes=65536 prefill=true  (rate 0 = bulk)

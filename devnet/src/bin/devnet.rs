@@ -125,8 +125,9 @@ enum Cmd {
     /// store and restore throughput beside the seed's 356 / 502 Mbps, and the CPU time per
     /// file byte of every process (from /proc). Exits non-zero if any step fails or the
     /// files differ. Stops the networks at the end and removes DIR unless --keep (after a
-    /// failure the logs in DIR/logs are kept). The key stored in advance is held in the
-    /// KMEs' memory: about 2 x --size per link at each of its ends.
+    /// failure the logs in DIR/logs are kept). The key stored in advance is held on disk by
+    /// the KMEs (about 2 x --size per link at each of its ends; each KME keeps at most 16
+    /// MiB of a pool in memory), or in their memory with --volatile.
     Demo {
         /// Folder to use; must be new or empty (default: a fresh folder under the system
         /// temp dir).
@@ -162,8 +163,9 @@ enum Cmd {
         /// Working folder (default: a fresh folder under the system temp dir; removed after).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Size of the pipeline's test file. The key stored in advance for it is held in
-        /// the KMEs' memory (about 2 x SIZE per link at each end): 1 GiB fits in 24 GiB.
+        /// Size of the pipeline's test file. The key stored in advance for it is held on
+        /// disk by the KMEs (about 2 x SIZE per link at each end; in their memory with
+        /// --volatile).
         #[arg(long, default_value = "1GiB", value_parser = parse_size)]
         size: u64,
         /// Runs per figure; the median is printed.
@@ -792,9 +794,14 @@ fn demo_job(
     })
 }
 
-/// Every KME holds the pools of its links in memory (both directions of each): refuses to
-/// start when the machine cannot hold them.
+/// KMEs without a store hold the pools of their links in memory (both directions of
+/// each): refuses to start them when the machine cannot hold them. Durable KMEs keep at
+/// most `memory_bytes_per_stream` of a pool in memory; their pools are on disk (counted by
+/// the demo's free-space check).
 fn check_memory_for_pools(opts: &Options) -> Result<()> {
+    if !opts.volatile_kmes {
+        return Ok(());
+    }
     let pool = opts.max_key_count * devnet::fill::KEY_BYTES;
     let need = pool * devnet::fill::pools_held(opts) + (1 << 30);
     let avail = std::fs::read_to_string("/proc/meminfo")
@@ -807,7 +814,7 @@ fn check_memory_for_pools(opts: &Options) -> Result<()> {
         .map(|kb| kb * 1024);
     if let Some(avail) = avail.filter(|a| *a < need) {
         bail!(
-            "key stored in advance for this job needs about {} of memory in the KMEs ({} per link direction, both ends); {} available: use a smaller --size",
+            "key stored in advance for this job needs about {} of memory in KMEs without a store ({} per link direction, both ends); {} available: use a smaller --size, or durable pools (no --volatile)",
             human_size(need),
             human_size(pool),
             human_size(avail)
