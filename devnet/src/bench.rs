@@ -521,8 +521,7 @@ fn storage_part(o: &BenchOptions) -> Result<()> {
         fastq::human_size(o.size),
         crate::garage::binary()
             .ok()
-            .and_then(|b| Command::new(b).arg("--version").output().ok())
-            .map(|v| String::from_utf8_lossy(&v.stdout).split_whitespace().nth(1).unwrap_or("").trim_start_matches("cargo:").to_owned())
+            .and_then(|b| crate::garage::version(&b))
             .unwrap_or_default()
     );
     fastq::write_file(&file, o.size, 2021)?;

@@ -61,6 +61,14 @@ pub fn binary() -> Result<PathBuf> {
         .context("no `garage` binary (Garage 2.x) found on the PATH or in ~/.cargo/bin: run scripts/setup (it runs `cargo install --locked garage`) or set DEVNET_GARAGE_BIN")
 }
 
+/// The version of the `garage` binary `bin` (e.g. `2.5.0`), if it says.
+pub fn version(bin: &Path) -> Option<String> {
+    let out = Command::new(bin).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v = text.split_whitespace().nth(1)?;
+    Some(v.trim_start_matches("cargo:").to_owned())
+}
+
 fn hex_random(bytes: usize) -> Result<String> {
     use std::io::Read;
     let mut b = vec![0u8; bytes];
@@ -233,16 +241,12 @@ impl Node {
 
     /// Waits until the S3 API accepts connections.
     pub fn wait_s3(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while std::net::TcpStream::connect(("127.0.0.1", self.s3_port)).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "garage S3 API not listening on port {} after {timeout:?}; see {}",
-                    self.s3_port,
-                    self.log.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !crate::listening(&format!("127.0.0.1:{}", self.s3_port), timeout) {
+            bail!(
+                "garage S3 API not listening on port {} after {timeout:?}; see {}",
+                self.s3_port,
+                self.log.display()
+            );
         }
         Ok(())
     }

@@ -723,10 +723,6 @@ impl<'a> Plan<'a> {
         files: &SiteFiles,
         guard: &mut Devnet,
     ) -> Result<Option<garage::Node>> {
-        while guard.garages.len() < i {
-            guard.garages.push(None);
-            guard.garage_nodes.push(None);
-        }
         let Some(&(rpc, s3)) = self.garage_ports.get(i) else {
             guard.garages.push(None);
             guard.garage_nodes.push(None);
@@ -811,15 +807,11 @@ impl<'a> Plan<'a> {
         info.dashboard_pid = child.id();
         info.dashboard_url = monitor::dashboard_url(port, &token);
         guard.others.push(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "qkd-dashboard not listening after 20 s; see {}",
-                    self.dir.join("logs").join("dashboard.log").display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !listening(&format!("127.0.0.1:{port}"), Duration::from_secs(20)) {
+            bail!(
+                "qkd-dashboard not listening after 20 s; see {}",
+                self.dir.join("logs").join("dashboard.log").display()
+            );
         }
         Ok(())
     }
@@ -1060,12 +1052,8 @@ impl Devnet {
         if let Some(slot) = self.agents.get_mut(i) {
             *slot = Some(child);
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            if std::time::Instant::now() > deadline {
-                bail!("site agent {i} did not come back on {addr}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !listening(&addr, Duration::from_secs(20)) {
+            bail!("site agent {i} did not come back on {addr}");
         }
         Ok(())
     }
@@ -1141,6 +1129,18 @@ impl Drop for Devnet {
             let _ = c.wait();
         }
     }
+}
+
+/// Whether something accepts TCP connections on `addr` within `timeout` (polled).
+pub(crate) fn listening(addr: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
 }
 
 /// The last lines of a log, for error messages.

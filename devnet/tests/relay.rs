@@ -59,6 +59,14 @@ fn delta(after: &HashMap<String, u64>, before: &HashMap<String, u64>, peer: &str
     after.get(peer).copied().unwrap_or(0) - before.get(peer).copied().unwrap_or(0)
 }
 
+/// (key ID, key) of every key of a container.
+fn pairs(c: &etsi_spec::KeyContainer) -> Vec<(String, String)> {
+    c.keys
+        .iter()
+        .map(|k| (k.key_ID.clone(), k.key.clone()))
+        .collect()
+}
+
 /// `number` keys of `bits` from `master` for `slave`: (IDs, bytes).
 async fn enc(
     info: &DevnetInfo,
@@ -76,12 +84,7 @@ async fn enc(
         .unwrap()
         .enc_keys(slave, &req)
         .await
-        .map(|c| {
-            c.keys
-                .iter()
-                .map(|k| (k.key_ID.clone(), k.key.clone()))
-                .collect()
-        })
+        .map(|c| pairs(&c))
         .map_err(|e| e.to_string())
 }
 
@@ -95,12 +98,7 @@ async fn dec(
         .unwrap()
         .dec_keys(master, &KeyIds::from_ids(ids.iter().cloned()))
         .await
-        .map(|c| {
-            c.keys
-                .iter()
-                .map(|k| (k.key_ID.clone(), k.key.clone()))
-                .collect()
-        })
+        .map(|c| pairs(&c))
         .map_err(|e| e.to_string())
 }
 

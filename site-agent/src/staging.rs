@@ -138,16 +138,7 @@ impl Staging {
         let chosen: Vec<Put<'_>> = fresh
             .iter()
             .zip(&hashes)
-            .map(|(&i, h)| {
-                let w = &writes[i];
-                Put {
-                    chunk: w.chunk,
-                    nonce: w.nonce,
-                    hash: *h,
-                    data: &w.data,
-                    key_ids: &w.key_ids,
-                }
-            })
+            .map(|(&i, h)| writes[i].put(*h))
             .collect();
         self.io
             .put(Area::Staged, &chosen, &[Failpoint::RenewStage])?;

@@ -109,19 +109,22 @@ pub struct ChunkWrite {
     pub key_ids: Vec<Uuid>,
 }
 
+impl ChunkWrite {
+    /// The backend's view of this chunk, whose BLAKE3 is `hash`.
+    pub(crate) fn put(&self, hash: [u8; 32]) -> Put<'_> {
+        Put {
+            chunk: self.chunk,
+            nonce: self.nonce,
+            hash,
+            data: &self.data,
+            key_ids: &self.key_ids,
+        }
+    }
+}
+
 /// The backend's view of `writes`, with each chunk's BLAKE3.
 pub(crate) fn puts<'a>(writes: &'a [ChunkWrite], hashes: &[[u8; 32]]) -> Vec<Put<'a>> {
-    writes
-        .iter()
-        .zip(hashes)
-        .map(|(w, h)| Put {
-            chunk: w.chunk,
-            nonce: w.nonce,
-            hash: *h,
-            data: &w.data,
-            key_ids: &w.key_ids,
-        })
-        .collect()
+    writes.iter().zip(hashes).map(|(w, h)| w.put(*h)).collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

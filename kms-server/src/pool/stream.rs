@@ -377,27 +377,6 @@ impl Stream {
         }
     }
 
-    /// Rebuilds a stream from its persistent form and the bytes of its free ranges.
-    pub fn restore(
-        meta: &crate::pool::store::StreamMeta,
-        free: Vec<(u64, Zeroizing<Vec<u8>>)>,
-    ) -> Self {
-        let mut s = Stream {
-            cursor: meta.cursor,
-            end: meta.end,
-            ..Stream::default()
-        };
-        for (off, data) in free {
-            if data.is_empty() {
-                continue;
-            }
-            s.unconsumed += data.len() as u64;
-            s.in_memory += data.len() as u64;
-            s.blocks.insert(off, Block::fresh(data));
-        }
-        s
-    }
-
     /// Rebuilds a durable stream from its persistent form, its free bytes left in the
     /// store: nothing is read until taken (see [`Spill`]).
     pub fn restore_stored(

@@ -37,12 +37,13 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
-use super::{Area, Backend, ChunkRecords, Opened, Put, Record, RenewState, ShareIo};
+use super::{
+    decode_records, key_lines, record_bytes, Area, Backend, ChunkRecords, Opened, Put, Record,
+    RenewState, ShareIo, RECORD,
+};
 use crate::aligned::DIO_ALIGN;
 use crate::storage::{failpoint, Failpoint, StoreError};
 use share_transfer::wire::Manifest;
-
-const RECORD: usize = 48;
 
 /// The nonce of a tombstone record: the chunk's data is being replaced; until a later record,
 /// the chunk is not held.
@@ -97,7 +98,15 @@ impl Backend for LocalBackend {
 
     fn open(&self, id: Uuid, index: u8) -> Result<Option<Opened>, StoreError> {
         let dir = self.share_dir(id, index);
-        recover_dir(&dir)?;
+        // One read of the renewal state: a committed one is finished first, a pending one
+        // is staged beside the share.
+        let pending = match read_json::<RenewState>(&dir.join(STATE))? {
+            Some(st) if st.committed => {
+                finish(&dir, &st)?;
+                None
+            }
+            other => other,
+        };
         let Some(manifest) = read_json::<Manifest>(&dir.join("manifest.json"))? else {
             return Ok(None);
         };
@@ -112,7 +121,7 @@ impl Backend for LocalBackend {
             None
         };
         let (live_files, live) = Files::open(&dir, "data", "chunks.log", "keys.log")?;
-        let (staged_files, staged) = match read_json::<RenewState>(&dir.join(STATE))? {
+        let (staged_files, staged) = match pending {
             Some(st) => {
                 let (files, records) = Files::open(&dir, STAGED_DATA, STAGED_LOG, STAGED_KEYS)?;
                 (Some(files), Some((st, records)))
@@ -291,19 +300,12 @@ impl Files {
     /// Records written chunks: durably in the log, and their key IDs.
     fn record(&self, chunks: &[Put<'_>]) -> Result<(), StoreError> {
         let mut records = Vec::with_capacity(chunks.len() * RECORD);
-        let mut key_lines = String::new();
         for c in chunks {
             record_bytes(&mut records, c.chunk, c.nonce, &c.hash);
-            key_lines.push_str(&c.chunk.to_string());
-            for k in c.key_ids {
-                key_lines.push(' ');
-                key_lines.push_str(&k.to_string());
-            }
-            key_lines.push('\n');
         }
         self.append_records(&records)?;
         lock(&self.keys)
-            .write_all(key_lines.as_bytes())
+            .write_all(key_lines(chunks).as_bytes())
             .map_err(io(&self.keys_path))
     }
 }
@@ -453,12 +455,15 @@ impl ShareIo for LocalShare {
 /// Finishes a committed renewal left by a crash in `dir`; whether there was one.
 fn recover_dir(dir: &Path) -> Result<bool, StoreError> {
     match read_json::<RenewState>(&dir.join(STATE))? {
-        Some(st) if st.committed => {
-            tracing::info!(dir = %dir.display(), epoch = st.epoch, "finishing a committed share renewal");
-            roll_forward(dir, &st).map(|()| true)
-        }
+        Some(st) if st.committed => finish(dir, &st).map(|()| true),
         _ => Ok(false),
     }
+}
+
+/// Finishes renewal `st`, committed before a crash, of the share in `dir`.
+fn finish(dir: &Path, st: &RenewState) -> Result<(), StoreError> {
+    tracing::info!(dir = %dir.display(), epoch = st.epoch, "finishing a committed share renewal");
+    roll_forward(dir, st)
 }
 
 /// The steps after a renewal's commit point, each idempotent.
@@ -512,11 +517,7 @@ fn open_log(path: &Path) -> Result<(File, ChunkRecords), StoreError> {
     let mut raw = Vec::new();
     log.read_to_end(&mut raw).map_err(io(path))?;
     let mut chunks = ChunkRecords::new();
-    for rec in raw.chunks_exact(RECORD) {
-        let j = u64::from_le_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
-        let n = u64::from_le_bytes(rec[8..16].try_into().unwrap_or([0; 8]));
-        let mut h = [0u8; 32];
-        h.copy_from_slice(&rec[16..48]);
+    for (j, n, h) in decode_records(&raw) {
         if n == TOMBSTONE {
             chunks.remove(&j);
         } else {
@@ -528,13 +529,6 @@ fn open_log(path: &Path) -> Result<(File, ChunkRecords), StoreError> {
             .map_err(io(path))?;
     }
     Ok((log, chunks))
-}
-
-/// One chunk log record.
-fn record_bytes(out: &mut Vec<u8>, chunk: u64, nonce: u64, hash: &[u8; 32]) {
-    out.extend_from_slice(&chunk.to_le_bytes());
-    out.extend_from_slice(&nonce.to_le_bytes());
-    out.extend_from_slice(hash);
 }
 
 /// Creates `dir` and its missing parents with mode 0700 (whatever the umask: a mode can only

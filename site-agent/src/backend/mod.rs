@@ -51,6 +51,43 @@ pub type Record = (u64, [u8; 32]);
 /// Chunk index → record, as a driver holds them.
 pub type ChunkRecords = HashMap<u64, Record>;
 
+/// Length of one encoded record (chunk, nonce, BLAKE3): the local chunk log's entries and
+/// the S3 driver's frozen record lists share this format.
+pub(crate) const RECORD: usize = 48;
+
+/// Appends one encoded record.
+pub(crate) fn record_bytes(out: &mut Vec<u8>, chunk: u64, nonce: u64, hash: &[u8; 32]) {
+    out.extend_from_slice(&chunk.to_le_bytes());
+    out.extend_from_slice(&nonce.to_le_bytes());
+    out.extend_from_slice(hash);
+}
+
+/// The encoded records in `raw` (a torn tail shorter than a record is ignored):
+/// (chunk, nonce, BLAKE3) each.
+pub(crate) fn decode_records(raw: &[u8]) -> impl Iterator<Item = (u64, u64, [u8; 32])> + '_ {
+    raw.chunks_exact(RECORD).map(|r| {
+        let word = |i: usize| u64::from_le_bytes(r[i..i + 8].try_into().unwrap_or([0; 8]));
+        let mut h = [0u8; 32];
+        h.copy_from_slice(&r[16..48]);
+        (word(0), word(8), h)
+    })
+}
+
+/// Which QKD key IDs carried each chunk, one line per chunk (`chunk id id ...`), as both
+/// drivers keep them.
+pub(crate) fn key_lines(chunks: &[Put<'_>]) -> String {
+    let mut lines = String::new();
+    for c in chunks {
+        lines.push_str(&c.chunk.to_string());
+        for k in c.key_ids {
+            lines.push(' ');
+            lines.push_str(&k.to_string());
+        }
+        lines.push('\n');
+    }
+    lines
+}
+
 /// Which chunks of a share: the current ones, or a renewal's, staged beside them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Area {

@@ -55,12 +55,13 @@ use object_store::{
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use super::{Area, Backend, ChunkRecords, Opened, Put, Record, RenewState, ShareIo};
+use super::{
+    decode_records, key_lines, record_bytes, Area, Backend, ChunkRecords, Opened, Put, Record,
+    RenewState, ShareIo, RECORD,
+};
 use crate::config::S3Config;
 use crate::storage::{failpoint, Failpoint, StoreError};
 use share_transfer::wire::Manifest;
-
-const RECORD: usize = 48;
 
 /// `access_key_id` and `secret_access_key`, as a credentials file holds them.
 #[derive(serde::Deserialize)]
@@ -265,9 +266,11 @@ impl S3Backend {
             );
         if let Some(path) = &cfg.credentials_file {
             let text = std::fs::read_to_string(path).map_err(crate::backend::local::io(path))?;
+            // The parser's own message quotes the offending line, which may be the secret:
+            // only its reason is reported.
             let c: Credentials = toml::from_str(&text).map_err(|e| StoreError::Io {
                 path: path.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.message()),
             })?;
             b = b
                 .with_access_key_id(c.access_key_id)
@@ -310,6 +313,26 @@ impl S3Backend {
         self.inner.folders("").map(drop)
     }
 
+    /// The renewal state of the share at `root`, if one is pending.
+    fn renewal(&self, root: &str) -> Result<Option<RenewState>, StoreError> {
+        let path = format!("{root}/renew.json");
+        match self.inner.get(&path)? {
+            Some(b) => json(&path, &b).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Finishes renewal `st`, committed before a crash, of the share at `root`.
+    fn finish(&self, root: &str, st: &RenewState) -> Result<(), StoreError> {
+        tracing::info!(share = %root, epoch = st.epoch, "finishing a committed share renewal");
+        S3Share {
+            inner: self.inner.clone(),
+            root: root.to_owned(),
+            epoch: st.epoch.saturating_sub(1),
+        }
+        .finish_renewal(st)
+    }
+
     fn share(&self, id: Uuid, index: u8, m: &Manifest) -> S3Share {
         S3Share {
             inner: self.inner.clone(),
@@ -344,23 +367,13 @@ fn records_bytes(records: &ChunkRecords) -> Vec<u8> {
     sorted.sort_unstable_by_key(|(j, _)| **j);
     let mut out = Vec::with_capacity(sorted.len() * RECORD);
     for (j, (n, h)) in sorted {
-        out.extend_from_slice(&j.to_le_bytes());
-        out.extend_from_slice(&n.to_le_bytes());
-        out.extend_from_slice(h);
+        record_bytes(&mut out, *j, *n, h);
     }
     out
 }
 
 fn parse_records(b: &[u8]) -> ChunkRecords {
-    b.chunks_exact(RECORD)
-        .map(|r| {
-            let j = u64::from_le_bytes(r[0..8].try_into().unwrap_or([0; 8]));
-            let n = u64::from_le_bytes(r[8..16].try_into().unwrap_or([0; 8]));
-            let mut h = [0u8; 32];
-            h.copy_from_slice(&r[16..48]);
-            (j, (n, h))
-        })
-        .collect()
+    decode_records(b).map(|(j, n, h)| (j, (n, h))).collect()
 }
 
 /// One share's objects.
@@ -476,19 +489,10 @@ impl S3Share {
         if chunks.iter().all(|c| c.key_ids.is_empty()) {
             return Ok(());
         }
-        let mut lines = String::new();
-        for c in chunks {
-            lines.push_str(&c.chunk.to_string());
-            for k in c.key_ids {
-                lines.push(' ');
-                lines.push_str(&k.to_string());
-            }
-            lines.push('\n');
-        }
         let first = chunks.first().map_or(0, |c| c.chunk);
         self.inner.put(
             &format!("{}/keys/e{epoch}/{first:020}.{}", self.root, Uuid::new_v4()),
-            Bytes::from(lines),
+            Bytes::from(key_lines(chunks)),
         )
     }
 
@@ -603,8 +607,16 @@ impl Backend for S3Backend {
     }
 
     fn open(&self, id: Uuid, index: u8) -> Result<Option<Opened>, StoreError> {
-        self.recover(id, index)?;
         let root = self.inner.share_root(id, index);
+        // One read of the renewal state: a committed one is finished first, a pending one
+        // is staged beside the share.
+        let pending = match self.renewal(&root)? {
+            Some(st) if st.committed => {
+                self.finish(&root, &st)?;
+                None
+            }
+            other => other,
+        };
         let mpath = format!("{root}/manifest.json");
         let Some(b) = self.inner.get(&mpath)? else {
             return Ok(None);
@@ -612,11 +624,8 @@ impl Backend for S3Backend {
         let manifest: Manifest = json(&mpath, &b)?;
         let share = self.share(id, index, &manifest);
         let live = share.records(manifest.open.epoch, manifest.complete)?;
-        let staged = match self.inner.get(&format!("{root}/renew.json"))? {
-            Some(b) => {
-                let st: RenewState = json(&format!("{root}/renew.json"), &b)?;
-                Some((st, share.records(st.epoch, st.prepared)?))
-            }
+        let staged = match pending {
+            Some(st) => Some((st, share.records(st.epoch, st.prepared)?)),
             None => None,
         };
         Ok(Some(Opened {
@@ -660,20 +669,10 @@ impl Backend for S3Backend {
 
     fn recover(&self, id: Uuid, index: u8) -> Result<bool, StoreError> {
         let root = self.inner.share_root(id, index);
-        let Some(b) = self.inner.get(&format!("{root}/renew.json"))? else {
-            return Ok(false);
-        };
-        let st: RenewState = json(&format!("{root}/renew.json"), &b)?;
-        if !st.committed {
-            return Ok(false);
+        match self.renewal(&root)? {
+            Some(st) if st.committed => self.finish(&root, &st).map(|()| true),
+            _ => Ok(false),
         }
-        tracing::info!(share = %root, epoch = st.epoch, "finishing a committed share renewal");
-        let share = S3Share {
-            inner: self.inner.clone(),
-            root,
-            epoch: st.epoch.saturating_sub(1),
-        };
-        share.finish_renewal(&st).map(|()| true)
     }
 
     fn put_set(&self, owner: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
