@@ -19,6 +19,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use uuid::Uuid;
 
 use crate::admission::Pass;
+use crate::aligned::AlignedBuf;
 use crate::jobs::{Begin, Failure};
 use crate::ledger::{Reservation, ENTRY_COST};
 use crate::storage::ShareFiles;
@@ -159,7 +160,7 @@ impl ServedShare {
             .begin(Begin::of(&m, JobKind::Restore, &self.caller));
         let idle = Duration::from_secs(self.agent.cfg.limits.idle_secs);
         let mut j = from;
-        let mut buf = vec![0u8; self.cs];
+        let mut buf = AlignedBuf::new(self.cs);
         let nonce_of: HashMap<u64, u64> = self.share.state().into_iter().collect();
         while j < to {
             let n = self.batch().min(to - j);
@@ -203,7 +204,7 @@ impl ServedShare {
         j: u64,
         n: u64,
         nonce_of: &HashMap<u64, u64>,
-        buf: &mut Vec<u8>,
+        buf: &mut AlignedBuf,
     ) -> Result<(Vec<u8>, Duration), SealFailure> {
         let (id, i, cs) = (self.id, self.i, self.cs);
         let mut reserved = self
@@ -243,10 +244,11 @@ impl ServedShare {
         Ok((out, key_wait))
     }
 
-    /// Reads chunk `chunk` into `buf` on the blocking pool (`buf` is moved there and back).
-    async fn read_chunk(&self, chunk: u64, buf: &mut Vec<u8>) -> Result<(), String> {
+    /// Reads chunk `chunk` into `buf` on the blocking pool (`buf` is moved there and back;
+    /// aligned, so that the local backend reads it with direct I/O).
+    async fn read_chunk(&self, chunk: u64, buf: &mut AlignedBuf) -> Result<(), String> {
         let s2 = self.share.clone();
-        let mut b = std::mem::take(buf);
+        let mut b = std::mem::replace(buf, AlignedBuf::new(0));
         let r = web::block(move || s2.read_chunk(chunk, &mut b).map(|()| b)).await;
         match r {
             Ok(Ok(b)) => {

@@ -425,7 +425,7 @@ impl ShareFiles {
     pub fn check(&self) -> Result<ShareCheck, StoreError> {
         let m = self.manifest();
         let cs = m.open.chunk_size as usize;
-        let mut buf = vec![0u8; cs];
+        let mut buf = AlignedBuf::new(cs);
         let mut out = ShareCheck {
             share_index: self.index,
             complete: m.complete,

@@ -311,9 +311,9 @@ struct SegmentSpill {
 }
 
 impl crate::pool::stream::Spill for SegmentSpill {
-    fn read(&mut self, offset: u64, len: u64) -> Result<Zeroizing<Vec<u8>>, String> {
+    fn read_into(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
         self.segments
-            .read(&self.stream, offset, len)
+            .read_into(&self.stream, offset, buf)
             .map_err(|e| e.to_string())
     }
 
@@ -488,6 +488,12 @@ impl Segments {
 
     fn read(&mut self, stream: &str, off: u64, len: u64) -> Result<Zeroizing<Vec<u8>>, StoreError> {
         let mut out = Zeroizing::new(vec![0u8; len as usize]);
+        self.read_into(stream, off, &mut out)?;
+        Ok(out)
+    }
+
+    fn read_into(&mut self, stream: &str, off: u64, out: &mut [u8]) -> Result<(), StoreError> {
+        let len = out.len() as u64;
         let mut pos = 0u64;
         while pos < len {
             let abs = off + pos;
@@ -502,7 +508,7 @@ impl Segments {
                 .map_err(|e| io(&path, e))?;
             pos += n;
         }
-        Ok(out)
+        Ok(())
     }
 
     fn sync(&mut self, touched: &HashSet<(String, u64)>) -> Result<(), StoreError> {

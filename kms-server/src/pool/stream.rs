@@ -31,8 +31,9 @@ pub enum TakeError {
 /// Where a durable stream's bytes can be read back from once they are not kept in memory
 /// (the store's segment files, see [`crate::pool::store::Store::spill`]).
 pub trait Spill: Send {
-    /// Reads `len` bytes at `offset` (bytes of the stream that are durable and not taken).
-    fn read(&mut self, offset: u64, len: u64) -> Result<Zeroizing<Vec<u8>>, String>;
+    /// Fills `buf` with the bytes at `offset` (bytes of the stream that are durable and not
+    /// taken), straight into the caller's buffer: no copy in between to wipe.
+    fn read_into(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
     /// Offset below which every appended byte is written to the store.
     fn durable_end(&self) -> u64;
     /// Nothing below `low` will be read again (open files may be let go).
@@ -295,10 +296,11 @@ impl Stream {
             match (&block.data, self.spill.as_mut()) {
                 (Some(d), _) => out.extend_from_slice(&d[s..e]),
                 (None, Some(spill)) => {
-                    let bytes = spill
-                        .read(pos, seg_end - pos)
+                    let at = out.len();
+                    out.resize(at + (seg_end - pos) as usize, 0);
+                    spill
+                        .read_into(pos, &mut out[at..])
                         .map_err(TakeError::Unreadable)?;
-                    out.extend_from_slice(&bytes);
                 }
                 (None, None) => return Err(TakeError::Unreadable("no store".into())),
             }
@@ -484,14 +486,13 @@ mod tests {
     }
 
     impl Spill for FakeSpill {
-        fn read(&mut self, offset: u64, len: u64) -> Result<Zeroizing<Vec<u8>>, String> {
+        fn read_into(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
             if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err("disk gone".into());
             }
             let b = self.bytes.lock().unwrap();
-            Ok(Zeroizing::new(
-                b[offset as usize..(offset + len) as usize].to_vec(),
-            ))
+            buf.copy_from_slice(&b[offset as usize..offset as usize + buf.len()]);
+            Ok(())
         }
         fn durable_end(&self) -> u64 {
             self.written.load(std::sync::atomic::Ordering::Relaxed)

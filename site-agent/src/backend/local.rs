@@ -110,17 +110,19 @@ impl Backend for LocalBackend {
         let Some(manifest) = read_json::<Manifest>(&dir.join("manifest.json"))? else {
             return Ok(None);
         };
+        let (live_files, live) = Files::open(&dir, "data", "chunks.log", "keys.log")?;
         let cs = manifest.open.chunk_size as usize;
         let direct = if self.direct_io && cs > 0 && cs.is_multiple_of(DIO_ALIGN) {
             OpenOptions::new()
+                .read(true)
                 .write(true)
                 .custom_flags(libc::O_DIRECT)
                 .open(dir.join("data"))
+                .inspect_err(|e| tracing::info!(path = %dir.display(), error = %e, "O_DIRECT unavailable; using buffered writes"))
                 .ok()
         } else {
             None
         };
-        let (live_files, live) = Files::open(&dir, "data", "chunks.log", "keys.log")?;
         let (staged_files, staged) = match pending {
             Some(st) => {
                 let (files, records) = Files::open(&dir, STAGED_DATA, STAGED_LOG, STAGED_KEYS)?;
@@ -310,6 +312,11 @@ impl Files {
     }
 }
 
+/// Whether direct I/O accepts `buf`: address and length aligned.
+fn aligned(buf: &[u8]) -> bool {
+    buf.len().is_multiple_of(DIO_ALIGN) && (buf.as_ptr() as usize).is_multiple_of(DIO_ALIGN)
+}
+
 /// One share's files.
 struct LocalShare {
     dir: PathBuf,
@@ -329,7 +336,9 @@ impl LocalShare {
         for c in chunks {
             let off = c.chunk * self.chunk_size;
             let mut done = false;
-            if let Some(f) = direct.as_ref() {
+            // O_DIRECT wants address and length aligned: a short last chunk, or a buffer
+            // the caller did not align, goes through the page cache instead.
+            if let Some(f) = direct.as_ref().filter(|_| aligned(c.data)) {
                 match f.write_all_at(c.data, off) {
                     Ok(()) => done = true,
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -400,10 +409,26 @@ impl ShareIo for LocalShare {
         _rec: &Record,
         buf: &mut [u8],
     ) -> Result<(), StoreError> {
+        let off = chunk * self.chunk_size;
+        if area == Area::Live && aligned(buf) {
+            // Direct I/O: no copy through the page cache (see `write_live`).
+            let direct = lock(&self.direct);
+            if let Some(f) = direct.as_ref() {
+                match f.read_exact_at(buf, off) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return Err(StoreError::Damaged { chunk })
+                    }
+                    // Refused (EINVAL): read through the page cache below.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                    Err(e) => return Err(io(&self.live.data_path)(e)),
+                }
+            }
+        }
         let mut read = |files: &Files| {
             files
                 .data
-                .read_exact_at(buf, chunk * self.chunk_size)
+                .read_exact_at(buf, off)
                 .map_err(|e| match e.kind() {
                     std::io::ErrorKind::UnexpectedEof => StoreError::Damaged { chunk },
                     _ => io(&files.data_path)(e),
