@@ -11,9 +11,9 @@ use std::sync::OnceLock;
 use base64::engine::general_purpose::PAD;
 use base64::engine::simd::Simd;
 use base64::Engine;
+use secret_buf::SecretBuf;
 use serde::Deserialize;
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 /// The STANDARD alphabet with padding, SIMD-accelerated where the CPU allows.
 pub fn engine() -> &'static Simd {
@@ -113,14 +113,14 @@ pub fn decode_key_into(id: Uuid, b64: &str, out: &mut [u8]) -> Result<(), Contai
 }
 
 /// A key decoded from a container; the bytes are wiped when dropped.
-pub type DecodedKey = (Uuid, Zeroizing<Vec<u8>>);
+pub type DecodedKey = (Uuid, SecretBuf);
 
 /// Parses a Key container and decodes its keys.
 pub fn read_key_container(body: &[u8]) -> Result<Vec<DecodedKey>, ContainerError> {
     borrow_key_container(body)?
         .into_iter()
         .map(|(id, b64)| {
-            let mut buf = Zeroizing::new(vec![0u8; decoded_len(&b64)]);
+            let mut buf = SecretBuf::zeroed(decoded_len(&b64));
             decode_key_into(id, &b64, &mut buf)?;
             Ok((id, buf))
         })

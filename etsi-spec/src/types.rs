@@ -12,9 +12,9 @@
 #![allow(non_snake_case)]
 
 use base64::Engine;
+use secret_buf::SecretBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use zeroize::Zeroizing;
 
 /// Status data format (clause 6.1): the reply of Get status.
 ///
@@ -86,10 +86,10 @@ impl Drop for Key {
 
 impl Key {
     /// Decodes the base64 key into bytes that are wiped when dropped.
-    pub fn decode(&self) -> Result<Zeroizing<Vec<u8>>, base64::DecodeError> {
+    pub fn decode(&self) -> Result<SecretBuf, base64::DecodeError> {
         crate::codec::engine()
             .decode(self.key.as_bytes())
-            .map(Zeroizing::new)
+            .map(SecretBuf::from)
     }
 }
 

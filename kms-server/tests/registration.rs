@@ -10,7 +10,6 @@ use kms_server::config::Settings;
 use kms_server::peer::{RegisteredKey, Registration};
 use kms_server::pool::StreamId;
 use kms_server::service::Kme;
-use zeroize::Zeroizing;
 
 /// KME_A (the producing end of its link to KME_B, which is not running), in memory.
 fn kme_a(dir: &Path) -> Kme {
@@ -39,7 +38,7 @@ fn append(kme: &Kme, offset: u64, data: &[u8]) {
             &mut st,
             &StreamId::theirs("KME_B"),
             offset,
-            Zeroizing::new(data.to_vec()),
+            data.to_vec().into(),
         )
         .expect("append");
     drop(st);

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use etsi_spec::codec::{borrow_key_container, decode_key_into, decoded_len, ContainerError};
 use etsi_spec::{Client, ClientError, KeyIds, KeyRequest, Status};
+use secret_buf::SecretBuf;
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 use crate::auth::KEY_LEN;
 
@@ -149,7 +149,7 @@ impl KeyPlan {
 pub struct ChunkKeys {
     pub ids: Vec<Uuid>,
     /// Concatenated keys: pad (if any), then the MAC key.
-    pub material: Zeroizing<Vec<u8>>,
+    pub material: SecretBuf,
 }
 
 impl ChunkKeys {
@@ -305,7 +305,7 @@ impl KeyFetcher {
         let mut out: Vec<ChunkKeys> = (0..chunks)
             .map(|_| ChunkKeys {
                 ids: Vec::with_capacity(plan.keys),
-                material: Zeroizing::new(vec![0u8; plan.keys * kb]),
+                material: SecretBuf::zeroed(plan.keys * kb),
             })
             .collect();
         let total = chunks * plan.keys;
@@ -408,7 +408,7 @@ impl KeyFetcher {
     /// One chunk's keys decoded one after the other into one buffer.
     fn chunk_material(&self, keys: Vec<KeyText<'_>>) -> Result<ChunkKeys, KeyError> {
         let total: usize = keys.iter().map(|(_, b)| decoded_len(b)).sum();
-        let mut material = Zeroizing::new(vec![0u8; total]);
+        let mut material = SecretBuf::zeroed(total);
         let mut at = 0;
         let mut ids = Vec::with_capacity(keys.len());
         for (id, b64) in &keys {

@@ -42,12 +42,12 @@ pub fn receipt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zeroize::Zeroizing;
+    use secret_buf::SecretBuf;
 
     fn keys(byte: u8) -> ChunkKeys {
         ChunkKeys {
             ids: vec![Uuid::nil()],
-            material: Zeroizing::new(vec![byte; 64 + 32]),
+            material: SecretBuf::from(vec![byte; 64 + 32]),
         }
     }
 

@@ -132,13 +132,17 @@ pub fn open_into(
 mod tests {
     use super::*;
     use crate::wire::parse_frame;
+    use secret_buf::SecretBuf;
     use uuid::Uuid;
-    use zeroize::Zeroizing;
 
     fn keys(len: usize) -> ChunkKeys {
         ChunkKeys {
             ids: vec![Uuid::new_v4()],
-            material: Zeroizing::new((0..len + 32).map(|i| (i * 7 + 3) as u8).collect()),
+            material: SecretBuf::from(
+                (0..len + 32)
+                    .map(|i| (i * 7 + 3) as u8)
+                    .collect::<Vec<u8>>(),
+            ),
         }
     }
 

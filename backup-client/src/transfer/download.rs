@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use secret_buf::SecretBuf;
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 use super::{agent_message, BackupClient};
 use crate::config::Site;
@@ -28,7 +28,7 @@ pub(super) struct ShareSource {
 
 /// Chunks of one share on their way to the combiner: `(chunk, split nonce, plaintext)` or
 /// why the share failed.
-type ChunkMsg = Result<(u64, u64, Zeroizing<Vec<u8>>), String>;
+type ChunkMsg = Result<(u64, u64, SecretBuf), String>;
 type ChunkTx = tokio::sync::mpsc::Sender<ChunkMsg>;
 type ChunkRx = tokio::sync::mpsc::Receiver<ChunkMsg>;
 
@@ -37,7 +37,7 @@ pub(super) struct NoSpare;
 
 /// Chunk `j` from each active share, in slot order.
 pub(super) struct Received {
-    pub(super) pieces: Vec<Zeroizing<Vec<u8>>>,
+    pub(super) pieces: Vec<SecretBuf>,
     /// The split nonce the pieces share.
     pub(super) nonce: u64,
     /// Some share was replaced: the combiner must be rebuilt for the new subset.
@@ -145,7 +145,7 @@ impl<'a> ShareStreams<'a> {
         k: usize,
         rejected: &mut Vec<(String, u8, String)>,
     ) -> Result<Received, NoSpare> {
-        let mut pieces: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(k);
+        let mut pieces: Vec<SecretBuf> = Vec::with_capacity(k);
         let mut split_nonce = None;
         let mut replaced = false;
         let mut slot = 0;
@@ -432,7 +432,7 @@ impl Downloader {
             .await
             .map_err(|e| e.to_string())?;
         for (f, ck) in frames.iter().zip(&keys) {
-            let mut plain = Zeroizing::new(vec![0u8; self.chunk_size]);
+            let mut plain = SecretBuf::zeroed(self.chunk_size);
             open_into(f, ctx, ck, self.require_pad, &mut plain)
                 .map_err(|e: SealError| e.to_string())?;
             let pad = if f.header.pad { self.chunk_size } else { 0 };

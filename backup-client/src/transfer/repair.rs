@@ -32,12 +32,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use secret_buf::SecretBuf;
 use serde::Serialize;
 use share_transfer::wire::splits_digest;
 use sharing::format::ShareHeader;
 use sharing::sharing::Combiner;
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 use super::download::{Received, ShareStreams};
 use super::restore::no_spare_error;
@@ -175,7 +175,7 @@ impl BackupClient {
             self.progress.total.store(bytes, Ordering::Relaxed);
             self.progress.done.store(0, Ordering::Relaxed);
             let mut nonces = Vec::with_capacity(count as usize);
-            let mut out = Zeroizing::new(vec![0u8; cs]);
+            let mut out = SecretBuf::zeroed(cs);
             'ranges: for (first, end) in ranges {
                 let mut streams = ShareStreams::start(self, id, cs, end, usable.clone(), k, first);
                 let mut combiner =

@@ -23,8 +23,8 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use secret_buf::SecretBuf;
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 use super::download::{NoSpare, Received, ShareSource, ShareStreams};
 use super::resume::PartialOutput;
@@ -525,7 +525,7 @@ impl BackupClient {
         // Streams from k shares; replace a failing one from the chunk where it failed.
         let mut streams = ShareStreams::start(self, id, cs, count, usable, k, from);
         let mut combiner = Combiner::new(scheme, cs, &streams.subset())?;
-        let mut out_buf = Zeroizing::new(vec![0u8; cs]);
+        let mut out_buf = SecretBuf::zeroed(cs);
         for j in from..count {
             let Received {
                 pieces, replaced, ..

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use zeroize::Zeroizing;
+use secret_buf::SecretBuf;
 
 use super::sync::check_producer;
 use crate::peer::{BlockAnnounce, BlockRef};
@@ -166,11 +166,7 @@ impl Placed<'_> {
 
 /// Appends the fetched bytes if the stream has not moved meanwhile (a synchronisation);
 /// otherwise they are dropped (wiped).
-fn append_fetched(
-    kme: &Kme,
-    placed: &Placed<'_>,
-    data: Zeroizing<Vec<u8>>,
-) -> Result<Durable, KmeError> {
+fn append_fetched(kme: &Kme, placed: &Placed<'_>, data: SecretBuf) -> Result<Durable, KmeError> {
     let mut st = kme.lock()?;
     placed.check(kme, &st)?;
     let id = StreamId::link(placed.peer, placed.direction);

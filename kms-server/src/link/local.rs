@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use zeroize::Zeroizing;
+use secret_buf::SecretBuf;
 
 use super::pacing::{refill_threshold, wait_for_room, Pacer};
 use crate::config::LinkParams;
@@ -38,7 +38,7 @@ pub async fn run_local(kme: Arc<Kme>, params: LinkParams) {
         }
         let len = params.block_bytes.min(room as usize);
         let _ = pacer.produce(len).await;
-        let mut block = Zeroizing::new(vec![0u8; len]);
+        let mut block = SecretBuf::zeroed(len);
         rng.fill_bytes(&mut block);
         let durable = {
             let Ok(mut st) = kme.lock() else { return };

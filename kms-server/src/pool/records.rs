@@ -15,8 +15,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use secret_buf::SecretBuf;
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 use super::StreamId;
 
@@ -40,7 +40,7 @@ pub struct KeyRecord {
 /// Where a record's key bytes are.
 pub enum KeyBytes {
     /// In memory (wiped on drop).
-    Held(Zeroizing<Vec<u8>>),
+    Held(SecretBuf),
     /// Only in the durable store, at the record's stream and offset: `len` bytes.
     Stored { len: u64 },
 }
@@ -59,7 +59,7 @@ impl KeyBytes {
 }
 
 /// Reads `len` bytes at `offset` of a stream from the durable store.
-pub type ReadStored<'a> = dyn FnMut(&StreamId, u64, u64) -> Result<Zeroizing<Vec<u8>>, String> + 'a;
+pub type ReadStored<'a> = dyn FnMut(&StreamId, u64, u64) -> Result<SecretBuf, String> + 'a;
 
 /// Memory a key record takes besides its bytes (IDs, names, indexes), counted against the
 /// bound so that many tiny keys cannot exceed it either.
@@ -191,7 +191,7 @@ pub enum DeliverError {
 }
 
 /// Keys delivered by one call: ID and bytes (wiped on drop).
-pub type Delivered = Vec<(Uuid, Zeroizing<Vec<u8>>)>;
+pub type Delivered = Vec<(Uuid, SecretBuf)>;
 
 /// Keys awaiting their slaves, by ID, with the indexes that keep bounds and housekeeping
 /// cheap.
@@ -420,7 +420,7 @@ impl Records {
             } else {
                 ch.put.push((id, rec.meta()));
                 if let KeyBytes::Held(b) = &rec.bytes {
-                    out.push((id, Zeroizing::new(b.to_vec())));
+                    out.push((id, SecretBuf::from(b.to_vec())));
                 }
             }
         }
@@ -472,7 +472,7 @@ impl Records {
 mod tests {
     use super::*;
 
-    fn no_store(_: &StreamId, _: u64, _: u64) -> Result<Zeroizing<Vec<u8>>, String> {
+    fn no_store(_: &StreamId, _: u64, _: u64) -> Result<SecretBuf, String> {
         Err("no store".into())
     }
 
@@ -485,7 +485,7 @@ mod tests {
             KeyRecord {
                 master: "M".into(),
                 pending: vec!["S1".into(), "S2".into()],
-                bytes: KeyBytes::Held(Zeroizing::new(vec![9; 4])),
+                bytes: KeyBytes::Held(SecretBuf::from(vec![9; 4])),
                 created_unix: now_unix(),
                 stream: StreamId::Local,
                 offset: 0,
@@ -517,7 +517,7 @@ mod tests {
             KeyRecord {
                 master: "M".into(),
                 pending: vec!["S1".into()],
-                bytes: KeyBytes::Held(Zeroizing::new(vec![1; 4])),
+                bytes: KeyBytes::Held(SecretBuf::from(vec![1; 4])),
                 created_unix: now_unix(),
                 stream: StreamId::Local,
                 offset: 4,
@@ -533,7 +533,7 @@ mod tests {
         KeyRecord {
             master: master.into(),
             pending: vec!["S".into()],
-            bytes: KeyBytes::Held(Zeroizing::new(vec![7; len])),
+            bytes: KeyBytes::Held(SecretBuf::from(vec![7; len])),
             created_unix: created,
             stream: StreamId::Local,
             offset,
@@ -589,7 +589,7 @@ mod tests {
         assert!(r.contains(&id), "still there after a failed read");
         let mut disk = |s: &StreamId, off: u64, len: u64| {
             assert_eq!((s, off, len), (&StreamId::Local, 64, 3));
-            Ok(Zeroizing::new(vec![1, 2, 3]))
+            Ok(SecretBuf::from(vec![1, 2, 3]))
         };
         let (got, ch) = r.deliver("M", "S", &ids, &mut disk).unwrap();
         assert_eq!(&got[0].1[..], &[1, 2, 3]);

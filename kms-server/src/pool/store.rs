@@ -33,9 +33,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use secret_buf::SecretBuf;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 /// Size of one segment file of a stream.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
@@ -110,7 +110,7 @@ pub enum RecordOp {
 #[derive(Default)]
 pub struct Batch {
     /// New key bytes: (stream, offset, bytes).
-    pub appends: Vec<(String, u64, Zeroizing<Vec<u8>>)>,
+    pub appends: Vec<(String, u64, SecretBuf)>,
     /// The new state of streams (later entries for a stream win).
     pub streams: Vec<(String, StreamMeta)>,
     /// Record changes, applied in order (a later put or delete of a key wins).
@@ -293,12 +293,7 @@ pub struct StoredReader(Segments);
 
 impl StoredReader {
     /// Reads `len` bytes at `offset` of `stream`.
-    pub fn read(
-        &mut self,
-        stream: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    pub fn read(&mut self, stream: &str, offset: u64, len: u64) -> Result<SecretBuf, StoreError> {
         self.0.read(stream, offset, len)
     }
 }
@@ -486,8 +481,8 @@ impl Segments {
         Ok(())
     }
 
-    fn read(&mut self, stream: &str, off: u64, len: u64) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-        let mut out = Zeroizing::new(vec![0u8; len as usize]);
+    fn read(&mut self, stream: &str, off: u64, len: u64) -> Result<SecretBuf, StoreError> {
+        let mut out = SecretBuf::zeroed(len as usize);
         self.read_into(stream, off, &mut out)?;
         Ok(out)
     }
@@ -842,7 +837,7 @@ mod tests {
         let id = Uuid::new_v4();
         store
             .submit(Batch {
-                appends: vec![("s".into(), 0, Zeroizing::new(data.clone()))],
+                appends: vec![("s".into(), 0, SecretBuf::from(data.clone()))],
                 streams: vec![(
                     "s".into(),
                     StreamMeta {

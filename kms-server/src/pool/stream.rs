@@ -13,7 +13,8 @@
 
 use std::collections::BTreeMap;
 
-use zeroize::{Zeroize, Zeroizing};
+use secret_buf::SecretBuf;
+use zeroize::Zeroize;
 
 /// Why a range could not be taken from a stream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,7 +55,7 @@ pub struct GapError {
 
 struct Block {
     /// The bytes, or `None` when only the store holds them (see [`Spill`]).
-    data: Option<Zeroizing<Vec<u8>>>,
+    data: Option<SecretBuf>,
     len: usize,
     /// Sorted, disjoint, non-adjacent ranges (relative to the block) already taken.
     taken: Vec<(usize, usize)>,
@@ -63,7 +64,7 @@ struct Block {
 
 impl Block {
     /// A block none of whose bytes is taken.
-    fn fresh(data: Zeroizing<Vec<u8>>) -> Self {
+    fn fresh(data: SecretBuf) -> Self {
         let len = data.len();
         Block {
             data: Some(data),
@@ -153,7 +154,7 @@ impl Stream {
                 break;
             }
             if block.data.is_some() && start + block.len as u64 <= durable {
-                // Dropping Zeroizing wipes the bytes.
+                // Dropping SecretBuf wipes the bytes.
                 block.data = None;
                 self.in_memory -= block.len as u64;
             }
@@ -176,7 +177,7 @@ impl Stream {
     }
 
     /// Appends a block at `offset`, which must be the current end.
-    pub fn append(&mut self, offset: u64, data: Zeroizing<Vec<u8>>) -> Result<(), GapError> {
+    pub fn append(&mut self, offset: u64, data: SecretBuf) -> Result<(), GapError> {
         let too_far = offset
             .checked_add(data.len() as u64)
             .is_none_or(|e| e > MAX_OFFSET);
@@ -199,7 +200,7 @@ impl Stream {
 
     /// Owner side: takes the next `len` bytes for each entry of `lens`, all or nothing.
     /// Returns `None` if the stream holds fewer bytes than asked.
-    pub fn allocate(&mut self, lens: &[u64]) -> Option<Vec<(u64, Zeroizing<Vec<u8>>)>> {
+    pub fn allocate(&mut self, lens: &[u64]) -> Option<Vec<(u64, SecretBuf)>> {
         let total: u64 = lens.iter().sum();
         if total > self.available() {
             return None;
@@ -217,10 +218,7 @@ impl Stream {
     }
 
     /// Peer side: takes every `(offset, len)` range, all or nothing.
-    pub fn take_many(
-        &mut self,
-        ranges: &[(u64, u64)],
-    ) -> Result<Vec<Zeroizing<Vec<u8>>>, TakeError> {
+    pub fn take_many(&mut self, ranges: &[(u64, u64)]) -> Result<Vec<SecretBuf>, TakeError> {
         let mut sorted: Vec<(u64, u64)> = ranges.to_vec();
         sorted.sort_unstable();
         for w in sorted.windows(2) {
@@ -234,7 +232,7 @@ impl Stream {
 
     /// Checks every range, reads every range's bytes, then marks them taken: a range that
     /// is not held, or bytes that cannot be read back, change nothing.
-    fn take_all(&mut self, ranges: &[(u64, u64)]) -> Result<Vec<Zeroizing<Vec<u8>>>, TakeError> {
+    fn take_all(&mut self, ranges: &[(u64, u64)]) -> Result<Vec<SecretBuf>, TakeError> {
         for &(off, len) in ranges {
             self.check(off, len)?;
         }
@@ -283,9 +281,9 @@ impl Stream {
     }
 
     /// The bytes of `[offset, offset+len)`, checked held and free (nothing changes).
-    fn gather(&mut self, offset: u64, len: u64) -> Result<Zeroizing<Vec<u8>>, TakeError> {
+    fn gather(&mut self, offset: u64, len: u64) -> Result<SecretBuf, TakeError> {
         let end = offset + len;
-        let mut out = Zeroizing::new(Vec::with_capacity(len as usize));
+        let mut out = SecretBuf::from(Vec::with_capacity(len as usize));
         let mut pos = offset;
         while pos < end {
             let Some((&start, block)) = self.blocks.range(..=pos).next_back() else {
@@ -423,7 +421,7 @@ impl Stream {
     pub fn discard_free_and_skip(&mut self, to: u64) -> Vec<(u64, u64)> {
         let to = to.min(MAX_OFFSET);
         let freed = self.free_ranges();
-        // Dropping the blocks zeroizes their data (Zeroizing).
+        // Dropping the blocks wipes their data (SecretBuf).
         self.blocks.clear();
         self.unconsumed = 0;
         self.in_memory = 0;
@@ -440,7 +438,7 @@ mod tests {
     fn stream_with(blocks: &[&[u8]]) -> Stream {
         let mut s = Stream::default();
         for b in blocks {
-            s.append(s.end(), Zeroizing::new(b.to_vec())).unwrap();
+            s.append(s.end(), SecretBuf::from(b.to_vec())).unwrap();
         }
         s
     }
@@ -518,12 +516,12 @@ mod tests {
         for i in 0..4u8 {
             let block = vec![i + 1; 8];
             bytes.lock().unwrap().extend_from_slice(&block);
-            s.append(s.end(), Zeroizing::new(block)).unwrap();
+            s.append(s.end(), SecretBuf::from(block)).unwrap();
             // Not yet written by the store: kept in memory whatever the budget.
             assert_eq!(s.in_memory(), 8 * (u64::from(i) + 1));
         }
         written.store(24, Relaxed);
-        s.append(32, Zeroizing::new(vec![5; 8])).unwrap();
+        s.append(32, SecretBuf::from(vec![5; 8])).unwrap();
         bytes.lock().unwrap().extend_from_slice(&[5; 8]);
         // The written blocks 0..=2 left memory (newest first, until within budget or none
         // is left); blocks 3 and 4 are not written yet and stay.
@@ -537,7 +535,7 @@ mod tests {
         // A read that fails takes nothing, in a batch of several ranges too.
         s.allocate(&[4]).unwrap();
         written.store(40, Relaxed);
-        s.append(40, Zeroizing::new(vec![6; 8])).unwrap();
+        s.append(40, SecretBuf::from(vec![6; 8])).unwrap();
         bytes.lock().unwrap().extend_from_slice(&[6; 8]);
         fail.store(true, Relaxed);
         let before = (s.unconsumed(), s.meta());
@@ -560,7 +558,7 @@ mod tests {
     #[test]
     fn append_must_be_contiguous() {
         let mut s = stream_with(&[&[1]]);
-        assert!(s.append(5, Zeroizing::new(vec![1])).is_err());
+        assert!(s.append(5, SecretBuf::from(vec![1])).is_err());
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! are done.
 
 use etsi_spec::{KeyRequest, Status};
+use secret_buf::SecretBuf;
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 use super::{IssuedKeys, Kme, KmeError};
 use crate::peer::{RegisteredKey, Registration};
@@ -389,7 +389,7 @@ impl Kme {
                     KeyRecord {
                         master: order.master.to_owned(),
                         pending: order.local_slaves.clone(),
-                        bytes: KeyBytes::Held(Zeroizing::new(bytes.to_vec())),
+                        bytes: KeyBytes::Held(SecretBuf::from(bytes.to_vec())),
                         created_unix: now,
                         stream: stream_id.clone(),
                         offset,

@@ -24,8 +24,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use secret_buf::SecretBuf;
 use tokio::sync::Notify;
-use zeroize::Zeroizing;
 
 use crate::config::Settings;
 use crate::peer::{PeerClient, Registrar};
@@ -220,9 +220,9 @@ impl Kme {
         st: &mut State,
         id: &StreamId,
         offset: u64,
-        data: Zeroizing<Vec<u8>>,
+        data: SecretBuf,
     ) -> Result<Durable, KmeError> {
-        let copy = self.durable().then(|| Zeroizing::new(data.to_vec()));
+        let copy = self.durable().then(|| SecretBuf::from(data.to_vec()));
         let stream = st
             .stream_mut(id)
             .ok_or_else(|| KmeError::unauthorized(format!("no stream {id}")))?;

@@ -30,7 +30,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use base64::Engine;
-use zeroize::Zeroizing;
+use secret_buf::SecretBuf;
 
 use super::keys::KeyOrder;
 use super::{IssuedKeys, Kme, KmeError};
@@ -373,7 +373,7 @@ impl Kme {
 
     /// The keys' bytes, taken from this KME's copy of the link to `from` (durably consumed
     /// before they are used).
-    async fn receive_hop(&self, from: &str, msg: &Relay) -> Result<Vec<Zeroizing<Vec<u8>>>, Stop> {
+    async fn receive_hop(&self, from: &str, msg: &Relay) -> Result<Vec<SecretBuf>, Stop> {
         let n: u64 = msg.keys.iter().map(|k| k.len).sum();
         let ranges: Vec<(u64, u64)> = match &msg.carrier {
             Carrier::Link { offsets } if offsets.len() == msg.keys.len() => offsets
@@ -438,7 +438,7 @@ impl Kme {
                         tracing::warn!(relay = %msg.relay_id, from, error = %e, "relayed keys failed authentication; discarded");
                         Stop::at(from, self.kme_id(), format!("relayed keys failed authentication: {e}"))
                     })?;
-                let mut plain = Zeroizing::new(ct);
+                let mut plain = SecretBuf::from(ct);
                 for (p, k) in plain.iter_mut().zip(pad.iter()) {
                     *p ^= k;
                 }
@@ -446,7 +446,7 @@ impl Kme {
                 let mut at = 0;
                 for k in &msg.keys {
                     let len = k.len as usize;
-                    keys.push(Zeroizing::new(plain[at..at + len].to_vec()));
+                    keys.push(SecretBuf::from(plain[at..at + len].to_vec()));
                     at += len;
                 }
                 Ok(keys)
@@ -456,12 +456,7 @@ impl Kme {
 
     /// The next hop's message: the keys padded and tagged with fresh bytes of this KME's own
     /// direction of the link to `next`, consumed durably first.
-    async fn seal_hop(
-        &self,
-        next: &str,
-        msg: &Relay,
-        keys: &[Zeroizing<Vec<u8>>],
-    ) -> Result<Relay, Stop> {
+    async fn seal_hop(&self, next: &str, msg: &Relay, keys: &[SecretBuf]) -> Result<Relay, Stop> {
         let n: u64 = keys.iter().map(|k| k.len() as u64).sum();
         if !self.peers.contains_key(next) || !self.own_link_usable(next) {
             return Err(Stop::at(
@@ -528,11 +523,7 @@ impl Kme {
 
     /// At the end of the path: the keys become records for the slaves here, their bytes in
     /// the `relayed` stream, all in one durable write.
-    async fn register_relayed(
-        &self,
-        msg: &Relay,
-        keys: Vec<Zeroizing<Vec<u8>>>,
-    ) -> Result<(), Stop> {
+    async fn register_relayed(&self, msg: &Relay, keys: Vec<SecretBuf>) -> Result<(), Stop> {
         let durable = {
             let mut st = self.lock().map_err(|e| Stop::refused(e.body.message))?;
             if msg.keys.iter().any(|k| st.records.contains(&k.key_id)) {
@@ -546,7 +537,7 @@ impl Kme {
             let now = now_unix();
             for (k, bytes) in msg.keys.iter().zip(keys) {
                 let offset = st.relayed.end();
-                let copy = self.durable().then(|| Zeroizing::new(bytes.to_vec()));
+                let copy = self.durable().then(|| SecretBuf::from(bytes.to_vec()));
                 st.relayed
                     .append(offset, bytes)
                     .map_err(|e| Stop::refused(e.to_string()))?;

@@ -17,8 +17,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use secret_buf::SecretBuf;
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 use super::{BlockRef, KeySource, Produced, SourceError};
 use crate::peer::PeerClient;
@@ -29,7 +29,7 @@ pub const KIND: &str = "bb84";
 /// A frame's key being handed out in blocks.
 struct FrameKey {
     frame: Uuid,
-    key: Zeroizing<Vec<u8>>,
+    key: SecretBuf,
     /// Bytes handed out (producer) or served (far end) so far.
     done: usize,
 }
@@ -105,7 +105,7 @@ impl Faithful {
                 }
                 Ok(FrameKey {
                     frame: out.frame,
-                    key: out.key,
+                    key: out.key.into(),
                     done: 0,
                 })
             }
@@ -185,7 +185,7 @@ impl KeySource for Faithful {
             return Ok(None);
         };
         let len = max_len.min(f.key.len() - f.done);
-        let data = Zeroizing::new(f.key[f.done..f.done + len].to_vec());
+        let data = SecretBuf::from(f.key[f.done..f.done + len].to_vec());
         let reference = BlockRef {
             source: KIND.into(),
             detail: encode(f.frame, f.done, len),
@@ -201,7 +201,7 @@ impl KeySource for Faithful {
         &self,
         reference: &BlockRef,
         len: usize,
-    ) -> Result<Zeroizing<Vec<u8>>, SourceError> {
+    ) -> Result<SecretBuf, SourceError> {
         let (frame, offset, n) = decode(&reference.detail)
             .ok_or_else(|| SourceError::BadReference("malformed bb84 block".into()))?;
         if n != len || len == 0 {
@@ -219,7 +219,7 @@ impl KeySource for Faithful {
                 .ok_or_else(|| SourceError::Gone(format!("no finished bb84 frame {frame}")))?;
             *held = Some(FrameKey {
                 frame,
-                key,
+                key: key.into(),
                 done: 0,
             });
         }
@@ -235,7 +235,7 @@ impl KeySource for Faithful {
             .checked_add(len)
             .filter(|&e| e <= f.key.len())
             .ok_or_else(|| SourceError::BadReference("range beyond the frame's key".into()))?;
-        let data = Zeroizing::new(f.key[offset..end].to_vec());
+        let data = SecretBuf::from(f.key[offset..end].to_vec());
         f.done = end;
         if f.done == f.key.len() {
             *held = None;

@@ -53,7 +53,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use zeroize::Zeroizing;
+use secret_buf::SecretBuf;
 
 use super::{BlockRef, KeySource, Produced, SourceError};
 
@@ -302,7 +302,7 @@ impl Inner {
         name: &str,
         offset: u64,
         len: usize,
-    ) -> Result<Option<Zeroizing<Vec<u8>>>, SourceError> {
+    ) -> Result<Option<SecretBuf>, SourceError> {
         let path = self.key_path(name);
         let mut f = match open_regular(&path, false) {
             Ok(f) => f,
@@ -321,7 +321,7 @@ impl Inner {
         if meta.len() < offset.saturating_add(len as u64) {
             return Ok(None);
         }
-        let mut data = Zeroizing::new(vec![0u8; len]);
+        let mut data = SecretBuf::zeroed(len);
         match f
             .seek(SeekFrom::Start(offset))
             .and_then(|_| f.read_exact(&mut data[..]))
@@ -478,12 +478,7 @@ impl Inner {
         Ok(None)
     }
 
-    fn fetch_block(
-        &self,
-        name: &str,
-        offset: u64,
-        len: usize,
-    ) -> Result<Zeroizing<Vec<u8>>, SourceError> {
+    fn fetch_block(&self, name: &str, offset: u64, len: usize) -> Result<SecretBuf, SourceError> {
         let _st = self.lock()?;
         let end = offset + len as u64;
         if let Some(consumed) = self.read_marker(name)? {
@@ -618,7 +613,7 @@ impl KeySource for KeyFiles {
         &self,
         reference: &BlockRef,
         len: usize,
-    ) -> Result<Zeroizing<Vec<u8>>, SourceError> {
+    ) -> Result<SecretBuf, SourceError> {
         let (name, offset, n) = decode(reference)?;
         if n != len {
             return Err(SourceError::BadReference(format!(

@@ -34,7 +34,7 @@
 //!    `next_block` asks the device for final (privacy-amplified) key and returns it with a
 //!    reference the far end's device understands; `fetch_block` asks the far end's device for
 //!    the key so referenced; `release` tells the device the key is consumed (or erases it).
-//!    Never log key bytes; keep them in `Zeroizing` buffers. Return `NotYet` while the far
+//!    Never log key bytes; keep them in `SecretBuf` (or `Zeroizing`) buffers. Return `NotYet` while the far
 //!    device lags, `Gone` for a reference that can never be served (the producer then drops
 //!    the block), `Failed` for anything else (the link retries after a pause).
 //! 2. Add a variant to [`SourceConfig`] with the driver's settings (paths, URLs,
@@ -50,7 +50,7 @@ pub mod key_files;
 pub mod simulated;
 pub mod upstream;
 
-use zeroize::Zeroizing;
+use secret_buf::SecretBuf;
 
 pub use crate::config::SourceConfig;
 pub use crate::peer::BlockRef;
@@ -59,7 +59,7 @@ pub use crate::peer::BlockRef;
 pub struct Produced {
     pub reference: BlockRef,
     /// The key bytes (at most the `max_len` asked for, never empty).
-    pub data: Zeroizing<Vec<u8>>,
+    pub data: SecretBuf,
 }
 
 /// Why a source could not deliver.
@@ -102,11 +102,8 @@ pub trait KeySource: Send + Sync {
     async fn next_block(&self, max_len: usize) -> Result<Option<Produced>, SourceError>;
 
     /// Far end: the bytes of the block the producer described, exactly `len` of them.
-    async fn fetch_block(
-        &self,
-        reference: &BlockRef,
-        len: usize,
-    ) -> Result<Zeroizing<Vec<u8>>, SourceError>;
+    async fn fetch_block(&self, reference: &BlockRef, len: usize)
+        -> Result<SecretBuf, SourceError>;
 
     /// Either end: the block is durably in the pool here, or the link discarded it; erase the
     /// source's own copy.

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use secret_buf::SecretBuf;
 use zeroize::Zeroizing;
 
 use super::{BlockRef, KeySource, Produced, SourceError};
@@ -38,10 +39,10 @@ impl Simulated {
 }
 
 /// The bytes of block `seq` under `seed`: ChaCha8 stream `seq`.
-fn derive(seed: &[u8; 32], seq: u64, len: usize) -> Zeroizing<Vec<u8>> {
+fn derive(seed: &[u8; 32], seq: u64, len: usize) -> SecretBuf {
     let mut rng = ChaCha8Rng::from_seed(*seed);
     rng.set_stream(seq);
-    let mut data = Zeroizing::new(vec![0u8; len]);
+    let mut data = SecretBuf::zeroed(len);
     rng.fill_bytes(&mut data);
     data
 }
@@ -104,7 +105,7 @@ impl KeySource for Simulated {
         &self,
         reference: &BlockRef,
         len: usize,
-    ) -> Result<Zeroizing<Vec<u8>>, SourceError> {
+    ) -> Result<SecretBuf, SourceError> {
         let (seed, seq, n) = decode(&reference.detail)
             .ok_or_else(|| SourceError::BadReference("malformed simulator block".into()))?;
         if n != len {

@@ -27,8 +27,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use etsi_spec::{Client, ClientError, Identity, KeyIds, KeyRequest};
+use secret_buf::SecretBuf;
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 use super::{BlockRef, KeySource, Produced, SourceError};
 
@@ -196,7 +196,7 @@ impl KeySource for Upstream014 {
             )));
         }
         let mut ids = Vec::with_capacity(keys.len());
-        let mut data = Zeroizing::new(Vec::with_capacity(keys.len() * self.key_bytes));
+        let mut data = SecretBuf::from(Vec::with_capacity(keys.len() * self.key_bytes));
         for (id, key) in &keys {
             if key.len() != self.key_bytes {
                 return Err(SourceError::Failed(format!(
@@ -228,7 +228,7 @@ impl KeySource for Upstream014 {
         &self,
         reference: &BlockRef,
         len: usize,
-    ) -> Result<Zeroizing<Vec<u8>>, SourceError> {
+    ) -> Result<SecretBuf, SourceError> {
         let (bits, ids) = decode(reference)?;
         let key_bytes = usize::try_from(bits / 8)
             .map_err(|_| SourceError::BadReference(format!("key size {bits} is too large")))?;
@@ -257,8 +257,7 @@ impl KeySource for Upstream014 {
                 )))
             }
         };
-        let by_id: HashMap<Uuid, &Zeroizing<Vec<u8>>> =
-            keys.iter().map(|(id, k)| (*id, k)).collect();
+        let by_id: HashMap<Uuid, &SecretBuf> = keys.iter().map(|(id, k)| (*id, k)).collect();
         let total: usize = keys.iter().map(|(_, k)| k.len()).sum();
         if keys.len() != ids.len() || by_id.len() != ids.len() || total != len {
             return Err(SourceError::BadReference(format!(
@@ -268,7 +267,7 @@ impl KeySource for Upstream014 {
                 ids.len()
             )));
         }
-        let mut data = Zeroizing::new(Vec::with_capacity(len));
+        let mut data = SecretBuf::from(Vec::with_capacity(len));
         for id in &ids {
             match by_id.get(id) {
                 Some(k) if k.len() == key_bytes => data.extend_from_slice(k),
